@@ -1,0 +1,184 @@
+"""Settings shared by the producer, the worker and the trainer.
+
+Every setting has one environment variable (prefix ``FRAUD_``) and one command-line
+flag; the flag wins over the variable, the variable over the default. A settings
+object is built once, in ``main``, and is frozen afterwards.
+
+>>> s = KafkaSettings.build(environ={"FRAUD_INPUT_TOPIC": "tx"}, overrides={})
+>>> s.input_topic
+'tx'
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Self
+
+from pipeline.errors import ConfigError
+
+ENV_PREFIX = "FRAUD_"
+_MASK = "***"
+
+
+def setting(default: Any, help: str, *, secret: bool = False, choices: tuple = ()) -> Any:
+    """Declare a settings field: its default, its help text, whether to mask it."""
+    meta = {"help": help, "secret": secret, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable behind a settings field."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _convert(name: str, raw: Any, kind: type, choices: tuple) -> Any:
+    if raw is None:
+        return None
+    try:
+        if kind is bool and isinstance(raw, str):
+            lowered = raw.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            value: Any = lowered in {"1", "true", "yes", "on"}
+        else:
+            value = kind(raw)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(
+            f"{name}={raw!r} is not a valid {kind.__name__}; set {_flag(name)} "
+            f"or {env_name(name)} to a {kind.__name__}"
+        ) from err
+    if choices and value not in choices:
+        raise ConfigError(f"{name}={value!r} must be one of {', '.join(map(str, choices))}")
+    return value
+
+
+class SettingsBase:
+    """Mixin: build a frozen dataclass of settings from defaults, env and flags."""
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add one flag per field; its help names the environment variable behind it."""
+        group = parser.add_argument_group(cls.__name__)
+        for f in fields(cls):  # type: ignore[arg-type]
+            meta = f.metadata
+            kind = _field_type(f)
+            shown = _MASK if meta["secret"] and f.default else f.default
+            help_text = f"{meta['help']} [env {env_name(f.name)}; default {shown}]"
+            if kind is bool:
+                group.add_argument(
+                    _flag(f.name), dest=f.name, default=None,
+                    action=argparse.BooleanOptionalAction, help=help_text,
+                )
+            else:
+                group.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text)
+
+    @classmethod
+    def build(
+        cls,
+        args: argparse.Namespace | None = None,
+        *,
+        environ: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Self:
+        """Defaults, then ``FRAUD_*`` variables, then flags in ``args``, then ``overrides``."""
+        env = os.environ if environ is None else environ
+        given = vars(args) if args is not None else {}
+        values: dict[str, Any] = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            kind = _field_type(f)
+            raw = f.default
+            if env_name(f.name) in env:
+                raw = env[env_name(f.name)]
+            if given.get(f.name) is not None:
+                raw = given[f.name]
+            if overrides and f.name in overrides:
+                raw = overrides[f.name]
+            values[f.name] = _convert(f.name, raw, kind, f.metadata["choices"])
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Refuse contradictory settings; subclasses extend."""
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with some fields changed, validated again."""
+        new = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        new.validate()
+        return new
+
+    def __str__(self) -> str:
+        parts = []
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.metadata["secret"] and value:
+                value = _MASK
+            parts.append(f"{f.name}={value!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    __repr__ = __str__
+
+
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool, "str | None": str}
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", "str")
+    try:
+        return _TYPES[annotation]
+    except KeyError as err:
+        raise TypeError(f"settings field {f.name} has unsupported type {annotation}") from err
+
+
+@dataclass(frozen=True, repr=False)
+class KafkaSettings(SettingsBase):
+    """Broker address, topics and client options used by every component."""
+
+    bootstrap_servers: str = setting("localhost:9092", "Kafka bootstrap servers, comma separated")
+    input_topic: str = setting("transactions", "topic the producer writes and the worker reads")
+    alerts_topic: str = setting("fraud-alerts", "topic the worker publishes alerts to")
+    dead_letter_topic: str = setting("transactions-dlq", "topic for records that cannot be scored")
+    client_id: str = setting("fraud-pipeline", "Kafka client id prefix")
+    security_protocol: str = setting(
+        "PLAINTEXT", "Kafka security protocol",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+    )
+    sasl_mechanism: str | None = setting(None, "SASL mechanism, e.g. PLAIN or SCRAM-SHA-512")
+    sasl_username: str | None = setting(None, "SASL user name")
+    sasl_password: str | None = setting(None, "SASL password", secret=True)
+    request_timeout_ms: int = setting(30000, "Kafka request timeout in milliseconds")
+
+    def validate(self) -> None:
+        if not self.bootstrap_servers.strip():
+            raise ConfigError("bootstrap_servers is empty; set --bootstrap-servers or "
+                              f"{env_name('bootstrap_servers')} to host:port")
+        topics = [self.input_topic, self.alerts_topic, self.dead_letter_topic]
+        if len(set(topics)) != 3:
+            raise ConfigError(f"input, alerts and dead-letter topics must differ, got {topics}")
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ConfigError(f"security_protocol={self.security_protocol} needs --sasl-mechanism")
+        if self.request_timeout_ms <= 0:
+            raise ConfigError("request_timeout_ms must be positive")
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments common to kafka-python's producer, consumer and admin client."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": [s.strip() for s in self.bootstrap_servers.split(",")],
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": self.request_timeout_ms,
+        }
+        if self.sasl_mechanism:
+            options.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.sasl_username,
+                sasl_plain_password=self.sasl_password,
+            )
+        return options

@@ -1,0 +1,1 @@
+"""Fits, calibrates, evaluates and exports the autoencoder that the worker serves."""
