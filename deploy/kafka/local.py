@@ -1,0 +1,254 @@
+"""A real single-node Apache Kafka (KRaft) run as a local Java process, for the demo and tests.
+
+The broker's jars come from Maven Central through ``pom.xml`` beside this file
+(``mvn dependency:copy-dependencies`` into an ignored cache). ``LocalKafka.start``
+formats KRaft storage, starts the broker on free loopback ports, waits until it
+answers metadata requests, and records its state so ``stop`` can end it later,
+from another process if need be.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+DEFAULT_HOME = REPO / ".cache" / "kafka"
+POM = HERE / "pom.xml"
+
+
+class LocalKafkaError(RuntimeError):
+    """The local broker could not be resolved, started or reached."""
+
+
+@dataclass(frozen=True)
+class BrokerState:
+    """What a running local broker left on disk: enough to find and stop it."""
+
+    pid: int
+    bootstrap_servers: str
+    data_dir: str
+    log_file: str
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cluster_id() -> str:
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+
+
+def _require(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise LocalKafkaError(
+            f"'{tool}' is not on PATH; the local Kafka needs Java 17+ and Maven "
+            "(run `make tools` or install openjdk-17-jre-headless and maven)"
+        )
+    return path
+
+
+class LocalKafka:
+    """Owns one local broker whose files live under ``home`` (default ``.cache/kafka``)."""
+
+    def __init__(self, home: Path | str = DEFAULT_HOME, heap: str = "768m") -> None:
+        self.home = Path(home)
+        self.heap = heap
+        self.libs = self.home / "libs"
+        self.state_file = self.home / "broker.json"
+
+    # -- jars -------------------------------------------------------------------------
+    def ensure_libs(self) -> Path:
+        """Resolve the broker jars from Maven Central once; re-resolve when pom.xml changes."""
+        digest = hashlib.sha256(POM.read_bytes()).hexdigest()[:16]
+        stamp = self.libs / f".pom-{digest}"
+        if stamp.exists():
+            return self.libs
+        mvn = _require("mvn")
+        shutil.rmtree(self.libs, ignore_errors=True)
+        log.info("resolving Kafka jars from Maven Central into %s", self.libs)
+        cmd = [mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
+               f"-DoutputDirectory={self.libs}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise LocalKafkaError(f"mvn could not resolve Kafka: {done.stdout[-2000:]}"
+                                  f"{done.stderr[-2000:]}")
+        stamp.touch()
+        return self.libs
+
+    # -- lifecycle --------------------------------------------------------------------
+    def state(self) -> BrokerState | None:
+        """The recorded broker, if its process is still alive."""
+        try:
+            state = BrokerState(**json.loads(self.state_file.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+        return state if _alive(state.pid) else None
+
+    def start(self, port: int | None = None, timeout_s: float = 90.0) -> BrokerState:
+        """Start a broker (or return the one already running) and wait until it answers."""
+        running = self.state()
+        if running is not None:
+            return running
+        java = _require("java")
+        libs = self.ensure_libs()
+        port = port or _free_port()
+        controller_port = _free_port()
+        run_dir = self.home / f"run-{port}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        data_dir = run_dir / "data"
+        data_dir.mkdir(parents=True)
+        props = run_dir / "server.properties"
+        props.write_text(_server_properties(port, controller_port, data_dir))
+        log4j = run_dir / "log4j2.properties"
+        log4j.write_text(_LOG4J)
+        classpath = f"{libs}/*"
+        jvm = [java, f"-Xmx{self.heap}", f"-Xms{min_heap(self.heap)}", "-XX:+UseG1GC",
+               "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}",
+               f"-Dkafka.logs.dir={run_dir}", "-cp", classpath]
+        fmt = subprocess.run(
+            [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+            capture_output=True, text=True, check=False,
+        )
+        if fmt.returncode != 0:
+            raise LocalKafkaError(f"formatting KRaft storage failed: {fmt.stderr[-2000:]}")
+        log_file = run_dir / "broker.log"
+        with open(log_file, "ab") as out:
+            proc = subprocess.Popen(
+                [*jvm, "kafka.Kafka", str(props)], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        state = BrokerState(proc.pid, f"127.0.0.1:{port}", str(data_dir), str(log_file))
+        self.state_file.write_text(json.dumps(asdict(state)))
+        try:
+            wait_until_ready(state.bootstrap_servers, timeout_s, proc)
+        except LocalKafkaError:
+            self.stop()
+            raise
+        log.info("local Kafka ready at %s (pid %d)", state.bootstrap_servers, proc.pid)
+        return state
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop the recorded broker: SIGTERM, then SIGKILL after ``timeout_s``. True if one ran."""
+        try:
+            state = BrokerState(**json.loads(self.state_file.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
+            return False
+        stopped = _terminate(state.pid, timeout_s)
+        self.state_file.unlink(missing_ok=True)
+        shutil.rmtree(Path(state.data_dir).parent, ignore_errors=True)
+        return stopped
+
+
+def min_heap(heap: str) -> str:
+    """The initial heap: a quarter of the maximum, so an idle broker stays small."""
+    digits, unit = heap[:-1], heap[-1]
+    return f"{max(64, int(digits) // 4)}{unit}" if unit in "mM" else heap
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours counts as gone
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        return done == 0
+    except ChildProcessError:
+        return True
+
+
+def _terminate(pid: int, timeout_s: float) -> bool:
+    if not _alive(pid):
+        return False
+    os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.2)
+    log.warning("Kafka pid %d ignored SIGTERM for %.0fs; killing it", pid, timeout_s)
+    os.killpg(pid, signal.SIGKILL)
+    return True
+
+
+def wait_until_ready(
+    bootstrap: str, timeout_s: float, proc: subprocess.Popen | None = None
+) -> None:
+    """Block until the broker answers a metadata request, or raise LocalKafkaError."""
+    from kafka import KafkaAdminClient  # the broker itself needs no Python client
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise LocalKafkaError(f"broker exited with code {proc.returncode}; see its log")
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+            try:
+                admin.describe_cluster()
+                return
+            finally:
+                admin.close()
+        except (KafkaError, OSError) as err:
+            last = err
+            time.sleep(0.5)
+    raise LocalKafkaError(f"broker at {bootstrap} did not answer within {timeout_s:.0f}s: {last}")
+
+
+def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
+    return f"""\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={data_dir}
+num.partitions=3
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=5
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+log.retention.hours=24
+log.segment.bytes=104857600
+"""
+
+
+_LOG4J = """\
+status = warn
+appender.out.type = Console
+appender.out.name = out
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.out.ref = out
+logger.kafka.name = kafka.server.KafkaRaftServer
+logger.kafka.level = info
+"""

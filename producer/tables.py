@@ -1,0 +1,214 @@
+"""Read transaction tables (CSV or Parquet) and turn their rows into wire records.
+
+Every column travels: the id column becomes ``transaction_id`` (a string), the time
+column becomes ``event_time`` (RFC 3339, UTC), the key column becomes the message key,
+and the label column is dropped on request. Rows are encoded a chunk at a time with
+orjson, whose floats are the shortest text that reads back exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from pipeline.errors import InputDataError
+from pipeline.features import LAYOUTS, TableLayout, detect_layout
+from pipeline.schema import ID_FIELD, TIME_FIELD
+
+DEFAULT_EPOCH = "2018-04-01T00:00:00Z"  # origin for tables whose time is seconds since a start
+
+
+@dataclass(frozen=True)
+class ReplaySpec:
+    """How to read one table: which columns are id, time, key and label."""
+
+    id_column: str | None
+    time_column: str
+    key_column: str | None
+    label_columns: tuple[str, ...]
+    time_unit: str  # "datetime", "s" (seconds since epoch_origin) or "ms" (epoch millis)
+    epoch_origin: str = DEFAULT_EPOCH
+
+
+def read_table(path: Path | str) -> pd.DataFrame:
+    """Read a CSV (optionally gzipped) or Parquet file, with errors that name the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(f"{path}: no such file")
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
+            frame = pd.read_parquet(path)
+        elif ".csv" in suffixes or ".tsv" in suffixes:
+            frame = pd.read_csv(path, sep="\t" if ".tsv" in suffixes else ",")
+        else:
+            raise InputDataError(f"{path}: unknown file type; use .csv, .csv.gz or .parquet")
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise InputDataError(f"{path}: cannot be read as a table: {err}") from err
+    if frame.empty:
+        raise InputDataError(f"{path}: the table has no rows")
+    return frame
+
+
+def resolve_spec(
+    frame: pd.DataFrame,
+    layout_name: str = "auto",
+    *,
+    id_column: str | None = None,
+    time_column: str | None = None,
+    key_column: str | None = None,
+    label_column: str | None = None,
+) -> ReplaySpec:
+    """Work out the columns to use from a named or detected layout plus explicit flags."""
+    columns = list(frame.columns)
+    layout: TableLayout | None
+    if layout_name == "auto":
+        layout = detect_layout(columns)
+    elif layout_name in LAYOUTS:
+        layout = LAYOUTS[layout_name]
+    elif layout_name == "generic":
+        layout = None
+    else:
+        raise InputDataError(f"unknown layout {layout_name!r}; use auto, generic, "
+                             + ", ".join(LAYOUTS))
+    tcol = time_column or (layout.time_column if layout else None)
+    if tcol is None:
+        raise InputDataError("no time column: pass --time-column (the table matches no known "
+                             f"layout; its columns are {', '.join(map(str, columns[:12]))}...)")
+    spec = ReplaySpec(
+        id_column=id_column or (layout.id_column if layout else None),
+        time_column=tcol,
+        key_column=key_column or (layout.key_column if layout else None),
+        label_columns=_labels(label_column, layout),
+        time_unit=_time_unit(frame, tcol, layout),
+    )
+    _check_columns(frame, spec)
+    return spec
+
+
+def _labels(label_column: str | None, layout: TableLayout | None) -> tuple[str, ...]:
+    if label_column:
+        return (label_column,)
+    if layout and layout.name == "handbook":
+        return ("TX_FRAUD", "TX_FRAUD_SCENARIO")
+    return (layout.label_column,) if layout and layout.label_column else ()
+
+
+def _time_unit(frame: pd.DataFrame, column: str, layout: TableLayout | None) -> str:
+    if column not in frame.columns:
+        return "datetime"  # reported by _check_columns
+    series = frame[column]
+    if pd.api.types.is_datetime64_any_dtype(series) or series.dtype == object:
+        return "datetime"
+    if layout is not None:
+        return layout.time_unit
+    # Generic numeric times: epoch milliseconds if they look like it, else seconds from origin.
+    return "ms" if float(series.max()) > 1e11 else "s"
+
+
+def _check_columns(frame: pd.DataFrame, spec: ReplaySpec) -> None:
+    wanted = {"id": spec.id_column, "time": spec.time_column, "key": spec.key_column}
+    for role, column in wanted.items():
+        if column is not None and column not in frame.columns:
+            raise InputDataError(f"{role} column {column!r} is not in the table; its columns "
+                                 f"are {', '.join(map(str, frame.columns))}")
+    if spec.id_column and frame[spec.id_column].isna().any():
+        raise InputDataError(f"id column {spec.id_column!r} has missing values")
+    if frame[spec.time_column].isna().any():
+        raise InputDataError(f"time column {spec.time_column!r} has missing values")
+
+
+def event_times_ms(frame: pd.DataFrame, spec: ReplaySpec) -> np.ndarray:
+    """Epoch milliseconds (int64) for every row."""
+    series = frame[spec.time_column]
+    if spec.time_unit == "datetime":
+        try:
+            stamps = pd.to_datetime(series, utc=True)
+        except (ValueError, TypeError) as err:
+            raise InputDataError(f"time column {spec.time_column!r}: {err}") from err
+        # Whatever the column's resolution (s, ms, ns), go through datetime64[ms] explicitly.
+        return stamps.dt.tz_localize(None).to_numpy().astype("datetime64[ms]").astype(np.int64)
+    if not pd.api.types.is_numeric_dtype(series):
+        raise InputDataError(f"time column {spec.time_column!r} is neither dates nor numbers")
+    if spec.time_unit == "ms":
+        return series.to_numpy(dtype=np.int64)
+    origin_ms = pd.Timestamp(spec.epoch_origin).value // 1_000_000
+    return origin_ms + np.round(series.to_numpy(dtype=np.float64) * 1000).astype(np.int64)
+
+
+def iter_records(
+    frame: pd.DataFrame,
+    spec: ReplaySpec,
+    *,
+    drop_label: bool = False,
+    chunk_rows: int = 20_000,
+) -> Iterator[tuple[bytes | None, bytes]]:
+    """Yield ``(key, value)`` message bytes for every row, in table order."""
+    times = event_times_ms(frame, spec)
+    drop = [spec.time_column, *(spec.label_columns if drop_label else ())]
+    body = frame.drop(columns=[c for c in drop if c in frame.columns])
+    for start in range(0, len(frame), chunk_rows):
+        chunk = body.iloc[start : start + chunk_rows]
+        lines = _chunk_json(chunk, spec, times[start : start + chunk_rows], start)
+        keys = _chunk_keys(chunk, spec)
+        for i, line in enumerate(lines):
+            yield (keys[i] if keys is not None else None), line
+
+
+def _chunk_json(chunk: pd.DataFrame, spec: ReplaySpec, times: np.ndarray, offset: int) -> list[bytes]:
+    if spec.id_column:
+        ids = chunk[spec.id_column].astype(str).tolist()
+    else:
+        ids = [str(offset + i) for i in range(len(chunk))]
+    stamps = (np.datetime_as_string(times.astype("datetime64[ms]"), unit="ms") + "Z").tolist()
+    rest = chunk.drop(columns=[spec.id_column] if spec.id_column else [])
+    names = [ID_FIELD, TIME_FIELD, *map(str, rest.columns)]
+    columns = [ids, stamps, *(_json_ready(rest[name]) for name in rest.columns)]
+    return [orjson.dumps(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
+
+
+def _json_ready(series: pd.Series) -> list:
+    """Plain Python values for orjson: floats exact, NaN as null, datetimes as RFC 3339."""
+    if series.dtype == np.float32:
+        series = pd.Series(float32_as_decimal(series.to_numpy()), index=series.index)
+    if pd.api.types.is_datetime64_any_dtype(series):
+        series = pd.to_datetime(series, utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if series.hasnans:
+        return [None if v != v else v for v in series.tolist()]
+    return series.tolist()
+
+
+def _chunk_keys(chunk: pd.DataFrame, spec: ReplaySpec) -> list[bytes] | None:
+    if spec.key_column is None:
+        return None
+    return [str(k).encode() for k in chunk[spec.key_column].tolist()]
+
+
+def float32_as_decimal(values: np.ndarray) -> np.ndarray:
+    """float64 holding the shortest decimal (7 to 9 digits) that reads back as the same float32.
+
+    Without this, float32 57.16 would travel as 57.15999984741211.
+
+    >>> float32_as_decimal(np.array([57.16, 0.0, -1e-7], dtype=np.float32)).tolist()
+    [57.16, 0.0, -1e-07]
+    """
+    x64 = values.astype(np.float64)
+    out = x64.copy()
+    todo = np.isfinite(x64) & (x64 != 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exponent = np.floor(np.log10(np.abs(np.where(todo, x64, 1.0))))
+    for digits in (7, 8, 9):
+        scale = 10.0 ** (digits - 1 - exponent[todo])
+        rounded = np.round(x64[todo] * scale) / scale
+        exact = rounded.astype(np.float32) == values[todo]
+        idx = np.flatnonzero(todo)[exact]
+        out[idx] = rounded[exact]
+        todo[idx] = False
+        if not todo.any():
+            break
+    return out

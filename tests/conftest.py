@@ -1,0 +1,104 @@
+"""Shared fixtures: one real Kafka broker per session, fresh topics and groups per test.
+
+The broker is, in order: ``KAFKA_BOOTSTRAP_SERVERS`` if set; testcontainers' KafkaContainer
+if a Docker engine answers; else the project's local broker (``deploy.kafka``). When none can
+be had the integration tests fail with the reason; they are never skipped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deploy.kafka.local import DEFAULT_HOME, LocalKafka, LocalKafkaError, wait_until_ready
+from pipeline.config import KafkaSettings
+
+KAFKA_IMAGE = "apache/kafka:4.3.1"
+REPO = Path(__file__).resolve().parent.parent
+
+logging.getLogger("kafka").setLevel(logging.ERROR)
+
+
+def docker_available() -> str | None:
+    """None when a Docker engine answers, else the reason it does not."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        client.ping()
+        client.close()
+        return None
+    except Exception as err:  # any failure means: no engine to use
+        return f"no Docker engine answers ({type(err).__name__}: {str(err)[:120]})"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Bootstrap servers of a real broker for the whole session."""
+    configured = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if configured:
+        wait_until_ready(configured, 60)
+        yield configured
+        return
+    if docker_available() is None:
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer(KAFKA_IMAGE).with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    home = tmp_path_factory.mktemp("kafka")
+    shared_libs = DEFAULT_HOME / "libs"
+    if shared_libs.exists():  # reuse jars resolved by an earlier run or `make demo`
+        shutil.copytree(shared_libs, home / "libs", symlinks=True)
+    broker = LocalKafka(home)
+    try:
+        state = broker.start()
+    except LocalKafkaError as err:
+        pytest.fail(f"no Kafka broker for integration tests: set KAFKA_BOOTSTRAP_SERVERS, "
+                    f"start Docker, or fix the local broker: {err}")
+    try:
+        yield state.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
+    """Settings pointing at the session broker, with topics no other test uses."""
+    tag = uuid.uuid4().hex[:10]
+    return KafkaSettings.build(environ={}, overrides={
+        "bootstrap_servers": kafka_bootstrap,
+        "input_topic": f"tx-{tag}",
+        "alerts_topic": f"alerts-{tag}",
+        "dead_letter_topic": f"dlq-{tag}",
+        "client_id": f"test-{tag}",
+    })
+
+
+@pytest.fixture
+def kafka_env(kafka_settings: KafkaSettings) -> dict[str, str]:
+    """Environment for a subprocess CLI that should use ``kafka_settings``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    env.update({
+        "FRAUD_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "FRAUD_INPUT_TOPIC": kafka_settings.input_topic,
+        "FRAUD_ALERTS_TOPIC": kafka_settings.alerts_topic,
+        "FRAUD_DEAD_LETTER_TOPIC": kafka_settings.dead_letter_topic,
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+@pytest.fixture(scope="session")
+def kcat() -> str:
+    """Path to kcat, the independent Kafka client used to check the wire format."""
+    path = shutil.which("kcat")
+    if path is None:
+        pytest.fail("kcat is not installed; `make test` installs it (deploy/install-tools.sh)")
+    return path

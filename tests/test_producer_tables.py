@@ -1,0 +1,144 @@
+"""Tables become wire records: every column travels, floats exactly, ids and times in form."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from pipeline.errors import InputDataError
+from pipeline.features import CREDITCARD_FEATURES, HANDBOOK_FEATURES
+from pipeline.schema import Transaction, decode
+from producer.send import Pacer
+from producer.tables import float32_as_decimal, iter_records, read_table, resolve_spec
+
+
+def handbook_frame(n: int = 50, seed: int = 1) -> pd.DataFrame:
+    """A small table in the handbook layout (values random, types as in the reference)."""
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({
+        "TRANSACTION_ID": np.arange(n, dtype=np.int64),
+        "TX_DATETIME": pd.Timestamp("2018-04-01") + pd.to_timedelta(np.sort(rng.integers(0, 86400 * 3, n)), unit="s"),
+        "CUSTOMER_ID": rng.integers(0, 20, n),
+        "TERMINAL_ID": rng.integers(0, 40, n),
+    })
+    for name in HANDBOOK_FEATURES:
+        frame[name] = (rng.random(n) * 100).astype(np.float32)
+    frame["TX_FRAUD"] = (rng.random(n) < 0.1).astype(np.int32)
+    frame["TX_FRAUD_SCENARIO"] = frame["TX_FRAUD"] * 2
+    return frame
+
+
+def creditcard_frame(n: int = 30) -> pd.DataFrame:
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame({"Time": np.arange(n, dtype=np.float64) * 1.5})
+    for name in CREDITCARD_FEATURES:
+        frame[name] = rng.normal(size=n)
+    frame["Class"] = (rng.random(n) < 0.1).astype(int)
+    return frame
+
+
+def decoded(frame: pd.DataFrame, layout: str = "auto", **kw: object) -> list[tuple[bytes | None, Transaction]]:
+    spec = resolve_spec(frame, layout)
+    out = []
+    for key, value in iter_records(frame, spec, chunk_rows=7, **kw):  # type: ignore[arg-type]
+        tx = decode(value)
+        assert isinstance(tx, Transaction), tx
+        out.append((key, tx))
+    return out
+
+
+def test_handbook_rows_travel_intact() -> None:
+    frame = handbook_frame()
+    records = decoded(frame)
+    assert len(records) == len(frame)
+    for (key, tx), row in zip(records, frame.itertuples(index=False), strict=True):
+        assert tx.transaction_id == str(row.TRANSACTION_ID)
+        assert key == str(row.CUSTOMER_ID).encode()
+        assert tx.event_time_ms == pd.Timestamp(row.TX_DATETIME, tz="UTC").value // 1_000_000
+        for name in HANDBOOK_FEATURES:  # float32 values read back bit-exact
+            assert np.float32(tx.fields[name]) == getattr(row, name)
+        assert tx.fields["TX_FRAUD"] == row.TX_FRAUD
+
+
+def test_drop_label_removes_label_and_scenario() -> None:
+    (_, tx), *_ = decoded(handbook_frame(), drop_label=True)
+    assert "TX_FRAUD" not in tx.fields and "TX_FRAUD_SCENARIO" not in tx.fields
+    assert "TX_AMOUNT" in tx.fields
+
+
+def test_creditcard_layout_numbers_rows_and_offsets_time() -> None:
+    frame = creditcard_frame()
+    records = decoded(frame)
+    assert [tx.transaction_id for _, tx in records] == [str(i) for i in range(len(frame))]
+    assert all(key is None for key, _ in records)
+    start = records[0][1].event_time_ms
+    assert records[3][1].event_time_ms - start == 4500
+    assert records[5][1].fields["V3"] == frame["V3"].iloc[5]  # float64 exact
+
+
+def test_generic_layout_needs_a_time_column() -> None:
+    frame = pd.DataFrame({"when": [1, 2], "x": [1.0, 2.0]})
+    with pytest.raises(InputDataError, match="--time-column"):
+        resolve_spec(frame, "generic")
+    spec = resolve_spec(frame, "generic", time_column="when")
+    assert spec.time_unit == "s"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"id_column": "nope"}, "id column 'nope' is not in the table"),
+    ({"key_column": "nope"}, "key column 'nope'"),
+])
+def test_missing_flagged_column_is_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(InputDataError, match=message):
+        resolve_spec(handbook_frame(), "auto", **kwargs)
+
+
+def test_missing_values_in_nonfeature_columns_become_null() -> None:
+    frame = handbook_frame(5)
+    frame["note"] = [1.0, np.nan, 3.0, np.nan, 5.0]
+    records = decoded(frame)
+    assert records[1][1].fields["note"] is None
+    assert orjson.loads(orjson.dumps(records[0][1].fields))["note"] == 1.0
+
+
+def test_read_table_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputDataError, match="no such file"):
+        read_table(tmp_path / "missing.csv")
+    (tmp_path / "x.txt").write_text("a,b\n1,2\n")
+    with pytest.raises(InputDataError, match="unknown file type"):
+        read_table(tmp_path / "x.txt")
+    (tmp_path / "empty.csv").write_text("a,b\n")
+    with pytest.raises(InputDataError, match="no rows"):
+        read_table(tmp_path / "empty.csv")
+
+
+def test_float32_as_decimal_is_shortest_and_exact() -> None:
+    values = np.random.default_rng(3).normal(scale=1e3, size=10_000).astype(np.float32)
+    out = float32_as_decimal(values)
+    assert (out.astype(np.float32) == values).all()
+    for v in out[:500]:  # at most 9 significant digits: float32 needs no more
+        mantissa = repr(abs(float(v))).split("e")[0].replace(".", "").strip("0")
+        assert len(mantissa) <= 9, v
+
+
+def test_pacer_spaces_events_and_catches_up() -> None:
+    now = [100.0]
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    pacer = Pacer(10.0, clock=lambda: now[0], sleep=sleep)
+    pacer.wait(0)
+    pacer.wait(1)
+    assert slept == [pytest.approx(0.1)]
+    now[0] += 1.0  # fell behind: no sleeping until on schedule again
+    pacer.wait(2)
+    assert len(slept) == 1
+    Pacer(0.0, clock=lambda: 0.0, sleep=sleep).wait(5)
+    assert len(slept) == 1

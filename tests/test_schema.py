@@ -1,0 +1,104 @@
+"""The wire format: good records decode, bad ones get a precise error and never raise."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.schema import (
+    RecordError,
+    Transaction,
+    decode,
+    encode,
+    fill_features,
+    format_event_time,
+    parse_event_time,
+)
+
+GOOD = {"transaction_id": "t1", "event_time": "2018-04-01T00:00:31Z", "TX_AMOUNT": 57.16,
+        "TX_DURING_NIGHT": 1, "CUSTOMER_ID": 596}
+
+
+def test_good_record_decodes_with_all_fields() -> None:
+    tx = decode(encode(GOOD))
+    assert isinstance(tx, Transaction)
+    assert tx.transaction_id == "t1"
+    assert tx.event_time_ms == 1522540831000
+    assert tx.fields == GOOD
+
+
+@pytest.mark.parametrize("when, expected", [
+    ("2018-04-01T00:00:31Z", 1522540831000),
+    ("2018-04-01T02:00:31.250+02:00", 1522540831250),
+    (1522540831000, 1522540831000),
+    (1522540831000.0, 1522540831000),
+])
+def test_event_time_forms(when: object, expected: int) -> None:
+    assert parse_event_time(when) == expected
+
+
+def test_event_time_round_trips_through_rfc3339() -> None:
+    assert parse_event_time(format_event_time(1522540831123)) == 1522540831123
+
+
+@pytest.mark.parametrize("raw, reason, field", [
+    (b"", "empty", None),
+    (None, "empty", None),
+    (b"{not json", "not_json", None),
+    (b"\xff\xfe\x00", "not_json", None),
+    (b"[1, 2]", "not_object", None),
+    (b'{"event_time": 1522540831000}', "missing_field", "transaction_id"),
+    (b'{"transaction_id": 7, "event_time": 1522540831000}', "bad_type", "transaction_id"),
+    (b'{"transaction_id": "", "event_time": 1522540831000}', "bad_type", "transaction_id"),
+    (b'{"transaction_id": "a"}', "missing_field", "event_time"),
+    (b'{"transaction_id": "a", "event_time": "2018-04-01T00:00:31"}', "bad_time", "event_time"),
+    (b'{"transaction_id": "a", "event_time": "yesterday"}', "bad_time", "event_time"),
+    (b'{"transaction_id": "a", "event_time": 1522540831}', "bad_time", "event_time"),
+    (b'{"transaction_id": "a", "event_time": true}', "bad_time", "event_time"),
+    (b'{"transaction_id": "a", "event_time": NaN}', "not_json", None),
+])
+def test_bad_records_get_precise_errors(raw: bytes | None, reason: str, field: str | None) -> None:
+    result = decode(raw)
+    assert isinstance(result, RecordError), result
+    assert (result.reason, result.field) == (reason, field)
+    assert reason in str(result)
+
+
+def test_oversized_record_is_refused_before_parsing() -> None:
+    big = encode({**GOOD, "note": "x" * 2000})
+    result = decode(big, max_bytes=1000)
+    assert isinstance(result, RecordError) and result.reason == "oversized"
+    assert str(len(big)) in result.detail
+
+
+@pytest.mark.parametrize("value, reason", [
+    (None, "missing_feature"),
+    ("12.5", "bad_type"),
+    (True, "bad_type"),
+    ([1], "bad_type"),
+    (1e39, "not_finite"),
+])
+def test_fill_features_names_the_bad_feature(value: object, reason: str) -> None:
+    fields = {**GOOD, "TX_DURING_NIGHT": value}
+    if value is None:
+        del fields["TX_DURING_NIGHT"]
+    tx = Transaction("t1", 0, fields)
+    row = np.zeros(2, dtype=np.float32)
+    error = fill_features(tx, ["TX_AMOUNT", "TX_DURING_NIGHT"], row)
+    assert error is not None and (error.reason, error.field) == (reason, "TX_DURING_NIGHT")
+
+
+def test_fill_features_writes_in_the_given_order() -> None:
+    tx = decode(encode(GOOD))
+    assert isinstance(tx, Transaction)
+    row = np.zeros(2, dtype=np.float32)
+    assert fill_features(tx, ["TX_DURING_NIGHT", "TX_AMOUNT"], row) is None
+    assert row.tolist() == [1.0, pytest.approx(57.16)]
+
+
+def test_infinity_literal_is_not_json() -> None:
+    assert isinstance(decode(b'{"transaction_id":"a","event_time":1522540831000,"x":Infinity}'),
+                      RecordError)
+    assert not math.isnan(0.0)
