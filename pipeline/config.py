@@ -182,3 +182,36 @@ class KafkaSettings(SettingsBase):
                 sasl_plain_password=self.sasl_password,
             )
         return options
+
+
+@dataclass(frozen=True, repr=False)
+class WorkerSettings(SettingsBase):
+    """The streaming worker's own settings (Kafka ones live in KafkaSettings)."""
+
+    model_dir: str = setting("models", "model root (with a `current` link) or one model version folder")
+    consumer_group: str = setting("fraud-worker", "Kafka consumer group shared by all workers")
+    max_batch: int = setting(4096, "close a micro-batch at this many records")
+    max_wait_ms: int = setting(50, "close a micro-batch this long after its first record")
+    device: str = setting("auto", "scoring device: auto (CUDA when present), cpu, cuda, cuda:N")
+    metrics_host: str = setting("0.0.0.0", "address of the Prometheus /metrics endpoint")  # noqa: S104
+    metrics_port: int = setting(9108, "port of the Prometheus /metrics endpoint; 0 disables it")
+    top_features: int = setting(3, "contributing features listed on each alert")
+    max_record_bytes: int = setting(64 * 1024, "larger input records are dead-lettered as oversized")
+    reload_interval_s: float = setting(5.0, "how often to look for a new model version; 0 disables")
+    auto_offset_reset: str = setting("earliest", "where a new consumer group starts",
+                                     choices=("earliest", "latest"))
+    max_retry_backoff_s: float = setting(30.0, "longest pause between retries while Kafka is down")
+
+    def validate(self) -> None:
+        if not 1 <= self.max_batch <= 1_000_000:
+            raise ConfigError(f"max_batch={self.max_batch} must be between 1 and 1000000")
+        if self.max_wait_ms < 0:
+            raise ConfigError("max_wait_ms must be >= 0")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port={self.metrics_port} is not a TCP port")
+        if self.top_features < 0:
+            raise ConfigError("top_features must be >= 0")
+        if not (self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:")):
+            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.reload_interval_s < 0 or self.max_retry_backoff_s <= 0:
+            raise ConfigError("reload_interval_s must be >= 0 and max_retry_backoff_s > 0")

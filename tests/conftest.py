@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from deploy.kafka.local import DEFAULT_HOME, LocalKafka, LocalKafkaError, wait_until_ready
@@ -102,3 +103,46 @@ def kcat() -> str:
     if path is None:
         pytest.fail("kcat is not installed; `make test` installs it (deploy/install-tools.sh)")
     return path
+
+
+# -- simulated data and trained models shared by the worker tests ---------------------------
+SIM_DAYS, HISTORY_DAYS = 70, 58
+
+
+@pytest.fixture(scope="session")
+def simulated() -> pd.DataFrame:
+    """A small simulated bank: 400 customers, 800 terminals, 70 days, known frauds."""
+    from producer.simulator import SimulatorConfig, simulate
+
+    return simulate(SimulatorConfig(n_customers=400, n_terminals=800, n_days=SIM_DAYS, seed=11))
+
+
+@pytest.fixture(scope="session")
+def stream_frame(simulated: pd.DataFrame) -> pd.DataFrame:
+    """The days after the history: what the worker scores live."""
+    return simulated[simulated["TX_TIME_DAYS"] >= HISTORY_DAYS].reset_index(drop=True)
+
+
+def _train(simulated: pd.DataFrame, root: Path, seed: int) -> Path:
+    from pipeline.features import HANDBOOK
+    from trainer.fit import FitOptions, run_fit
+    from trainer.split import SplitSpec
+    from trainer.train import TrainConfig
+
+    history = simulated[(simulated["TX_TIME_DAYS"] >= 20) & (simulated["TX_TIME_DAYS"] < HISTORY_DAYS)]
+    options = FitOptions(output=root, train=TrainConfig(epochs=6, seed=seed, progress=False),
+                         split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
+                         baselines=False, publish=False)
+    return run_fit(history.reset_index(drop=True), HANDBOOK, options).version_dir
+
+
+@pytest.fixture(scope="session")
+def model_dir(simulated: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model version trained on the simulated history (one version folder)."""
+    return _train(simulated, tmp_path_factory.mktemp("models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def second_model_dir(simulated: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another version of the same model (other seed), for hot-reload tests."""
+    return _train(simulated, tmp_path_factory.mktemp("models2"), seed=1)

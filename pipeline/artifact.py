@@ -1,0 +1,280 @@
+"""One model version on disk: ``weights.safetensors`` + ``manifest.json``, checked on load.
+
+A model root holds one folder per version and a ``current`` symlink to the served one.
+Versions are written to a temporary folder and renamed into place; ``current`` is switched
+with a temporary link and ``os.replace``, so a reader never sees a half-written model. The
+manifest carries everything the worker needs besides the weights (feature order,
+preprocessing, threshold, explanation statistics, score histogram) and a sha256 over the
+weights bytes and the canonical manifest, so any later edit is refused.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from pipeline.errors import ModelArtifactError
+from pipeline.models import MODELS, Autoencoder, ModelConfig, build_model
+from pipeline.preprocess import Preprocessing
+
+FORMAT_VERSION = 1
+WEIGHTS = "weights.safetensors"
+MANIFEST = "manifest.json"
+CURRENT = "current"
+HASH_KEY = "content_hash"
+
+# Required manifest keys and their JSON types.
+REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format_version": int,
+    "model_version": str,
+    "created_utc": str,
+    "model_class": str,
+    "hyperparameters": dict,
+    "feature_names": list,
+    "preprocessing": dict,
+    "threshold": (int, float),
+    "alert_rate": (int, float),
+    "explanation": dict,
+    "score_histogram": dict,
+    "training_data": dict,
+    "metrics": dict,
+    HASH_KEY: str,
+}
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Per-feature mean and std of the squared reconstruction error on normal validation rows."""
+
+    means: np.ndarray  # (features,) float32
+    stds: np.ndarray  # (features,) float32, > 0
+
+
+@dataclass(frozen=True)
+class ScoreHistogram:
+    """Anomaly-score histogram on normal validation rows: the drift reference (PSI)."""
+
+    edges: np.ndarray  # (bins + 1,) float64, increasing
+    counts: np.ndarray  # (bins,) int64
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    """A loaded, validated model version."""
+
+    path: Path
+    manifest: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    preprocessing: Preprocessing
+    explanation: Explanation
+    score_histogram: ScoreHistogram
+
+    @property
+    def version(self) -> str:
+        """The model version string, unique per export."""
+        return str(self.manifest["model_version"])
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Feature names in the order the model expects them."""
+        return tuple(self.manifest["feature_names"])
+
+    @property
+    def threshold(self) -> float:
+        """Scores above this are flagged."""
+        return float(self.manifest["threshold"])
+
+    @property
+    def alert_rate(self) -> float:
+        """Share of normal validation transactions above the threshold, by construction."""
+        return float(self.manifest["alert_rate"])
+
+    @property
+    def model_class(self) -> str:
+        """Registry name of the model type."""
+        return str(self.manifest["model_class"])
+
+    def build_model(self) -> Autoencoder:
+        """A fresh model on CPU in eval mode with the weights loaded."""
+        model = build_model(self.model_class, ModelConfig.from_dict(self.manifest["hyperparameters"]))
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+
+def content_hash(weights: bytes, manifest: dict[str, Any]) -> str:
+    """sha256 over the weights bytes and the canonical manifest without its hash field."""
+    body = {k: v for k, v in manifest.items() if k != HASH_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    return hashlib.sha256(weights + b"\n" + canonical).hexdigest()
+
+
+def new_version(model_class: str, created: dt.datetime) -> str:
+    """A sortable, unique version string such as ``20180801T120000Z-autoencoder-1a2b3c``."""
+    return f"{created.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-{model_class}-{secrets.token_hex(3)}"
+
+
+def save_artifact(root: str | Path, model: Autoencoder, fields: dict[str, Any], version: str | None = None) -> Path:
+    """Write a new version folder under ``root`` atomically and return its path.
+
+    ``fields`` holds the manifest entries the trainer computes: feature_names, preprocessing
+    (a Preprocessing), threshold, alert_rate, explanation (an Explanation), score_histogram
+    (a ScoreHistogram), training_data and metrics (JSON-ready dicts).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    created = dt.datetime.now(dt.UTC)
+    version = version or new_version(model.name, created)
+    manifest = _manifest(model, fields, version, created)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+    manifest[HASH_KEY] = content_hash((tmp / WEIGHTS).read_bytes(), manifest)
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    for name in (WEIGHTS, MANIFEST):
+        _fsync(tmp / name)
+        os.chmod(tmp / name, 0o644)  # the worker may run as another user; nothing here is secret
+    os.chmod(tmp, 0o755)  # noqa: S103 - readable by the worker's user, writable by nobody else
+    target = root / version
+    if target.exists():
+        raise ModelArtifactError(f"{target} already exists; pick another version string")
+    os.rename(tmp, target)
+    return target
+
+
+def _manifest(model: Autoencoder, fields: dict[str, Any], version: str, created: dt.datetime) -> dict[str, Any]:
+    explanation: Explanation = fields["explanation"]
+    histogram: ScoreHistogram = fields["score_histogram"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_version": version,
+        "created_utc": created.isoformat(),
+        "model_class": model.name,
+        "hyperparameters": model.config.to_dict(),
+        "feature_names": list(fields["feature_names"]),
+        "preprocessing": fields["preprocessing"].to_dict(),
+        "threshold": float(fields["threshold"]),
+        "alert_rate": float(fields["alert_rate"]),
+        "explanation": {"means": _floats(explanation.means), "stds": _floats(explanation.stds)},
+        "score_histogram": {"edges": _floats(histogram.edges), "counts": [int(c) for c in histogram.counts]},
+        "training_data": _json_ready(fields.get("training_data", {})),
+        "metrics": _json_ready(fields.get("metrics", {})),
+    }
+
+
+def _floats(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.asarray(values).ravel()]
+
+
+def _json_ready(value: Any) -> Any:
+    """Nested dicts/lists with numpy scalars made Python ones and NaN/inf made None."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def publish_current(root: str | Path, version_dir: str | Path) -> Path:
+    """Point ``root/current`` at ``version_dir`` atomically; returns the link path."""
+    root, version_dir = Path(root), Path(version_dir)
+    if not (version_dir / MANIFEST).is_file():
+        raise ModelArtifactError(f"{version_dir} holds no {MANIFEST}; it is not a model version")
+    same_root = version_dir.resolve().parent == root.resolve()
+    target = version_dir.name if same_root else str(version_dir.resolve())
+    tmp = root / f".{CURRENT}-{secrets.token_hex(4)}"
+    os.symlink(target, tmp)
+    os.replace(tmp, root / CURRENT)
+    return root / CURRENT
+
+
+def load_artifact(path: str | Path) -> ModelArtifact:
+    """Load and validate a version folder, or the ``current`` version of a model root."""
+    folder = Path(path)
+    if (folder / CURRENT).exists():
+        folder = (folder / CURRENT).resolve()
+    manifest = _read_manifest(folder)
+    weights_path = folder / WEIGHTS
+    if not weights_path.is_file():
+        raise ModelArtifactError(f"{folder}: {WEIGHTS} is missing")
+    if content_hash(weights_path.read_bytes(), manifest) != manifest[HASH_KEY]:
+        raise ModelArtifactError(f"{folder}: content hash mismatch: weights or manifest were modified after export")
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise ModelArtifactError(f"{weights_path}: not a readable safetensors file ({err})") from err
+    try:
+        return _assemble(folder, manifest, state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ModelArtifactError(f"{folder / MANIFEST}: inconsistent with {WEIGHTS}: {err}") from err
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    """The parsed manifest, with its format version, required keys and their types checked."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ModelArtifactError(
+            f"{path} not found; pass a model version folder or a model root with a `{CURRENT}` link"
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelArtifactError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(manifest, dict):
+        raise ModelArtifactError(f"{path}: top level must be a JSON object")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelArtifactError(
+            f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(this code reads {FORMAT_VERSION}); re-export the model with this version of fraud-train"
+        )
+    for key, kind in REQUIRED.items():
+        if key not in manifest:
+            raise ModelArtifactError(f"{MANIFEST}: missing key {key!r}")
+        value = manifest[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ModelArtifactError(f"{MANIFEST}: key {key!r} has type {type(value).__name__}, expected {kind}")
+    if manifest["model_class"] not in MODELS:
+        raise ModelArtifactError(f"{MANIFEST}: unknown model_class {manifest['model_class']!r}; known: {list(MODELS)}")
+    return manifest
+
+
+def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelArtifact:
+    """The artifact, after checking every per-feature array against the feature count and weights."""
+    n = len(manifest["feature_names"])
+    config = ModelConfig.from_dict(manifest["hyperparameters"])
+    if config.n_features != n:
+        raise ValueError(f"hyperparameters.n_features={config.n_features} but {n} feature names")
+    build_model(manifest["model_class"], config).load_state_dict(state, strict=True)  # shapes vs features
+    preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
+    if preprocessing.feature_names != tuple(manifest["feature_names"]):
+        raise ValueError("preprocessing.feature_names differ from feature_names")
+    means = np.asarray(manifest["explanation"]["means"], dtype=np.float32)
+    stds = np.asarray(manifest["explanation"]["stds"], dtype=np.float32)
+    if means.shape != (n,) or stds.shape != (n,) or not np.all(stds > 0):
+        raise ValueError(f"explanation means/stds need {n} values each, stds > 0")
+    edges = np.asarray(manifest["score_histogram"]["edges"], dtype=np.float64)
+    counts = np.asarray(manifest["score_histogram"]["counts"], dtype=np.int64)
+    if edges.ndim != 1 or counts.shape != (edges.size - 1,) or np.any(np.diff(edges) <= 0):
+        raise ValueError("score_histogram needs increasing edges and one count fewer than edges")
+    return ModelArtifact(
+        folder, manifest, state, preprocessing, Explanation(means, stds), ScoreHistogram(edges, counts)
+    )

@@ -1,0 +1,87 @@
+"""Prometheus series of the worker. Built on a given registry; nothing is served at import.
+
+Series (all prefixed ``fraud_``), as the dashboards and alerting rules in
+``deploy/`` use them:
+
+- ``transactions_total{outcome="scored|invalid"}``, ``alerts_total``,
+  ``dead_letters_total{reason}``, ``batches_total``, ``errors_total{kind}``,
+  ``model_reloads_total{result="ok|refused"}``
+- histograms ``batch_size``, ``scoring_seconds``, ``end_to_end_latency_seconds``
+  (event time to outputs acknowledged), ``anomaly_score``, ``score_ratio`` (score / threshold)
+- gauges ``consumer_lag{topic,partition}``, ``processing_rate`` (tx/s),
+  ``model_threshold``, ``model_alert_rate`` (calibrated share), ``score_drift_psi``,
+  ``last_batch_timestamp_seconds``
+- info ``model`` (version, device, model class)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+SCORE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 1000.0)
+RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 100.0)
+
+
+class WorkerMetrics:
+    """Every series the worker updates, registered on one registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        ns = "fraud"
+        self.transactions = Counter("transactions", "Transactions consumed, by outcome",
+                                    ["outcome"], namespace=ns, registry=registry)
+        self.alerts = Counter("alerts", "Alerts published and acknowledged", namespace=ns, registry=registry)
+        self.dead_letters = Counter("dead_letters", "Records sent to the dead-letter topic, by reason",
+                                    ["reason"], namespace=ns, registry=registry)
+        self.batches = Counter("batches", "Micro-batches processed and committed", namespace=ns, registry=registry)
+        self.errors = Counter("errors", "Errors by kind", ["kind"], namespace=ns, registry=registry)
+        self.reloads = Counter("model_reloads", "Model reload attempts, by result",
+                               ["result"], namespace=ns, registry=registry)
+        self.batch_size = Histogram("batch_size", "Records per micro-batch", buckets=SIZE_BUCKETS,
+                                    namespace=ns, registry=registry)
+        self.scoring_seconds = Histogram("scoring_seconds", "Time to score one batch (decode excluded)",
+                                         buckets=SECONDS_BUCKETS, namespace=ns, registry=registry)
+        self.latency = Histogram("end_to_end_latency_seconds",
+                                 "Event time to the moment the batch's outputs were acknowledged",
+                                 buckets=LATENCY_BUCKETS, namespace=ns, registry=registry)
+        self.scores = Histogram("anomaly_score", "Anomaly score of scored transactions",
+                                buckets=SCORE_BUCKETS, namespace=ns, registry=registry)
+        self.score_ratio = Histogram("score_ratio", "Anomaly score divided by the alert threshold",
+                                     buckets=RATIO_BUCKETS, namespace=ns, registry=registry)
+        self.lag = Gauge("consumer_lag", "Records behind the end of each assigned partition",
+                         ["topic", "partition"], namespace=ns, registry=registry)
+        self.rate = Gauge("processing_rate", "Transactions per second over the last seconds",
+                          namespace=ns, registry=registry)
+        self.threshold = Gauge("model_threshold", "Alert threshold of the serving model",
+                               namespace=ns, registry=registry)
+        self.alert_rate = Gauge("model_alert_rate", "Share of normal transactions the threshold was "
+                                "calibrated to flag", namespace=ns, registry=registry)
+        self.drift = Gauge("score_drift_psi", "Population stability index of recent scores against the "
+                           "model's validation scores", namespace=ns, registry=registry)
+        self.last_batch = Gauge("last_batch_timestamp_seconds", "Unix time of the last committed batch",
+                                namespace=ns, registry=registry)
+        self.model = Info("model", "Serving model", namespace=ns, registry=registry)
+        for outcome in ("scored", "invalid"):
+            self.transactions.labels(outcome)
+        for result in ("ok", "refused"):
+            self.reloads.labels(result)
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """Observe every value of an array at once (one bincount instead of a Python loop).
+
+    Uses the histogram's bucket counters directly, as ``Histogram.observe`` does.
+    """
+    if values.size == 0:
+        return
+    bounds = np.asarray(histogram._upper_bounds)  # includes +Inf
+    index = np.searchsorted(bounds, values, side="left")
+    counts = np.bincount(index, minlength=len(bounds))
+    for i, count in enumerate(counts):
+        if count:
+            histogram._buckets[i].inc(int(count))
+    histogram._sum.inc(float(values.sum()))

@@ -1,0 +1,162 @@
+"""Autoencoders that score a transaction by how badly they reconstruct it.
+
+Pure ``nn.Module``s and their config: no file, network or device work here. A model maps
+standardized features ``(batch, features)`` to their reconstruction of the same shape; the
+anomaly score is the mean squared reconstruction error, so higher = more anomalous. Models
+are trained on normal transactions only, so frauds, unlike anything seen, reconstruct badly.
+
+>>> model = build_model("memae", ModelConfig(n_features=15))
+>>> model(torch.zeros(4, 15)).shape
+torch.Size([4, 15])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of every model type; each type reads the ones it needs."""
+
+    n_features: int
+    hidden: tuple[int, ...] = (64, 32)  # encoder widths; the decoder mirrors them
+    bottleneck: int = 8
+    activation: str = "elu"
+    noise_std: float = 0.1  # denoising: Gaussian noise on standardized inputs while training
+    memory_slots: int = 100  # memae: N
+    shrink_threshold: float = 0.02  # memae: λ, in [1/N, 3/N]
+    entropy_weight: float = 0.0002  # memae: weight of the addressing entropy loss
+    extra: dict[str, Any] = field(default_factory=dict)  # reserved, kept in the manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (tuples become lists)."""
+        data = dataclasses.asdict(self)
+        data["hidden"] = list(self.hidden)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; unknown keys raise TypeError."""
+        values = dict(data)
+        if "hidden" in values:
+            values["hidden"] = tuple(int(h) for h in values["hidden"])
+        return cls(**values)
+
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+def _stack(widths: list[int], activation: str) -> nn.Sequential:
+    """Linear layers through ``widths``, an activation after every layer but the last."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: use one of {', '.join(_ACTIVATIONS)}")
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(widths)):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(widths) - 2:
+            layers.append(_ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+class Autoencoder(nn.Module):
+    """Symmetric stacked dense autoencoder with a narrow bottleneck (the default model)."""
+
+    name: ClassVar[str] = "autoencoder"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        widths = [config.n_features, *config.hidden, config.bottleneck]
+        self.encoder = _stack(widths, config.activation)
+        self.decoder = _stack(widths[::-1], config.activation)
+        # The code goes through the activation before the decoder; the output is linear.
+        self.code_activation = _ACTIVATIONS[config.activation]()
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, features) -> (batch, bottleneck)."""
+        return self.code_activation(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, features) -> reconstruction (batch, features)."""
+        return self.decoder(self.encode(x))
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Scalar loss for one mini-batch of clean standardized inputs (batch, features)."""
+        return F.mse_loss(self(x), x)
+
+
+class DenoisingAutoencoder(Autoencoder):
+    """Autoencoder trained to rebuild clean inputs from noisy ones (noise in training mode only)."""
+
+    name: ClassVar[str] = "denoising"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, features) -> reconstruction; adds N(0, noise_std²) to the input while training."""
+        if self.training and self.config.noise_std > 0:
+            x = x + torch.randn_like(x) * self.config.noise_std  # (batch, features)
+        return self.decoder(self.encode(x))
+
+    # training_loss (inherited) compares with the clean x: the target is never noisy.
+
+
+class MemAE(Autoencoder):
+    """Memory-augmented autoencoder (Gong et al., ICCV 2019).
+
+    The code is replaced by a sparse convex combination of N learned memory slots, so even
+    anomalies are rebuilt from normal prototypes and reconstruct badly.
+    """
+
+    name: ClassVar[str] = "memae"
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__(config)
+        n = config.memory_slots
+        if not 1 / n <= config.shrink_threshold <= 3 / n:
+            raise ValueError(f"shrink_threshold={config.shrink_threshold} must lie in [1/N, 3/N] for N={n}")
+        self.memory = nn.Parameter(torch.empty(n, config.bottleneck))  # (slots, bottleneck)
+        nn.init.kaiming_uniform_(self.memory)
+
+    def address(self, z: torch.Tensor) -> torch.Tensor:
+        """Sparse addressing weights (batch, slots) for codes z (batch, bottleneck)."""
+        similarity = F.normalize(z, dim=1) @ F.normalize(self.memory, dim=1).T  # (batch, slots)
+        w = torch.softmax(similarity, dim=1)
+        lam = self.config.shrink_threshold
+        w = F.relu(w - lam) * w / (torch.abs(w - lam) + 1e-12)  # hard shrinkage, differentiable
+        return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)  # L1 re-normalisation
+
+    def forward_parts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruction (batch, features) and addressing weights (batch, slots)."""
+        w = self.address(self.encode(x))
+        z_hat = w @ self.memory  # (batch, bottleneck)
+        return self.decoder(z_hat), w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, features) -> reconstruction (batch, features)."""
+        return self.forward_parts(x)[0]
+
+    def training_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruction MSE plus entropy_weight × mean addressing entropy."""
+        recon, w = self.forward_parts(x)
+        entropy = (-w * torch.log(w + 1e-12)).sum(dim=1).mean()
+        return F.mse_loss(recon, x) + self.config.entropy_weight * entropy
+
+
+MODELS: dict[str, type[Autoencoder]] = {cls.name: cls for cls in (Autoencoder, DenoisingAutoencoder, MemAE)}
+DEFAULT_MODEL = "autoencoder"
+
+
+def build_model(name: str, config: ModelConfig) -> Autoencoder:
+    """A fresh model of registry type ``name``; ValueError names the known types."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model type {name!r}; known: {', '.join(MODELS)}") from None
+    return cls(config)

@@ -1,0 +1,151 @@
+"""The one scoring code path, shared by the streaming worker and ``fraud-train score``.
+
+A score is the mean squared reconstruction error of a transaction in standardized space:
+higher = more anomalous; scores above the artifact's threshold are flagged. The per-feature
+errors, compared with their spread on normal validation data, explain each alert.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.artifact import ModelArtifact
+from pipeline.errors import ConfigError, InputDataError
+
+
+@dataclass
+class ScoreBatch:
+    """Scores, flags and explanations of one batch of transactions."""
+
+    scores: np.ndarray  # (n,) float32, higher = more anomalous (mean squared error in standardized space)
+    flags: np.ndarray  # (n,) bool, scores > artifact.threshold
+    feature_errors: np.ndarray  # (n, f) float32 squared error per feature, standardized space
+    reconstruction: np.ndarray  # (n, f) float32 in raw units (inverse preprocessing)
+    feature_names: tuple[str, ...] = ()
+    error_means: np.ndarray | None = None  # (f,) explanation statistics of the artifact
+    error_stds: np.ndarray | None = None  # (f,)
+
+    def top_features(self, i: int, raw_row: np.ndarray, k: int = 3) -> list[dict[str, Any]]:
+        """The k features of row i whose error is most unusual, as dicts sorted by z descending.
+
+        Each dict: name, value (raw), reconstruction (raw), z = (error - mean) / std, with
+        mean and std of that feature's error on normal validation data.
+        """
+        errors = self.feature_errors[i].astype(np.float64)
+        means = np.zeros_like(errors) if self.error_means is None else self.error_means
+        stds = np.ones_like(errors) if self.error_stds is None else self.error_stds
+        z = (errors - means) / stds  # (f,)
+        order = np.argsort(-z, kind="stable")[: max(k, 0)]
+        names = self.feature_names or tuple(f"f{j}" for j in range(errors.size))
+        return [
+            {
+                "name": names[j],
+                "value": float(raw_row[j]),
+                "reconstruction": float(self.reconstruction[i, j]),
+                "z": float(z[j]),
+            }
+            for j in order
+        ]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; otherwise the named device, checked."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:N") from err
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but CUDA is not available here; use --device cpu or auto")
+    return resolved
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (respects affinity masks, unlike os.cpu_count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Scorer:
+    """Scores raw feature rows with a loaded artifact on CPU or CUDA."""
+
+    def __init__(self, artifact: ModelArtifact, device: str = "auto", max_batch: int = 65536) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch={max_batch} must be >= 1")
+        self.artifact = artifact
+        self.device = resolve_device(device)
+        self.max_batch = max_batch
+        self._model = artifact.build_model().to(self.device).float()
+        self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only), reused
+        if self.device.type == "cpu" and torch.get_num_threads() > available_cpus():
+            torch.set_num_threads(available_cpus())  # avoid oversubscribing a CPU-limited container
+
+    def score(self, raw: np.ndarray) -> ScoreBatch:
+        """Score raw (n, f) rows in the artifact's feature order, un-preprocessed."""
+        names = self.artifact.feature_names
+        raw = np.asarray(raw, dtype=np.float32)
+        if raw.ndim != 2 or raw.shape[1] != len(names):
+            raise InputDataError(f"expected raw features of shape (n, {len(names)}), got {raw.shape}")
+        x = self.artifact.preprocessing.transform(raw)  # (n, f) standardized
+        recon = np.empty_like(x)
+        for start in range(0, x.shape[0], self.max_batch):
+            chunk = x[start : start + self.max_batch]
+            recon[start : start + len(chunk)] = self._reconstruct(chunk)
+        errors = np.square(recon - x, dtype=np.float32)  # (n, f)
+        scores = errors.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(0, np.float32)
+        return ScoreBatch(
+            scores=scores,
+            flags=scores > self.artifact.threshold,
+            feature_errors=errors,
+            reconstruction=self.artifact.preprocessing.inverse_transform(recon),
+            feature_names=names,
+            error_means=self.artifact.explanation.means,
+            error_stds=self.artifact.explanation.stds,
+        )
+
+    def _reconstruct(self, chunk: np.ndarray) -> np.ndarray:
+        """Model reconstruction of one standardized chunk (m, f), m <= max_batch."""
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                staging = self._staging_buffer(chunk.shape[1])[: len(chunk)]
+                staging.copy_(torch.from_numpy(chunk))
+                batch = staging.to(self.device, non_blocking=True)
+            else:
+                batch = torch.from_numpy(chunk)
+            return self._model(batch).float().cpu().numpy()  # .cpu() waits, so staging is free again
+
+    def _staging_buffer(self, n_features: int) -> torch.Tensor:
+        if self._staging is None:
+            self._staging = torch.empty((self.max_batch, n_features), dtype=torch.float32, pin_memory=True)
+        return self._staging
+
+
+def score_frame(scorer: Scorer, frame: pd.DataFrame, chunk_rows: int = 262_144) -> ScoreBatch:
+    """Score a whole DataFrame holding the artifact's feature columns, in chunks, for offline use."""
+    names = list(scorer.artifact.feature_names)
+    missing = [n for n in names if n not in frame.columns]
+    if missing:
+        raise InputDataError(f"column {missing[0]!r} is missing; the model needs {', '.join(names)}")
+    parts = [
+        scorer.score(frame[names].iloc[start : start + chunk_rows].to_numpy(dtype=np.float32))
+        for start in range(0, len(frame), chunk_rows)
+    ] or [scorer.score(np.zeros((0, len(names)), np.float32))]
+    first = parts[0]
+    return ScoreBatch(
+        scores=np.concatenate([p.scores for p in parts]),
+        flags=np.concatenate([p.flags for p in parts]),
+        feature_errors=np.concatenate([p.feature_errors for p in parts]),
+        reconstruction=np.concatenate([p.reconstruction for p in parts]),
+        feature_names=first.feature_names,
+        error_means=first.error_means,
+        error_stds=first.error_stds,
+    )

@@ -1,0 +1,125 @@
+"""Helpers for worker tests: simulated streams with known frauds, a trained model, Kafka I/O."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import CollectorRegistry
+
+from pipeline.artifact import load_artifact
+from pipeline.config import KafkaSettings, WorkerSettings
+from pipeline.metrics import WorkerMetrics
+from pipeline.scoring import Scorer, score_frame
+from pipeline.topics import ensure_topics
+from pipeline.worker import Worker
+from producer.send import make_producer, send_records
+from producer.tables import iter_records, resolve_spec
+
+# Bad records and the reason each must be dead-lettered with.
+BAD_RECORDS: list[tuple[bytes, str]] = [
+    (b"{not json", "not_json"),
+    (b'{"event_time": "2018-05-01T00:00:00Z"}', "missing_field"),
+    (b'{"transaction_id": "bad-1", "event_time": "2018-05-01T00:00:00Z", "TX_AMOUNT": "12"}', "bad_type"),
+    (b'{"transaction_id": "bad-2", "event_time": "2018-05-01T00:00:00Z"}', "missing_feature"),
+    (b"[1,2,3]", "not_object"),
+    (b'{"transaction_id": "bad-3", "event_time": "2018-05-01T00:00:00Z", "x": "' + b"y" * 70_000 + b'"}',
+     "oversized"),
+]
+
+
+def produce_frame(settings: KafkaSettings, frame: pd.DataFrame, partitions: int = 3) -> int:
+    """Stream a handbook-layout table (labels dropped) into the input topic; return the count."""
+    ensure_topics(settings, [settings.input_topic, settings.alerts_topic, settings.dead_letter_topic], partitions)
+    producer = make_producer(settings)
+    try:
+        report = send_records(iter_records(frame, resolve_spec(frame, "handbook"), drop_label=True),
+                              settings.input_topic, producer, progress=False)
+    finally:
+        producer.close()
+    assert report.acked == len(frame)
+    return report.acked
+
+
+def produce_bad(settings: KafkaSettings) -> None:
+    producer = KafkaProducer(**settings.client_options())
+    for i, (value, _reason) in enumerate(BAD_RECORDS):
+        producer.send(settings.input_topic, key=b"bad", value=value, headers=[("origin", f"test-{i}".encode())])
+    producer.flush()
+    producer.close()
+
+
+def read_topic(settings: KafkaSettings, topic: str, expect: int | None = None, timeout_s: float = 30) -> list:
+    """All records of a topic (reading until ``expect`` arrive or the end is reached)."""
+    consumer = KafkaConsumer(topic, **settings.client_options(), auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=3000)
+    out: list = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            polled = consumer.poll(timeout_ms=1000)
+            for records in polled.values():
+                out.extend(records)
+            if not polled and (expect is None or len(out) >= expect):
+                break
+    finally:
+        consumer.close()
+    return out
+
+
+def committed_to_end(settings: KafkaSettings, group: str) -> bool:
+    """True when the group's committed offsets equal the end of every input partition."""
+    consumer = KafkaConsumer(**settings.client_options(), group_id=group, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(settings.input_topic, p) for p in consumer.partitions_for_topic(settings.input_topic)]
+        ends = consumer.end_offsets(parts)
+        return all(consumer.committed(tp) == ends[tp] for tp in parts)
+    finally:
+        consumer.close(autocommit=False)
+
+
+def offline_flags(model_dir: Path, frame: pd.DataFrame) -> set[str]:
+    """Transaction ids the offline scoring path flags for the same rows."""
+    scorer = Scorer(load_artifact(model_dir), device="cpu")
+    result = score_frame(scorer, frame)
+    return set(frame["TRANSACTION_ID"].astype(str)[result.flags])
+
+
+def alert_ids(records: list) -> list[str]:
+    return [orjson.loads(r.value)["transaction_id"] for r in records]
+
+
+def start_worker(settings: KafkaSettings, model_dir: Path, group: str, **overrides: object
+                 ) -> tuple[Worker, threading.Thread, dict]:
+    """An in-process worker on a thread; returns it, the thread and a box for its stats."""
+    wsettings = WorkerSettings.build(environ={}, overrides={
+        "model_dir": str(model_dir), "consumer_group": group, "device": "cpu", "metrics_port": 0,
+        "max_batch": 512, "max_wait_ms": 50, **overrides})
+    metrics = WorkerMetrics(CollectorRegistry())
+    scorer = Scorer(load_artifact(model_dir), device="cpu", max_batch=wsettings.max_batch)
+    worker = Worker(settings, wsettings, scorer, metrics)
+    box: dict = {}
+
+    def target() -> None:
+        box["stats"] = worker.run(idle_exit_s=box.get("idle_exit_s"))
+
+    thread = threading.Thread(target=target, daemon=True)
+    return worker, thread, box
+
+
+def wait_for(condition, timeout_s: float = 60, every_s: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every_s)
+    return False
+
+
+def feature_matrix(frame: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    return frame.loc[:, list(names)].to_numpy(dtype=np.float32)

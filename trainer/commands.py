@@ -1,0 +1,105 @@
+"""The ``fraud-train`` subcommands: each takes parsed arguments and returns an exit status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.artifact import load_artifact
+from pipeline.errors import InputDataError
+from pipeline.features import LAYOUTS, TableLayout
+from pipeline.scoring import Scorer, score_frame
+from trainer import evaluate as metrics
+from trainer.data import LayoutFlags, check_features, check_labels, read_table, resolve_layout
+from trainer.fit import FitOptions, customers_and_days, run_fit, score_detector
+from trainer.report import write_report
+from trainer.split import SplitSpec
+from trainer.train import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _table(args: argparse.Namespace, flags: LayoutFlags) -> tuple[pd.DataFrame, TableLayout]:
+    frame = read_table(args.data)
+    return frame, resolve_layout(list(map(str, frame.columns)), flags)
+
+
+def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:
+    """Train, calibrate, export and publish a model version; print where it went."""
+    frame, layout = _table(args, flags)
+    params = {k: v for k, v in (("hidden", args.hidden), ("bottleneck", args.bottleneck)) if v is not None}
+    options = FitOptions(
+        output=args.output, model=args.model, model_params=params, device=args.device,
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                          patience=args.patience, seed=args.seed, progress=not args.quiet),
+        split=SplitSpec(args.start, args.val_start, args.test_start, args.end, args.val_fraction, args.test_fraction),
+        alert_rate=args.alert_rate, baselines=not args.no_baselines, publish=not args.no_publish,
+    )
+    result = run_fit(frame, layout, options)
+    print(f"model {result.artifact.version} written to {result.version_dir}")
+    print(f"threshold {result.artifact.threshold:.6g} (alert rate {result.artifact.alert_rate})")
+    if result.report:
+        print(f"evaluation report: {result.report}")
+    return 0
+
+
+def evaluate(args: argparse.Namespace, flags: LayoutFlags) -> int:
+    """Score a labelled table with a model and write the report (model only, no baselines)."""
+    artifact = load_artifact(args.model)
+    frame, layout = _table(args, flags)
+    check_features(frame, artifact.feature_names)
+    labels = check_labels(frame, layout)
+    if labels is None:
+        raise InputDataError(f"evaluation needs a label column; {layout.label_column or 'none'} is not in the table "
+                             "(pass --label-column)")
+    result = score_detector(artifact, frame, args.device)
+    customers, days = customers_and_days(frame, layout)
+    result.metrics = metrics.detection_metrics(result.scores, labels, result.threshold, customers, days)
+    folder = args.report or Path(f"evaluation-{artifact.version}")
+    context = {"model_version": artifact.version, "model_class": artifact.model_class, "data": str(args.data),
+               "alert_rate": artifact.alert_rate, "test_rows": len(frame), "test_frauds": int(labels.sum())}
+    print(f"evaluation report: {write_report(folder, [result], labels, context)}")
+    return 0
+
+
+def score(args: argparse.Namespace, flags: LayoutFlags) -> int:
+    """Write score, flag and (for flagged rows) top features of every row."""
+    artifact = load_artifact(args.model)
+    frame = read_table(args.data)
+    raw = check_features(frame, artifact.feature_names)
+    batch = score_frame(Scorer(artifact, device=args.device), frame)
+    out = pd.DataFrame({"score": batch.scores, "flag": batch.flags})
+    id_column = flags.id_column or _known_id(frame)
+    if id_column:
+        if id_column not in frame.columns:
+            raise InputDataError(f"id column {id_column!r} not found")
+        out.insert(0, id_column, frame[id_column].to_numpy())
+    tops = [""] * len(out)
+    for i in np.flatnonzero(batch.flags):
+        tops[i] = json.dumps(batch.top_features(int(i), raw[i], k=args.top_features))
+    out["top_features"] = tops
+    _write(out, args.output)
+    print(f"{len(out)} rows scored, {int(batch.flags.sum())} flagged, written to {args.output}")
+    return 0
+
+
+def _known_id(frame: pd.DataFrame) -> str | None:
+    for layout in LAYOUTS.values():
+        if layout.id_column and layout.id_column in frame.columns:
+            return layout.id_column
+    return None
+
+
+def _write(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        frame.to_parquet(path, index=False)
+    elif ".csv" in "".join(path.suffixes).lower():
+        frame.to_csv(path, index=False)
+    else:
+        raise InputDataError(f"{path}: unknown output type; use .csv or .parquet")

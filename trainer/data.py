@@ -1,0 +1,115 @@
+"""Read a transactions table, resolve its layout and check every column the trainer uses."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import InputDataError
+from pipeline.features import LAYOUTS, TableLayout, detect_layout
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """A CSV (optionally compressed) or Parquet file as a DataFrame."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(f"{path}: no such file")
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if ".parquet" in suffixes or suffixes.endswith(".pq"):
+            return pd.read_parquet(path)
+        if ".csv" in suffixes:
+            return pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise InputDataError(f"{path}: cannot be read ({err})") from err
+    raise InputDataError(f"{path}: unknown file type; use .csv, .csv.gz or .parquet")
+
+
+@dataclass(frozen=True)
+class LayoutFlags:
+    """Layout choices from the command line; None means: from the named or detected layout."""
+
+    layout: str | None = None
+    features: tuple[str, ...] | None = None
+    label_column: str | None = None
+    time_column: str | None = None
+    id_column: str | None = None
+    customer_column: str | None = None
+    time_unit: str | None = None
+    no_log: bool = False
+
+
+def resolve_layout(columns: list[str], flags: LayoutFlags) -> TableLayout:
+    """The layout named, given by --features, or detected from the columns; flags override it."""
+    if flags.features:
+        base = TableLayout("generic", None, flags.time_column or "", None, None, tuple(flags.features))
+    elif flags.layout:
+        if flags.layout not in LAYOUTS:
+            raise InputDataError(f"unknown layout {flags.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
+        base = LAYOUTS[flags.layout]
+    else:
+        detected = detect_layout(columns)
+        if detected is None:
+            raise InputDataError(
+                "cannot tell the table layout from its columns; pass --layout "
+                f"({', '.join(LAYOUTS)}) or --features a,b,c with --time-column and --label-column"
+            )
+        base = detected
+    changes = {
+        "label_column": flags.label_column, "time_column": flags.time_column, "id_column": flags.id_column,
+        "key_column": flags.customer_column, "time_unit": flags.time_unit,
+    }
+    layout = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    return dataclasses.replace(layout, log_features=()) if flags.no_log else layout
+
+
+def check_features(frame: pd.DataFrame, features: tuple[str, ...]) -> np.ndarray:
+    """The feature columns as float32 (rows, features); InputDataError names a bad column."""
+    for name in features:
+        if name not in frame.columns:
+            shown = ", ".join(map(str, list(frame.columns)[:30]))
+            raise InputDataError(f"column {name!r} not found; the table has: {shown}")
+        column = frame[name]
+        if not (pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column)):
+            example = column.dropna().iloc[0] if column.notna().any() else None
+            raise InputDataError(f"column {name!r} is not numeric (dtype {column.dtype}, e.g. {example!r})")
+        bad = ~np.isfinite(column.to_numpy(dtype=np.float64))
+        if bad.any():
+            raise InputDataError(
+                f"column {name!r} has {int(bad.sum())} missing or infinite values "
+                f"(first at row {int(np.argmax(bad))}); fill or drop them first"
+            )
+    return frame[list(features)].to_numpy(dtype=np.float32)
+
+
+def check_labels(frame: pd.DataFrame, layout: TableLayout) -> np.ndarray | None:
+    """Labels as int8 0/1, or None when the layout has no label column or the table lacks it."""
+    name = layout.label_column
+    if not name or name not in frame.columns:
+        return None
+    values = pd.to_numeric(frame[name], errors="coerce")
+    if values.isna().any() or not values.isin([0, 1]).all():
+        raise InputDataError(f"label column {name!r} must hold only 0 and 1")
+    return values.to_numpy(dtype=np.int8)
+
+
+def event_times(frame: pd.DataFrame, layout: TableLayout) -> pd.Series | None:
+    """Event times as a datetime64 Series, or None when the layout has no time column (row order)."""
+    name = layout.time_column
+    if not name:
+        return None
+    if name not in frame.columns:
+        raise InputDataError(f"time column {name!r} not found; pass --time-column")
+    column = frame[name]
+    try:
+        if pd.api.types.is_datetime64_any_dtype(column):
+            return column
+        if pd.api.types.is_numeric_dtype(column):
+            return pd.to_datetime(column, unit=layout.time_unit)
+        return pd.to_datetime(column)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise InputDataError(f"time column {name!r} cannot be read as times ({err})") from err

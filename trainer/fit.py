@@ -1,0 +1,162 @@
+"""Fit, calibrate, export and evaluate one model version: the work behind ``fraud-train fit``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.artifact import ModelArtifact, load_artifact, publish_current, save_artifact
+from pipeline.errors import InputDataError
+from pipeline.features import TableLayout
+from pipeline.models import DEFAULT_MODEL, ModelConfig, build_model
+from pipeline.preprocess import Preprocessing
+from pipeline.scoring import Scorer, resolve_device, score_frame
+from trainer import calibrate, evaluate
+from trainer.data import check_features, check_labels, event_times
+from trainer.report import write_report
+from trainer.split import Split, SplitSpec, time_split
+from trainer.train import History, TrainConfig, fit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Everything ``fit`` needs besides the table."""
+
+    output: Path
+    model: str = DEFAULT_MODEL
+    model_params: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields except n_features
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitSpec = field(default_factory=SplitSpec)
+    alert_rate: float = calibrate.DEFAULT_ALERT_RATE
+    device: str = "auto"
+    baselines: bool = True
+    publish: bool = True
+
+
+@dataclass
+class FitResult:
+    """The exported version and what was learned on the way."""
+
+    version_dir: Path
+    artifact: ModelArtifact
+    history: History
+    report: Path | None = None
+
+
+def fingerprint(frame: pd.DataFrame, features: tuple[str, ...]) -> str:
+    """sha256 of the training rows' feature values, in order (identifies the training data)."""
+    values = np.ascontiguousarray(frame[list(features)].to_numpy(dtype=np.float32))
+    return hashlib.sha256(values.tobytes()).hexdigest()
+
+
+def _rows(frame: pd.DataFrame, layout: TableLayout, split: Split, labels: np.ndarray | None):
+    """Train rows (normal only when labelled), validation rows and normal validation rows."""
+    normal = np.ones(len(frame), bool) if labels is None else labels == 0
+    train, val = frame[split.train & normal], frame[split.val]
+    if len(train) == 0:
+        raise InputDataError("the training set is empty: no (normal) rows before the validation period; "
+                             "check --start/--val-start or the fractions")
+    if not (split.val & normal).any():
+        raise InputDataError("the validation set has no normal rows; check --val-start/--test-start or fractions")
+    return train, val, frame[split.val & normal]
+
+
+def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> FitResult:
+    """Train on the split's normal rows, calibrate on validation, export, evaluate on test, publish."""
+    features = layout.features
+    check_features(frame, features)
+    labels = check_labels(frame, layout)
+    split = time_split(event_times(frame, layout), options.split, n_rows=len(frame))
+    train, val, val_normal = _rows(frame, layout, split, labels)
+    prep = Preprocessing.fit(check_features(train, features), features, layout.log_features)
+    device = resolve_device(options.device)
+    model = build_model(options.model, ModelConfig(n_features=len(features), **options.model_params))
+    train_x, val_normal_x = prep.transform(train[list(features)].to_numpy()), prep.transform(
+        val_normal[list(features)].to_numpy())
+    history = fit(model, train_x, val_normal_x, options.train, device)
+    fields = _calibration(model, prep, val, val_normal_x, labels is not None and layout.label_column, options, device)
+    fields["training_data"] = {
+        "rows": len(train), "fingerprint_sha256": fingerprint(train, features), "layout": layout.name,
+        "split": vars(options.split), "train_config": vars(options.train),
+    }
+    fields["metrics"]["training"] = {
+        "train_loss": history.train_loss, "val_loss": history.val_loss, "best_epoch": history.best_epoch + 1,
+        "seconds": history.seconds, "peak_rss_mb": evaluate.peak_rss_mb(), "device": str(device),
+    }
+    version_dir = save_artifact(options.output, model.cpu(), fields)
+    artifact = load_artifact(version_dir)
+    result = FitResult(version_dir, artifact, history)
+    if labels is not None and split.test.any():
+        result.report = evaluate_split(artifact, frame, layout, split, labels, options, history, train_x)
+    if options.publish:
+        publish_current(options.output, version_dir)
+    return result
+
+
+def _calibration(model, prep: Preprocessing, val: pd.DataFrame, val_normal_x: np.ndarray, label_column,
+                 options: FitOptions, device: torch.device) -> dict[str, Any]:
+    """Manifest fields computed on validation rows: threshold, explanation, histogram, metrics."""
+    errors = calibrate.feature_errors(model, val_normal_x, device)  # (rows, features)
+    scores = errors.mean(axis=1)
+    threshold = calibrate.threshold_for(scores, options.alert_rate)
+    metrics: dict[str, Any] = {"validation": {"normal_rows": len(scores), "threshold": threshold}}
+    if label_column:
+        all_scores = calibrate.feature_errors(model, prep.transform(val[list(prep.feature_names)].to_numpy()),
+                                              device).mean(axis=1)
+        labelled = calibrate.labelled_calibration(all_scores, val[label_column].to_numpy(), threshold)
+        if labelled is not None:
+            metrics["validation"].update(labelled.to_dict())
+    return {
+        "feature_names": prep.feature_names, "preprocessing": prep, "threshold": threshold,
+        "alert_rate": options.alert_rate, "explanation": calibrate.explanation_stats(errors),
+        "score_histogram": calibrate.score_histogram(scores), "metrics": metrics,
+    }
+
+
+def evaluate_split(artifact: ModelArtifact, frame: pd.DataFrame, layout: TableLayout, split: Split,
+                   labels: np.ndarray, options: FitOptions, history: History | None,
+                   train_x: np.ndarray) -> Path:
+    """Score the test rows with the exported model (via Scorer) and the baselines; write the report."""
+    test = frame[split.test]
+    test_labels = labels[split.test]
+    model_result = score_detector(artifact, test, options.device)
+    model_result.fit_seconds = history.seconds if history else float("nan")
+    model_result.peak_rss_mb = evaluate.peak_rss_mb()
+    results = [model_result]
+    if options.baselines:
+        prep = artifact.preprocessing
+        val_normal = frame[split.val & (labels == 0)]
+        results += evaluate.run_baselines(train_x, prep.transform(val_normal[list(layout.features)].to_numpy()),
+                                          prep.transform(test[list(layout.features)].to_numpy()),
+                                          artifact.alert_rate, options.train.seed)
+    customers, days = customers_and_days(test, layout)
+    for r in results:
+        r.metrics = evaluate.detection_metrics(r.scores, test_labels, r.threshold, customers, days)
+    context = {"model_version": artifact.version, "model_class": artifact.model_class, "layout": layout.name,
+               "alert_rate": artifact.alert_rate, "test_rows": len(test), "test_frauds": int(test_labels.sum())}
+    return write_report(artifact.path, results, test_labels, context, history)
+
+
+def score_detector(artifact: ModelArtifact, rows: pd.DataFrame, device: str) -> evaluate.DetectorResult:
+    """The exported model's scores on rows, through the same Scorer the worker uses."""
+    batch = score_frame(Scorer(artifact, device=device), rows)
+    return evaluate.DetectorResult(artifact.model_class, batch.scores, artifact.threshold)
+
+
+def customers_and_days(rows: pd.DataFrame, layout: TableLayout) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Customer ids and calendar days of rows, when the layout has both."""
+    if not layout.key_column or layout.key_column not in rows.columns:
+        return None, None
+    times = event_times(rows, layout)
+    if times is None:
+        return None, None
+    return rows[layout.key_column].to_numpy(), times.dt.floor("D").to_numpy()
