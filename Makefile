@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 tools:
 	@deploy/install-tools.sh
 
-demo: $(STAMP)
+demo: $(STAMP) tools
 	$(BIN)/python -m deploy.demo
 
 test: $(STAMP) tools

@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 
 import orjson
+import pandas as pd
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "demo"
@@ -66,9 +67,12 @@ def run(argv: list[str] | None = None) -> int:
         if not env.get("FRAUD_BOOTSTRAP_SERVERS"):
             from deploy.kafka import LocalKafka
 
-            say("starting a local Apache Kafka (first run resolves its jars from Maven Central)")
-            started_kafka = LocalKafka()
-            env["FRAUD_BOOTSTRAP_SERVERS"] = started_kafka.start().bootstrap_servers
+            kafka = LocalKafka()
+            running = kafka.state()
+            if running is None:
+                say("starting a local Apache Kafka (first run resolves its jars from Maven Central)")
+                started_kafka = kafka
+            env["FRAUD_BOOTSTRAP_SERVERS"] = (running or kafka.start()).bootstrap_servers
         run_id = uuid.uuid4().hex[:6]
         env.update(FRAUD_INPUT_TOPIC=f"demo-transactions-{run_id}", FRAUD_ALERTS_TOPIC=f"demo-alerts-{run_id}",
                    FRAUD_DEAD_LETTER_TOPIC=f"demo-dlq-{run_id}")
@@ -85,7 +89,7 @@ def run(argv: list[str] | None = None) -> int:
 
         models = RUNS / "models"
         say("training the autoencoder on the normal transactions of the history (April is feature warm-up)")
-        cli("trainer", "fit", "--data", str(history), "--output", str(models), "--skip-days", "30",
+        cli("trainer", "fit", "--data", str(history), "--output", str(models), "--start", "2018-05-01",
             "--seed", str(args.seed), env=env)
 
         port = free_port()
@@ -99,9 +103,10 @@ def run(argv: list[str] | None = None) -> int:
         say(f"streaming {args.live_days} live days at {args.rate:.0f} tx/s (labels stay with the simulator)")
         started = time.monotonic()
         cli("producer", "replay", str(live), "--rate", str(args.rate), "--drop-label", env=env)
-        metrics = scrape(port)
-        out, _ = worker.communicate(timeout=300)
+        streamed = len(pd.read_parquet(live, columns=["TRANSACTION_ID"]))
+        metrics = wait_until_scored(port, streamed)
         elapsed = time.monotonic() - started
+        out, _ = worker.communicate(timeout=300)
         worker = None
         print(out.strip())
         summarize(live, env, metrics, elapsed, port)
@@ -119,28 +124,46 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def scrape(port: int) -> dict[str, float]:
-    """The worker's metrics as name -> value (waits until the stream has been scored)."""
-    samples: dict[str, float] = {}
-    for _ in range(600):
-        try:
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-        except OSError:
-            break
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        if samples.get("fraud_consumer_lag{", 1) == 0 or (all(
-                v == 0 for k, v in samples.items() if k.startswith("fraud_consumer_lag{")) and samples.get(
-                "fraud_batches_total", 0) > 0):
-            break
-        time.sleep(0.5)
+    """The worker's metrics as name -> value; empty when it does not answer."""
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
     return samples
 
 
+def wait_until_scored(port: int, expected: int, timeout_s: float = 300) -> dict[str, float]:
+    """Poll /metrics until every streamed transaction was scored or dead-lettered."""
+    deadline = time.monotonic() + timeout_s
+    samples: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        samples = scrape(port) or samples
+        done = sum(samples.get(f'fraud_transactions_total{{outcome="{o}"}}', 0) for o in ("scored", "invalid"))
+        if done >= expected:
+            break
+        time.sleep(0.2)
+    return samples
+
+
+def bucket_quantile(samples: dict[str, float], name: str, q: float) -> str:
+    """Upper bound of the histogram bucket holding quantile ``q`` ("?" without data)."""
+    buckets = sorted(
+        (float(key.split('le="')[1].rstrip('"}')), count)
+        for key, count in samples.items() if key.startswith(f"{name}_bucket{{")
+    )
+    total = buckets[-1][1] if buckets else 0
+    for bound, count in buckets:
+        if total and count >= q * total:
+            return f"{bound:g}"
+    return "?"
+
+
 def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapsed: float, port: int) -> None:
-    import pandas as pd
     from kafka import KafkaConsumer
 
     truth = pd.read_parquet(live, columns=["TRANSACTION_ID", "TX_FRAUD"])
@@ -159,8 +182,12 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     print(f"  alerts that are frauds    {len(caught) / max(1, len(alerted)):>10.1%}  (precision)")
     print(f"  frauds caught             {len(caught) / max(1, len(frauds)):>10.1%}  "
           f"({len(caught)} of {len(frauds)}; recall)")
-    print(f"  wall time, stream start to last commit  {elapsed:.1f}s "
-          f"({len(truth) / elapsed:,.0f} tx/s; the stream was paced)")
+    invalid = metrics.get('fraud_transactions_total{outcome="invalid"}', 0)
+    print(f"  dead letters              {invalid:>10,.0f}")
+    print(f"  stream start to last commit {elapsed:>8.1f}s  (input paced; the worker kept up at "
+          f"{len(truth) / elapsed:,.0f} tx/s)")
+    p50, p99 = (bucket_quantile(metrics, "fraud_end_to_end_latency_seconds", q) for q in (0.5, 0.99))
+    print(f"  end-to-end latency        p50 <= {p50}s, p99 <= {p99}s  (histogram bucket bounds)")
     print(f"  metrics were at           http://127.0.0.1:{port}/metrics (the worker has stopped)")
     print(f"  model and report          {RUNS / 'models' / 'current'}")
 

@@ -24,6 +24,7 @@ import orjson
 
 from pipeline.schema import ID_FIELD, TIME_FIELD, RecordError, Transaction, format_event_time
 
+FLOAT32_MAX = 3.4028234663852886e38
 
 def alert_value(
     tx: Transaction,
@@ -40,7 +41,7 @@ def alert_value(
     return orjson.dumps({
         "transaction_id": tx.transaction_id,
         "event_time": format_event_time(tx.event_time_ms),
-        "score": float(score),
+        "score": min(float(score), FLOAT32_MAX),  # an overflowing error is still a number
         "threshold": float(threshold),
         "model_version": model_version,
         "scored_at": format_event_time(scored_at_ms),

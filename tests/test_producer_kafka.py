@@ -74,3 +74,16 @@ def test_bad_file_and_flags_stop_with_a_message(tmp_path: Path, kafka_env: dict[
     env = {**kafka_env, "FRAUD_REQUEST_TIMEOUT_MS": "soon"}
     done = run_cli("producer", "replay", str(path), "--time-column", "a", env=env, check=False)
     assert done.returncode == 2 and "FRAUD_REQUEST_TIMEOUT_MS" in done.stderr
+
+
+def test_simulate_streams_the_simulators_rows(kafka_settings: KafkaSettings, kafka_env: dict[str, str],
+                                              kcat: str) -> None:
+    from producer.simulator import SimulatorConfig, simulate
+
+    args = ["--customers", "60", "--terminals", "120", "--days", "12", "--seed", "3", "--from-day", "5"]
+    done = run_cli("producer", "simulate", *args, env=kafka_env)
+    frame = simulate(SimulatorConfig(n_customers=60, n_terminals=120, n_days=12, seed=3))
+    frame = frame[frame["TX_TIME_DAYS"] >= 5]
+    assert f"{len(frame)} acknowledged, 0 failed" in done.stdout
+    messages = kcat_read(kcat, kafka_settings.bootstrap_servers, kafka_settings.input_topic)
+    assert_handbook_intact(messages, frame, drop_label=False)

@@ -1,0 +1,153 @@
+"""Worker logic without a broker: batch decoding, alert and dead-letter shape, retries, metrics."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from kafka.errors import KafkaTimeoutError
+from prometheus_client import CollectorRegistry, Histogram
+
+from pipeline.alerts import alert_value, dead_letter_headers
+from pipeline.artifact import load_artifact
+from pipeline.batch import decode_batch
+from pipeline.config import KafkaSettings, WorkerSettings
+from pipeline.metrics import WorkerMetrics, observe_many
+from pipeline.schema import RecordError, Transaction, encode
+from pipeline.scoring import Scorer
+from pipeline.worker import Output, StopWithoutCommit, Worker
+
+
+@dataclass
+class Record:
+    value: bytes | None
+    offset: int = 0
+    topic: str = "tx"
+    partition: int = 0
+    key: bytes | None = b"k"
+    headers: list = field(default_factory=list)
+
+
+def good(i: int, amount: float = 10.0) -> bytes:
+    return encode({"transaction_id": f"t{i}", "event_time": 1_600_000_000_000 + i, "a": amount, "b": i, "c": "x"})
+
+
+def test_decode_batch_keeps_order_and_separates_bad_records() -> None:
+    records = [Record(good(0)), Record(b"nope", 1), Record(good(2, 5.5), 2),
+               Record(encode({"transaction_id": "t3", "event_time": 1_600_000_000_000, "a": 1}), 3)]
+    batch = decode_batch(records, ["a", "b"], max_bytes=1000)
+    assert [tx.transaction_id for _, tx in batch.good] == ["t0", "t2"]
+    assert batch.matrix.tolist() == [[10.0, 0.0], [5.5, 2.0]]
+    assert batch.matrix.dtype == np.float32
+    assert [(r.offset, e.reason, e.field) for r, e in batch.bad] == [(1, "not_json", None),
+                                                                     (3, "missing_feature", "b")]
+    assert batch.event_times_ms.tolist() == [1_600_000_000_000, 1_600_000_000_002]
+
+
+def test_observe_many_matches_observe() -> None:
+    values = np.random.default_rng(0).exponential(size=500)
+    values[:3] = [0.1, 1.0, 100.0]  # exactly on bucket bounds
+    one, many = (Histogram("h", "h", buckets=(0.1, 0.5, 1.0, 2.0), registry=CollectorRegistry()) for _ in range(2))
+    for v in values:
+        one.observe(float(v))
+    observe_many(many, values)
+    samples = [{s.name + str(s.labels): s.value for s in h.collect()[0].samples if not s.name.endswith("created")}
+               for h in (one, many)]
+    assert samples[0].keys() == samples[1].keys()
+    for key, value in samples[0].items():
+        assert samples[1][key] == pytest.approx(value)
+
+
+def test_alert_carries_explanation_and_passthrough_fields() -> None:
+    tx = Transaction("t9", 1_522_540_831_000, {"transaction_id": "t9", "event_time": "x", "a": 1.0, "CUSTOMER_ID": 4})
+    top = [{"name": "a", "value": 1.0, "reconstruction": 0.2, "z": 7.5}]
+    alert = orjson.loads(alert_value(tx, 2.5, 1.0, "v1", 1_522_540_832_000, top, frozenset({"a"})))
+    assert alert == {"transaction_id": "t9", "event_time": "2018-04-01T00:00:31.000Z", "score": 2.5,
+                     "threshold": 1.0, "model_version": "v1", "scored_at": "2018-04-01T00:00:32.000Z",
+                     "top_features": top, "fields": {"CUSTOMER_ID": 4}}
+
+
+def test_dead_letter_headers_name_error_and_source() -> None:
+    record = Record(b"{", offset=41, partition=2, headers=[("trace", b"abc")])
+    headers = dict(dead_letter_headers(record, RecordError("bad_type", "a", "must be a number"), "w1", 0))
+    assert headers["trace"] == b"abc"
+    assert headers["dlq.error.reason"] == b"bad_type" and headers["dlq.error.field"] == b"a"
+    assert headers["dlq.source.partition"] == b"2" and headers["dlq.source.offset"] == b"41"
+    assert b"must be a number" in headers["dlq.error.message"]
+
+
+class FlakyProducer:
+    """Fails the first ``failures`` sends, then acknowledges everything."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.sent = failures, []
+
+    def send(self, topic, key=None, value=None, headers=None):  # noqa: ANN001, ANN201
+        if self.failures > 0:
+            self.failures -= 1
+            raise KafkaTimeoutError("broker away")
+        self.sent.append((topic, key, value))
+        return _Done()
+
+
+class _Done:
+    def get(self, timeout=None):  # noqa: ANN001, ANN201
+        return None
+
+
+@pytest.fixture
+def worker(model_dir: Path) -> Worker:
+    kafka = KafkaSettings.build(environ={})
+    settings = WorkerSettings.build(environ={}, overrides={"max_retry_backoff_s": 0.01, "device": "cpu"})
+    scorer = Scorer(load_artifact(model_dir), device="cpu")
+    return Worker(kafka, settings, scorer, WorkerMetrics(CollectorRegistry()))
+
+
+def test_publish_retries_until_acknowledged(worker: Worker) -> None:
+    worker.producer = FlakyProducer(failures=3)  # type: ignore[assignment]
+    outputs = [Output("alerts", b"k", b"v1"), Output("alerts", b"k", b"v2")]
+    worker._publish(outputs)
+    assert sorted(v for _, _, v in worker.producer.sent) == [b"v1", b"v2"]  # type: ignore[attr-defined]
+    assert worker.metrics.errors.labels("publish_failed")._value.get() == 2
+
+
+def test_stop_during_outage_leaves_without_commit(worker: Worker) -> None:
+    worker.producer = FlakyProducer(failures=10**9)  # type: ignore[assignment]
+    worker.stop.set()
+    with pytest.raises(StopWithoutCommit):
+        worker._publish([Output("alerts", b"k", b"v")])
+
+
+def test_process_commits_only_after_publishing(worker: Worker) -> None:
+    events: list[str] = []
+
+    class Producer(FlakyProducer):
+        def send(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+            events.append("send")
+            return super().send(*a, **k)
+
+    class Consumer:
+        def commit(self, offsets):  # noqa: ANN001, ANN202
+            events.append("commit")
+            self.offsets = offsets
+
+    worker.producer, worker.consumer = Producer(0), Consumer()  # type: ignore[assignment]
+    names = worker.scorer.artifact.feature_names
+    bad = Record(b"not json", offset=7)
+    huge = {"transaction_id": "x", "event_time": 1_600_000_000_000, **{n: 1e30 for n in names}}
+    worker.process([bad, Record(encode(huge), offset=8)])
+    assert events[-1] == "commit" and "send" in events
+    (tp, meta), = worker.consumer.offsets.items()  # type: ignore[attr-defined]
+    assert (tp.partition, meta.offset) == (0, 9)
+    assert worker.stats.invalid == 1 and worker.stats.scored == 1 and worker.stats.alerts == 1
+    (value,) = [v for topic, _, v in worker.producer.sent if topic == worker.kafka.alerts_topic]  # type: ignore
+    alert = orjson.loads(value)
+    assert alert["transaction_id"] == "x" and alert["score"] > alert["threshold"]  # finite, not null
+
+
+def test_stop_event_is_a_threading_event(worker: Worker) -> None:
+    assert isinstance(worker.stop, threading.Event)
