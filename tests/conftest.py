@@ -24,6 +24,7 @@ KAFKA_IMAGE = "apache/kafka:4.3.1"
 REPO = Path(__file__).resolve().parent.parent
 
 logging.getLogger("kafka").setLevel(logging.ERROR)
+LOCAL_BROKER_PID: int | None = None  # set when the session broker is the project's local process
 
 
 def docker_available() -> str | None:
@@ -58,8 +59,10 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if shared_libs.exists():  # reuse jars resolved by an earlier run or `make demo`
         shutil.copytree(shared_libs, home / "libs", symlinks=True)
     broker = LocalKafka(home)
+    global LOCAL_BROKER_PID
     try:
         state = broker.start()
+        LOCAL_BROKER_PID = state.pid
     except LocalKafkaError as err:
         pytest.fail(f"no Kafka broker for integration tests: set KAFKA_BOOTSTRAP_SERVERS, "
                     f"start Docker, or fix the local broker: {err}")
@@ -67,6 +70,15 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield state.bootstrap_servers
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def broker_pid(kafka_bootstrap: str) -> int:
+    """Process id of the session broker, for tests that pause it; skipped for external brokers."""
+    if LOCAL_BROKER_PID is None:
+        pytest.skip("the session broker is not a local process this test can pause "
+                    "(KAFKA_BOOTSTRAP_SERVERS or testcontainers)")
+    return LOCAL_BROKER_PID
 
 
 @pytest.fixture

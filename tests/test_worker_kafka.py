@@ -240,3 +240,30 @@ def test_bad_model_dir_is_refused_at_start(kafka_env: dict, tmp_path: Path) -> N
     assert "error:" in done.stderr and "Traceback" not in done.stderr
     assert os.fspath(tmp_path) in done.stderr or "manifest" in done.stderr
     time.sleep(0)
+
+
+def test_broker_outage_mid_stream_loses_nothing(kafka_settings: KafkaSettings, kafka_env: dict, model_dir: Path,
+                                                stream_frame: pd.DataFrame, broker_pid: int) -> None:
+    """The broker freezes (SIGSTOP) for longer than the request timeout while the worker scores."""
+    frame = stream_frame.iloc[:6000]
+    produce_frame(kafka_settings, frame)
+    group = f"g7-{kafka_settings.client_id}"
+    env = {**kafka_env, "FRAUD_METRICS_PORT": "0", "FRAUD_REQUEST_TIMEOUT_MS": "3000",
+           "FRAUD_MAX_RETRY_BACKOFF_S": "1"}
+    cmd = _worker_cmd(model_dir, group, "--max-batch", "100", "--max-wait-ms", "10", "--exit-when-idle", "6")
+    worker = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: len(read_topic(kafka_settings, kafka_settings.alerts_topic, timeout_s=2)) > 0,
+                        timeout_s=90), "the worker produced no alert"
+        os.kill(broker_pid, signal.SIGSTOP)
+        time.sleep(8)
+    finally:
+        os.kill(broker_pid, signal.SIGCONT)
+    out, _ = worker.communicate(timeout=240)
+    assert worker.returncode == 0, out
+    # The outage was felt (client timeouts, or the worker's own retries) and survived.
+    felt = ("RequestTimedOutError", "outputs not acknowledged", "commit failed", "commit refused after a rebalance")
+    assert any(message in out for message in felt), out[-3000:]
+    assert wait_for(lambda: committed_to_end(kafka_settings, group), timeout_s=60)
+    alerts = set(alert_ids(read_topic(kafka_settings, kafka_settings.alerts_topic)))
+    assert alerts == offline_flags(model_dir, frame)  # duplicates allowed (at-least-once), losses not

@@ -1,0 +1,155 @@
+"""Model versions on disk: exact round trip, atomic publishing, and refusal of anything altered."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.artifact import (
+    CURRENT,
+    MANIFEST,
+    WEIGHTS,
+    Explanation,
+    ScoreHistogram,
+    content_hash,
+    load_artifact,
+    publish_current,
+    save_artifact,
+)
+from pipeline.errors import ModelArtifactError
+from pipeline.models import ModelConfig, build_model
+from pipeline.preprocess import Preprocessing
+from pipeline.scoring import Scorer
+
+NAMES = ("amount", "count", "flag")
+
+
+def export(root: Path, model_name: str = "autoencoder", seed: int = 0) -> Path:
+    """A small untrained model version with real preprocessing and calibration fields."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = np.column_stack([rng.lognormal(3, 1, 500), rng.poisson(4, 500), rng.integers(0, 2, 500)]).astype(np.float32)
+    model = build_model(model_name, ModelConfig(n_features=3, hidden=(8,), bottleneck=2, memory_slots=10,
+                                                shrink_threshold=0.2))
+    fields = {
+        "feature_names": NAMES, "preprocessing": Preprocessing.fit(x, NAMES, log_features=("amount",)),
+        "threshold": 1.5, "alert_rate": 0.01,
+        "explanation": Explanation(np.array([0.5, 1.0, 2.0], np.float32), np.array([1.0, 0.5, 0.25], np.float32)),
+        "score_histogram": ScoreHistogram(np.array([0.0, 0.5, 1.0, 3.0]), np.array([10, 5, 1])),
+        "training_data": {"rows": 500, "fingerprint_sha256": "ab" * 32}, "metrics": {"auc": float("nan")},
+    }
+    return save_artifact(root, model, fields)
+
+
+@pytest.fixture
+def version(tmp_path: Path) -> Path:
+    return export(tmp_path)
+
+
+def rewrite_manifest(version: Path, change, rehash: bool = False) -> None:
+    """Edit the manifest in place (optionally recomputing the hash, as a careless tool might)."""
+    manifest = json.loads((version / MANIFEST).read_text())
+    change(manifest)
+    if rehash:
+        manifest["content_hash"] = content_hash((version / WEIGHTS).read_bytes(), manifest)
+    (version / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_round_trip_is_exact(version: Path) -> None:
+    artifact = load_artifact(version)
+    assert artifact.path == version
+    assert artifact.feature_names == NAMES
+    assert artifact.threshold == 1.5 and artifact.alert_rate == 0.01
+    assert artifact.preprocessing.log_features == ("amount",)
+    np.testing.assert_array_equal(artifact.explanation.stds, [1.0, 0.5, 0.25])
+    np.testing.assert_array_equal(artifact.score_histogram.counts, [10, 5, 1])
+    assert artifact.manifest["metrics"] == {"auc": None}  # NaN is stored as null, JSON stays strict
+    assert artifact.manifest["created_utc"].endswith("+00:00")
+    model = artifact.build_model()
+    assert not model.training
+    raw = np.array([[20.0, 3, 1], [5000.0, 40, 0]], np.float32)
+    first = Scorer(artifact, device="cpu").score(raw).scores
+    np.testing.assert_array_equal(first, Scorer(load_artifact(version), device="cpu").score(raw).scores)
+
+
+def test_preprocessing_round_trips_through_json(version: Path) -> None:
+    prep = load_artifact(version).preprocessing
+    again = Preprocessing.from_dict(json.loads(json.dumps(prep.to_dict())))
+    np.testing.assert_array_equal(again.mean, prep.mean)
+    np.testing.assert_array_equal(again.std, prep.std)
+    raw = np.array([[0.0, 0.0, 0.0], [123.4, 7.0, 1.0]], np.float32)
+    np.testing.assert_allclose(prep.inverse_transform(prep.transform(raw)), raw, rtol=1e-5, atol=1e-4)
+
+
+def test_constant_feature_is_not_divided_by_zero() -> None:
+    prep = Preprocessing.fit(np.array([[1.0, 5.0], [2.0, 5.0]], np.float32), ("a", "b"))
+    assert prep.std[1] == 1.0
+    assert np.all(np.isfinite(prep.transform(np.array([[1.5, 9.0]], np.float32))))
+
+
+def test_publish_current_switches_atomically(tmp_path: Path) -> None:
+    first, second = export(tmp_path, seed=1), export(tmp_path, seed=2)
+    publish_current(tmp_path, first)
+    assert load_artifact(tmp_path).version == first.name
+    publish_current(tmp_path, second)
+    assert (tmp_path / CURRENT).is_symlink() and os.readlink(tmp_path / CURRENT) == second.name
+    assert load_artifact(tmp_path).version == second.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name, CURRENT])  # no temp left
+
+
+def test_tampered_weights_are_refused(version: Path) -> None:
+    data = bytearray((version / WEIGHTS).read_bytes())
+    data[-1] ^= 0x01
+    (version / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(ModelArtifactError, match="content hash mismatch"):
+        load_artifact(version)
+
+
+def test_tampered_manifest_is_refused(version: Path) -> None:
+    rewrite_manifest(version, lambda m: m.update(threshold=99.0))
+    with pytest.raises(ModelArtifactError, match="content hash mismatch: weights or manifest were modified"):
+        load_artifact(version)
+
+
+def test_missing_key_is_named(version: Path) -> None:
+    rewrite_manifest(version, lambda m: m.pop("threshold"))
+    with pytest.raises(ModelArtifactError, match=r"manifest.json: missing key 'threshold'"):
+        load_artifact(version)
+
+
+def test_wrong_type_and_format_version_are_refused(version: Path) -> None:
+    rewrite_manifest(version, lambda m: m.update(threshold="high"), rehash=True)
+    with pytest.raises(ModelArtifactError, match="key 'threshold' has type str"):
+        load_artifact(version)
+    rewrite_manifest(version, lambda m: m.update(format_version=99), rehash=True)
+    with pytest.raises(ModelArtifactError, match="format_version 99 is not supported"):
+        load_artifact(version)
+
+
+def test_feature_count_must_match_weights(version: Path) -> None:
+    def drop_feature(m: dict) -> None:
+        m["feature_names"] = m["feature_names"][:2]
+        m["hyperparameters"]["n_features"] = 2
+
+    rewrite_manifest(version, drop_feature, rehash=True)
+    with pytest.raises(ModelArtifactError, match=r"inconsistent with weights\.safetensors"):
+        load_artifact(version)
+
+
+def test_missing_folder_or_weights_is_explained(tmp_path: Path, version: Path) -> None:
+    with pytest.raises(ModelArtifactError, match="model root with a `current` link"):
+        load_artifact(tmp_path / "nowhere")
+    (version / WEIGHTS).unlink()
+    with pytest.raises(ModelArtifactError, match=r"weights\.safetensors is missing"):
+        load_artifact(version)
+
+
+def test_memae_exports_too(tmp_path: Path) -> None:
+    artifact = load_artifact(export(tmp_path, model_name="memae"))
+    assert artifact.model_class == "memae"
+    assert "memory" in artifact.state_dict
