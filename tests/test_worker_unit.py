@@ -86,7 +86,7 @@ class FlakyProducer:
     def __init__(self, failures: int) -> None:
         self.failures, self.sent = failures, []
 
-    def send(self, topic, key=None, value=None, headers=None):  # noqa: ANN001, ANN201
+    def send(self, topic, key=None, value=None, headers=None):
         if self.failures > 0:
             self.failures -= 1
             raise KafkaTimeoutError("broker away")
@@ -95,7 +95,7 @@ class FlakyProducer:
 
 
 class _Done:
-    def get(self, timeout=None):  # noqa: ANN001, ANN201
+    def get(self, timeout=None):
         return None
 
 
@@ -126,12 +126,12 @@ def test_process_commits_only_after_publishing(worker: Worker) -> None:
     events: list[str] = []
 
     class Producer(FlakyProducer):
-        def send(self, *a, **k):  # noqa: ANN002, ANN003, ANN202
+        def send(self, *a, **k):
             events.append("send")
             return super().send(*a, **k)
 
     class Consumer:
-        def commit(self, offsets):  # noqa: ANN001, ANN202
+        def commit(self, offsets):
             events.append("commit")
             self.offsets = offsets
 
