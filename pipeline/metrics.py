@@ -16,6 +16,10 @@ Series (all prefixed ``fraud_``), as the dashboards and alerting rules in
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
+from typing import Any
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
@@ -23,6 +27,9 @@ SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 SCORE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 1000.0)
+DEAD_LETTER_REASONS = ("empty", "oversized", "not_json", "not_object", "missing_field", "bad_type", "bad_time",
+                       "missing_feature", "not_finite")
+ERROR_KINDS = ("publish_failed", "commit_retry", "commit_failed", "model_watch")
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 100.0)
 
 
@@ -69,6 +76,16 @@ class WorkerMetrics:
             self.transactions.labels(outcome)
         for result in ("ok", "refused"):
             self.reloads.labels(result)
+        for reason in DEAD_LETTER_REASONS:  # series exist (at 0) before the first event
+            self.dead_letters.labels(reason)
+        for kind in ERROR_KINDS:
+            self.errors.labels(kind)
+
+    def forget_partitions(self, partitions: Iterable[Any]) -> None:
+        """Drop the lag series of partitions this worker no longer owns."""
+        for tp in partitions:
+            with contextlib.suppress(KeyError):
+                self.lag.remove(tp.topic, str(tp.partition))
 
 
 def observe_many(histogram: Histogram, values: np.ndarray) -> None:

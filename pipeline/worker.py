@@ -326,6 +326,7 @@ class _FinishOnRevoke(AsyncConsumerRebalanceListener):
         self.worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.worker.metrics.forget_partitions(revoked)
         if not self.worker._pending:
             return
         log.info("partitions %s revoked: finishing the batch in hand", sorted(revoked))
@@ -348,6 +349,7 @@ class _FinishOnRevoke(AsyncConsumerRebalanceListener):
         log.info("partitions assigned: %s", sorted(assigned))
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self.worker.metrics.forget_partitions(lost)
         self.worker._pending = [r for r in self.worker._pending
                                 if TopicPartition(r.topic, r.partition) not in lost]
         log.warning("partitions %s lost: their uncommitted records will be re-scored", sorted(lost))

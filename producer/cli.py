@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--limit", type=int, default=None, help="send at most this many rows")
     stream.add_argument("--drop-label", action="store_true",
                         help="leave the label columns (fraud flag, scenario) out of the stream")
+    stream.add_argument("--restamp", action="store_true",
+                        help="set event_time to the send time (live traffic, real latency); the table's "
+                             "own time travels as source_event_time")
     stream.add_argument("--partitions", type=int, default=3,
                         help="partitions of the input topic when it has to be created")
     stream.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -96,7 +99,8 @@ def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings,
     producer = make_producer(settings)
     try:
         report = send_records(
-            iter_records(frame, spec, drop_label=args.drop_label), settings.input_topic,
+            iter_records(frame, spec, drop_label=args.drop_label,
+                         restamp_rate=args.rate if args.restamp else None), settings.input_topic,
             producer, rate=args.rate, total=len(frame), progress=args.progress,
         )
     finally:

@@ -8,7 +8,8 @@ orjson, whose floats are the shortest text that reads back exactly.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,17 +148,35 @@ def iter_records(
     *,
     drop_label: bool = False,
     chunk_rows: int = 20_000,
+    restamp_rate: float | None = None,
+    clock: Callable[[], float] = time.time,
 ) -> Iterator[tuple[bytes | None, bytes]]:
-    """Yield ``(key, value)`` message bytes for every row, in table order."""
+    """Yield ``(key, value)`` message bytes for every row, in table order.
+
+    With ``restamp_rate`` (tx/s, 0 = unpaced) each record's ``event_time`` becomes the time it
+    is due to be sent, so latency measured downstream is real; the table's own time travels as
+    ``source_event_time``. Chunks are then small, so stamps are taken just before sending.
+    """
     times = event_times_ms(frame, spec)
     drop = [spec.time_column, *(spec.label_columns if drop_label else ())]
     body = frame.drop(columns=[c for c in drop if c in frame.columns])
+    if restamp_rate is not None:
+        chunk_rows = min(chunk_rows, 256)
     for start in range(0, len(frame), chunk_rows):
         chunk = body.iloc[start : start + chunk_rows]
-        lines = _chunk_json(chunk, spec, times[start : start + chunk_rows], start)
+        chunk_times = times[start : start + chunk_rows]
+        if restamp_rate is not None:
+            chunk = chunk.assign(source_event_time=_rfc3339(chunk_times))
+            spacing_ms = 1000.0 / restamp_rate if restamp_rate > 0 else 0.0
+            chunk_times = int(clock() * 1000) + np.round(np.arange(len(chunk)) * spacing_ms).astype(np.int64)
+        lines = _chunk_json(chunk, spec, chunk_times, start)
         keys = _chunk_keys(chunk, spec)
         for i, line in enumerate(lines):
             yield (keys[i] if keys is not None else None), line
+
+
+def _rfc3339(times_ms: np.ndarray) -> list[str]:
+    return (np.datetime_as_string(times_ms.astype("datetime64[ms]"), unit="ms") + "Z").tolist()
 
 
 def _chunk_json(chunk: pd.DataFrame, spec: ReplaySpec, times: np.ndarray, offset: int) -> list[bytes]:
@@ -165,7 +184,7 @@ def _chunk_json(chunk: pd.DataFrame, spec: ReplaySpec, times: np.ndarray, offset
         ids = chunk[spec.id_column].astype(str).tolist()
     else:
         ids = [str(offset + i) for i in range(len(chunk))]
-    stamps = (np.datetime_as_string(times.astype("datetime64[ms]"), unit="ms") + "Z").tolist()
+    stamps = _rfc3339(times)
     rest = chunk.drop(columns=[spec.id_column] if spec.id_column else [])
     names = [ID_FIELD, TIME_FIELD, *map(str, rest.columns)]
     columns = [ids, stamps, *(_json_ready(rest[name]) for name in rest.columns)]

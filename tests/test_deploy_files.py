@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from prometheus_client import CollectorRegistry
 
 from pipeline.metrics import WorkerMetrics
@@ -35,112 +36,7 @@ VARIABLE = re.compile(r"(?<!\$)\$\{(\w+)(?::?-([^}]*))?\}")  # ${VAR}, ${VAR:-de
 PROMETHEUS_SERIES = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}
 
 
-# -- YAML -------------------------------------------------------------------------------------
-def _mini_yaml(text: str) -> Any:
-    """The YAML subset the deploy files use: block maps and lists, quoted and plain scalars,
-    flow lists, `|`/`>` block scalars. A stand-in while PyYAML is not a test dependency."""
-    lines = text.split("\n")
-
-    def strip_comment(s: str) -> str:
-        quote = None
-        for i, ch in enumerate(s):
-            if quote:
-                quote = None if ch == quote else quote
-            elif ch in "\"'":
-                quote = ch
-            elif ch == "#" and (i == 0 or s[i - 1] in " \t"):
-                return s[:i].rstrip()
-        return s.rstrip()
-
-    def scalar(s: str) -> Any:
-        s = s.strip()
-        if s.startswith("[") and s.endswith("]"):
-            inner = s[1:-1].strip()
-            return [scalar(p) for p in re.findall(r'"(?:[^"\\]|\\.)*"|\'[^\']*\'|[^,]+', inner)] if inner else []
-        if len(s) >= 2 and s[0] == s[-1] == '"':
-            return json.loads(s)
-        if len(s) >= 2 and s[0] == s[-1] == "'":
-            return s[1:-1].replace("''", "'")
-        return {"true": True, "false": False, "null": None, "~": None, "": None}.get(s, s)
-
-    def split_key(s: str) -> tuple[str, str] | None:
-        if s[:1] in "\"'":
-            end = s.index(s[0], 1)
-            key, rest = s[1:end], s[end + 1 :]
-            return (key, rest[1:].strip()) if rest.startswith(":") else None
-        m = re.match(r"^([^\s:\"'][^:]*?):(?:\s+(.*))?$", s)
-        return (m.group(1), (m.group(2) or "").strip()) if m else None
-
-    def indent_of(i: int) -> int:
-        return len(lines[i]) - len(lines[i].lstrip(" "))
-
-    def next_content(i: int) -> int:
-        while i < len(lines) and not strip_comment(lines[i]).strip():
-            i += 1
-        return i
-
-    def block_scalar(i: int, parent: int, style: str) -> tuple[str, int]:
-        body: list[str] = []
-        while i < len(lines) and (not lines[i].strip() or indent_of(i) > parent):
-            body.append(lines[i])
-            i += 1
-        while body and not body[-1].strip():
-            body.pop()
-        cut = min((len(b) - len(b.lstrip(" ")) for b in body if b.strip()), default=0)
-        body = [b[cut:] for b in body]
-        out = "\n".join(body) if style[0] == "|" else " ".join(b.strip() for b in body if b.strip())
-        return (out if style.endswith("-") else out + "\n"), i
-
-    def value_after(rest: str, i: int, indent: int) -> tuple[Any, int]:
-        if rest in ("|", "|-", ">", ">-"):
-            return block_scalar(i, indent, rest)
-        if rest:
-            return scalar(rest), i
-        j = next_content(i)
-        if j < len(lines) and (indent_of(j) > indent or
-                               (indent_of(j) == indent and lines[j].strip().startswith("- "))):
-            return parse(j, indent_of(j))
-        return None, i
-
-    def parse(i: int, indent: int, first: str | None = None) -> tuple[Any, int]:
-        i = next_content(i)
-        text = first if first is not None else strip_comment(lines[i]).strip()
-        if text.startswith("- ") or text == "-":
-            items: list[Any] = []
-            while i < len(lines) and indent_of(i) == indent and strip_comment(lines[i]).strip().startswith("-"):
-                rest = strip_comment(lines[i]).strip()[1:].strip()
-                if rest and split_key(rest) and not rest.startswith("["):
-                    item, i = parse(i, indent + 2, first=rest)
-                else:
-                    item, i = value_after(rest, i + 1, indent)
-                items.append(item)
-                i = next_content(i)
-            return items, i
-        mapping: dict[str, Any] = {}
-        while i < len(lines):
-            text = first if first is not None else strip_comment(lines[i]).strip()
-            if first is None and indent_of(i) != indent:
-                break
-            first = None
-            pair = split_key(text)
-            assert pair is not None, f"line {i + 1}: expected 'key: value', got {text!r}"
-            key, rest = pair
-            assert key not in mapping, f"line {i + 1}: duplicate key {key!r}"
-            mapping[key], i = value_after(rest, i + 1, indent)
-            i = next_content(i)
-            if i < len(lines) and indent_of(i) < indent:
-                break
-        return mapping, i
-
-    start = next_content(0)
-    return parse(start, indent_of(start))[0] if start < len(lines) else None
-
-
 def load_yaml(path: Path) -> Any:
-    try:
-        import yaml
-    except ImportError:
-        return _mini_yaml(path.read_text())
     return yaml.safe_load(path.read_text())
 
 
@@ -342,8 +238,3 @@ def test_dashboard_panels_have_datasource_and_queries() -> None:
                        "fraud_dead_letters_total", "fraud_score_drift_psi", "fraud_model_info",
                        "fraud_model_threshold"):
             assert needed in series, f"{path.name}: no panel shows {needed}"
-
-
-def test_mini_yaml_reads_the_subset() -> None:
-    text = 'a:\n  b: "x: y"  # c\n  l:\n    - 1\n    - k: v\n      m: [p, "q r"]\n  s: |\n    one\n    two\n'
-    assert _mini_yaml(text) == {"a": {"b": "x: y", "l": ["1", {"k": "v", "m": ["p", "q r"]}], "s": "one\ntwo\n"}}

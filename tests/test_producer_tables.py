@@ -142,3 +142,16 @@ def test_pacer_spaces_events_and_catches_up() -> None:
     assert len(slept) == 1
     Pacer(0.0, clock=lambda: 0.0, sleep=sleep).wait(5)
     assert len(slept) == 1
+
+
+def test_restamp_uses_send_time_and_keeps_the_original() -> None:
+    frame = handbook_frame(600)
+    spec = resolve_spec(frame, "handbook")
+    records = [decode(v) for _, v in iter_records(frame, spec, restamp_rate=100.0, clock=lambda: 2_000_000_000.0)]
+    assert all(isinstance(r, Transaction) for r in records)
+    first, second, late = records[0], records[1], records[300]
+    assert first.event_time_ms == 2_000_000_000_000
+    assert second.event_time_ms - first.event_time_ms == 10  # 100 tx/s
+    assert late.event_time_ms >= 2_000_000_000_000  # stamped when its chunk was built
+    original = pd.Timestamp(frame["TX_DATETIME"].iloc[0], tz="UTC")
+    assert first.fields["source_event_time"] == original.strftime("%Y-%m-%dT%H:%M:%S.000Z")

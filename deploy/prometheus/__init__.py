@@ -1,0 +1,1 @@
+"""Prometheus configuration for the fraud worker: compose file, rules, and a renderer for tests."""
