@@ -24,6 +24,8 @@ from pathlib import Path
 import orjson
 import pandas as pd
 
+from pipeline.metrics import parse_samples
+
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "demo"
 
@@ -129,12 +131,7 @@ def scrape(port: int) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
         return {}
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    return parse_samples(text)
 
 
 def wait_until_scored(port: int, expected: int, timeout_s: float = 300) -> dict[str, float]:

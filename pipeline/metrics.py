@@ -102,3 +102,19 @@ def observe_many(histogram: Histogram, values: np.ndarray) -> None:
         if count:
             histogram._buckets[i].inc(int(count))
     histogram._sum.inc(float(values.sum()))
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Prometheus exposition text as ``{'name{label="v",...}': value}``, for scripts and tests.
+
+    >>> parse_samples('# TYPE a counter\\na_total{outcome="scored"} 3.0\\n')
+    {'a_total{outcome="scored"}': 3.0}
+    """
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from pipeline.config import KafkaSettings
+from pipeline.metrics import parse_samples
 from tests.kafka_helpers import REPO
 from tests.worker_helpers import (
     BAD_RECORDS,
@@ -202,7 +203,7 @@ def test_metrics_endpoint_exposes_the_series(kafka_settings: KafkaSettings, kafk
         assert wait_for(lambda: f'fraud_transactions_total{{outcome="scored"}} {float(len(frame))}' in scrape(),
                         timeout_s=90)
         text = scrape()
-        samples = _parse(text)
+        samples = parse_samples(text)
         assert samples['fraud_transactions_total{outcome="invalid"}'] == len(BAD_RECORDS)
         assert samples["fraud_batch_size_sum"] == total
         assert samples["fraud_alerts_total"] >= 1
@@ -221,15 +222,6 @@ def test_metrics_endpoint_exposes_the_series(kafka_settings: KafkaSettings, kafk
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
-
-
-def _parse(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
 
 
 def test_bad_model_dir_is_refused_at_start(kafka_env: dict, tmp_path: Path) -> None:
