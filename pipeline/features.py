@@ -11,6 +11,11 @@ id, time and label columns are named by flags.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.errors import InputDataError
 
 WINDOWS = (1, 7, 30)
 
@@ -24,7 +29,8 @@ HANDBOOK_FEATURES: tuple[str, ...] = (
     *(f"TERMINAL_ID_RISK_{w}DAY_WINDOW" for w in WINDOWS),
 )
 
-# Columns whose distribution is heavy-tailed: the trainer log-transforms them by default.
+# Heavy-tailed columns: the trainer log-transforms them on request (`--log-features`); off by
+# default, because on the reference data the transform hides what separates frauds.
 HANDBOOK_LOG_FEATURES: tuple[str, ...] = (
     "TX_AMOUNT",
     *(f"CUSTOMER_ID_AVG_AMOUNT_{w}DAY_WINDOW" for w in WINDOWS),
@@ -87,3 +93,23 @@ def detect_layout(columns: list[str] | tuple[str, ...]) -> TableLayout | None:
         if layout.time_column in present and set(layout.features) <= present:
             return layout
     return None
+
+
+def read_table(path: Path | str) -> pd.DataFrame:
+    """Read a CSV (optionally gzipped) or Parquet file, with errors that name the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputDataError(f"{path}: no such file")
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
+            frame = pd.read_parquet(path)
+        elif ".csv" in suffixes or ".tsv" in suffixes:
+            frame = pd.read_csv(path, sep="\t" if ".tsv" in suffixes else ",")
+        else:
+            raise InputDataError(f"{path}: unknown file type; use .csv, .csv.gz or .parquet")
+    except (ValueError, OSError, pd.errors.ParserError) as err:
+        raise InputDataError(f"{path}: cannot be read as a table: {err}") from err
+    if frame.empty:
+        raise InputDataError(f"{path}: the table has no rows")
+    return frame

@@ -50,7 +50,8 @@ class Preprocessing:
         if unknown:
             raise ValueError(f"log features {unknown} are not among the features")
         log_mask = np.array([n in set(log_features) for n in names], dtype=bool)
-        logged = np.where(log_mask, signed_log1p(x.astype(np.float64)), x.astype(np.float64))
+        logged = x.astype(np.float64)
+        logged[:, log_mask] = signed_log1p(logged[:, log_mask])
         std = logged.std(axis=0)
         return cls(names, log_mask, logged.mean(axis=0), np.where(std < MIN_STD, 1.0, std))
 
@@ -64,13 +65,17 @@ class Preprocessing:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names):
             raise ValueError(f"expected (rows, {len(self.feature_names)}) features, got shape {x.shape}")
-        logged = np.where(self.log_mask, signed_log1p(x), x)
-        return ((logged - self.mean.astype(np.float32)) / self.std.astype(np.float32)).astype(np.float32)
+        if self.log_mask.any():
+            x = x.copy()
+            x[:, self.log_mask] = signed_log1p(x[:, self.log_mask])
+        return ((x - self.mean.astype(np.float32)) / self.std.astype(np.float32)).astype(np.float32)
 
     def inverse_transform(self, z: np.ndarray) -> np.ndarray:
         """Standardized (rows, features) -> raw units float32 (rows, features)."""
-        logged = np.asarray(z, dtype=np.float64) * self.std + self.mean
-        return np.where(self.log_mask, signed_expm1(logged), logged).astype(np.float32)
+        raw = np.asarray(z, dtype=np.float64) * self.std + self.mean
+        with np.errstate(over="ignore"):  # a wild reconstruction of a logged column may exceed float range
+            raw[:, self.log_mask] = signed_expm1(raw[:, self.log_mask])
+        return raw.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready form (lists of Python floats, exact through JSON)."""

@@ -11,9 +11,10 @@ import pandas as pd
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import FraudPipelineError, InputDataError
+from pipeline.features import read_table
 from pipeline.topics import ensure_topics
 from producer.send import make_producer, send_records
-from producer.tables import ReplaySpec, iter_records, read_table, resolve_spec
+from producer.tables import ReplaySpec, iter_records, resolve_spec
 
 log = logging.getLogger("producer")
 

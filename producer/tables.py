@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import orjson
@@ -34,26 +33,6 @@ class ReplaySpec:
     label_columns: tuple[str, ...]
     time_unit: str  # "datetime", "s" (seconds since epoch_origin) or "ms" (epoch millis)
     epoch_origin: str = DEFAULT_EPOCH
-
-
-def read_table(path: Path | str) -> pd.DataFrame:
-    """Read a CSV (optionally gzipped) or Parquet file, with errors that name the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputDataError(f"{path}: no such file")
-    suffixes = "".join(path.suffixes).lower()
-    try:
-        if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
-            frame = pd.read_parquet(path)
-        elif ".csv" in suffixes or ".tsv" in suffixes:
-            frame = pd.read_csv(path, sep="\t" if ".tsv" in suffixes else ",")
-        else:
-            raise InputDataError(f"{path}: unknown file type; use .csv, .csv.gz or .parquet")
-    except (ValueError, OSError, pd.errors.ParserError) as err:
-        raise InputDataError(f"{path}: cannot be read as a table: {err}") from err
-    if frame.empty:
-        raise InputDataError(f"{path}: the table has no rows")
-    return frame
 
 
 def resolve_spec(

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import InputDataError
-from pipeline.features import CREDITCARD_FEATURES, HANDBOOK_FEATURES
+from pipeline.features import CREDITCARD_FEATURES, HANDBOOK_FEATURES, read_table
 from pipeline.schema import Transaction, decode
 from producer.send import Pacer
-from producer.tables import float32_as_decimal, iter_records, read_table, resolve_spec
+from producer.tables import float32_as_decimal, iter_records, resolve_spec
 
 
 def handbook_frame(n: int = 50, seed: int = 1) -> pd.DataFrame:

@@ -85,8 +85,10 @@ def test_fit_evaluate_score_end_to_end(table: Path, tmp_path: Path, capsys: pyte
     assert "card precision@100/day" in (folder / "report.md").read_text()
     assert artifact.manifest["training_data"]["fingerprint_sha256"]
 
-    assert run([*FAST, "evaluate", "--model", str(root), "--data", str(table), "--report", str(tmp_path / "ev")]) == 0
-    assert (tmp_path / "ev" / "report.md").is_file()
+    ev = tmp_path / "ev"
+    assert run([*FAST, "evaluate", "--model", str(root), "--data", str(table), "--report", str(ev),
+                "--start", "2018-05-01"]) == 0
+    assert json.loads((ev / "metrics.json").read_text())["context"]["test_rows"] < len(pd.read_parquet(table))
     out = tmp_path / "scores.csv"
     assert run([*FAST, "score", "--model", str(root), "--data", str(table), "--output", str(out)]) == 0
     scored = pd.read_csv(out)
@@ -104,9 +106,11 @@ def test_generic_csv_layout(tmp_path: Path) -> None:
     frame.loc[frame["y"] == 1, "a"] += 6
     frame.to_csv(tmp_path / "g.csv", index=False)
     argv = [*FAST, "fit", "--data", str(tmp_path / "g.csv"), "--output", str(tmp_path / "m"), "--features", "a,b",
-            "--label-column", "y", "--time-column", "t", "--time-unit", "s", "--epochs", "2", "--no-baselines"]
+            "--label-column", "y", "--time-column", "t", "--time-unit", "s", "--epochs", "2", "--no-baselines",
+            "--log-features", "b"]
     assert run(argv) == 0
-    assert load_artifact(tmp_path / "m").feature_names == ("a", "b")
+    artifact = load_artifact(tmp_path / "m")
+    assert artifact.feature_names == ("a", "b") and artifact.preprocessing.log_features == ("b",)
 
 
 @pytest.mark.parametrize(
@@ -116,6 +120,7 @@ def test_generic_csv_layout(tmp_path: Path) -> None:
          "column 'NOPE' not found"),
         (["--val-start", "2018-03-01", "--test-start", "2018-05-01"], "training set is empty"),
         (["--layout", "martian"], "unknown layout 'martian'"),
+        (["--log-features", "TX_AMOUNT,CUSTOMER_ID"], "--log-features column 'CUSTOMER_ID' is not one of the features"),
     ],
 )
 def test_bad_arguments_get_one_clear_line(table: Path, tmp_path: Path, extra: list[str], expected: str,

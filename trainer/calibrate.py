@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import precision_recall_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from pipeline.artifact import Explanation, ScoreHistogram
 from pipeline.models import Autoencoder
@@ -55,8 +55,10 @@ def score_histogram(scores: np.ndarray, bins: int = HISTOGRAM_BINS) -> ScoreHist
 
 @dataclass(frozen=True)
 class LabelledCalibration:
-    """Precision, recall and F1 at the chosen threshold, and the F1-optimal threshold."""
+    """Ranking quality, precision, recall and F1 at the chosen threshold, and the F1-optimal threshold."""
 
+    roc_auc: float
+    average_precision: float
     precision: float
     recall: float
     f1: float
@@ -82,4 +84,5 @@ def labelled_calibration(scores: np.ndarray, labels: np.ndarray, threshold: floa
     f1s = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)[:-1]  # (thresholds,)
     best = int(np.argmax(f1s))
     # precision_recall_curve flags scores >= t; nudge down so "scores > threshold" matches.
-    return LabelledCalibration(precision, recall, f1, float(np.nextafter(t[best], -np.inf)), float(f1s[best]))
+    ranking = float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+    return LabelledCalibration(*ranking, precision, recall, f1, float(np.nextafter(t[best], -np.inf)), float(f1s[best]))

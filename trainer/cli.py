@@ -34,6 +34,10 @@ def _ints(value: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from err
 
 
+def _log_features(value: str) -> str | tuple[str, ...]:
+    return value if value == "layout" else _csv(value)
+
+
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input table")
     group.add_argument("--data", required=True, type=Path, help="CSV (optionally .gz) or Parquet file")
@@ -44,7 +48,9 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--time-unit", choices=("s", "ms"), help="unit of a numeric time column")
     group.add_argument("--id-column", help="transaction id column, copied into score output")
     group.add_argument("--customer-column", help="customer/card id column, for card precision@100 per day")
-    group.add_argument("--no-log", action="store_true", help="do not log-transform the layout's heavy-tailed columns")
+    group.add_argument("--log-features", nargs="?", const="layout", type=_log_features, metavar="COLS",
+                       help="signed log1p before standardising: alone, the layout's heavy-tailed columns; "
+                            "or a comma-separated list (default: none)")
 
 
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="metrics and plots of a model on a labelled table")
     evaluate.add_argument("--model", required=True, type=Path, help="model version folder or model root")
     evaluate.add_argument("--report", type=Path, help="report folder (default: evaluation-<version> here)")
+    evaluate.add_argument("--start", help="only rows from this date on, YYYY-MM-DD")
+    evaluate.add_argument("--end", help="only rows before this date")
     _data_arguments(evaluate)
     score = sub.add_parser("score", help="score a table; write scores, flags and top features")
     score.add_argument("--model", required=True, type=Path, help="model version folder or model root")
@@ -94,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 def layout_flags(args: argparse.Namespace) -> LayoutFlags:
     """The layout-related flags of parsed arguments."""
     return LayoutFlags(args.layout, args.features, args.label_column, args.time_column, args.id_column,
-                       args.customer_column, args.time_unit, args.no_log)
+                       args.customer_column, args.time_unit, args.log_features)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -12,13 +12,13 @@ import pandas as pd
 
 from pipeline.artifact import load_artifact
 from pipeline.errors import InputDataError
-from pipeline.features import LAYOUTS, TableLayout
+from pipeline.features import LAYOUTS, TableLayout, read_table
 from pipeline.scoring import Scorer, score_frame
 from trainer import evaluate as metrics
-from trainer.data import LayoutFlags, check_features, check_labels, read_table, resolve_layout
+from trainer.data import LayoutFlags, check_features, check_labels, event_times, resolve_layout
 from trainer.fit import FitOptions, customers_and_days, run_fit, score_detector
 from trainer.report import write_report
-from trainer.split import SplitSpec
+from trainer.split import SplitSpec, time_split
 from trainer.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ def evaluate(args: argparse.Namespace, flags: LayoutFlags) -> int:
     """Score a labelled table with a model and write the report (model only, no baselines)."""
     artifact = load_artifact(args.model)
     frame, layout = _table(args, flags)
+    frame = _window(frame, layout, args.start, args.end)
     check_features(frame, artifact.feature_names)
     labels = check_labels(frame, layout)
     if labels is None:
@@ -65,6 +66,20 @@ def evaluate(args: argparse.Namespace, flags: LayoutFlags) -> int:
                "alert_rate": artifact.alert_rate, "test_rows": len(frame), "test_frauds": int(labels.sum())}
     print(f"evaluation report: {write_report(folder, [result], labels, context)}")
     return 0
+
+
+def _window(frame: pd.DataFrame, layout: TableLayout, start: str | None, end: str | None) -> pd.DataFrame:
+    """The rows with start <= event time < end (either bound optional)."""
+    if not (start or end):
+        return frame
+    times = event_times(frame, layout)
+    if times is None:
+        raise InputDataError("--start/--end need a time column; pass --time-column")
+    keep = time_split(times, SplitSpec(start=start, end=end, val_fraction=0.0, test_fraction=0.0))
+    window = frame[keep.train | keep.val | keep.test]
+    if window.empty:
+        raise InputDataError(f"no rows between {start or 'the start'} and {end or 'the end'}")
+    return window
 
 
 def score(args: argparse.Namespace, flags: LayoutFlags) -> int:

@@ -4,29 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputDataError
 from pipeline.features import LAYOUTS, TableLayout, detect_layout
-
-
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A CSV (optionally compressed) or Parquet file as a DataFrame."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputDataError(f"{path}: no such file")
-    suffixes = "".join(path.suffixes).lower()
-    try:
-        if ".parquet" in suffixes or suffixes.endswith(".pq"):
-            return pd.read_parquet(path)
-        if ".csv" in suffixes:
-            return pd.read_csv(path)
-    except (OSError, ValueError, pd.errors.ParserError) as err:
-        raise InputDataError(f"{path}: cannot be read ({err})") from err
-    raise InputDataError(f"{path}: unknown file type; use .csv, .csv.gz or .parquet")
 
 
 @dataclass(frozen=True)
@@ -40,11 +23,15 @@ class LayoutFlags:
     id_column: str | None = None
     customer_column: str | None = None
     time_unit: str | None = None
-    no_log: bool = False
+    # None: no log transform (the default); "layout": the layout's heavy-tailed columns; else these names.
+    log_features: str | tuple[str, ...] | None = None
 
 
 def resolve_layout(columns: list[str], flags: LayoutFlags) -> TableLayout:
-    """The layout named, given by --features, or detected from the columns; flags override it."""
+    """The layout named, given by --features, or detected from the columns; flags override it.
+
+    Log transforms are opt-in: on the reference data they lower every detector's ranking quality.
+    """
     if flags.features:
         base = TableLayout("generic", None, flags.time_column or "", None, None, tuple(flags.features))
     elif flags.layout:
@@ -64,7 +51,13 @@ def resolve_layout(columns: list[str], flags: LayoutFlags) -> TableLayout:
         "key_column": flags.customer_column, "time_unit": flags.time_unit,
     }
     layout = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
-    return dataclasses.replace(layout, log_features=()) if flags.no_log else layout
+    if flags.log_features == "layout":
+        return layout
+    log_features = tuple(flags.log_features or ())
+    unknown = [name for name in log_features if name not in layout.features]
+    if unknown:
+        raise InputDataError(f"--log-features column {unknown[0]!r} is not one of the features")
+    return dataclasses.replace(layout, log_features=log_features)
 
 
 def check_features(frame: pd.DataFrame, features: tuple[str, ...]) -> np.ndarray:

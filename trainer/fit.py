@@ -15,14 +15,14 @@ import torch
 from pipeline.artifact import ModelArtifact, load_artifact, publish_current, save_artifact
 from pipeline.errors import InputDataError
 from pipeline.features import TableLayout
-from pipeline.models import DEFAULT_MODEL, ModelConfig, build_model
+from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer, resolve_device, score_frame
 from trainer import calibrate, evaluate
 from trainer.data import check_features, check_labels, event_times
 from trainer.report import write_report
 from trainer.split import Split, SplitSpec, time_split
-from trainer.train import History, TrainConfig, fit
+from trainer.train import History, TrainConfig, fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -52,40 +52,39 @@ class FitResult:
     report: Path | None = None
 
 
-def fingerprint(frame: pd.DataFrame, features: tuple[str, ...]) -> str:
-    """sha256 of the training rows' feature values, in order (identifies the training data)."""
-    values = np.ascontiguousarray(frame[list(features)].to_numpy(dtype=np.float32))
-    return hashlib.sha256(values.tobytes()).hexdigest()
+def fingerprint(x: np.ndarray) -> str:
+    """sha256 of the training rows' raw feature values (rows, features), in order."""
+    return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _rows(frame: pd.DataFrame, layout: TableLayout, split: Split, labels: np.ndarray | None):
-    """Train rows (normal only when labelled), validation rows and normal validation rows."""
-    normal = np.ones(len(frame), bool) if labels is None else labels == 0
-    train, val = frame[split.train & normal], frame[split.val]
-    if len(train) == 0:
+def _masks(split: Split, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows (normal only when labelled) and normal validation rows; refuses empty ones."""
+    normal = np.ones(len(split.train), bool) if labels is None else labels == 0
+    train, val_normal = split.train & normal, split.val & normal
+    if not train.any():
         raise InputDataError("the training set is empty: no (normal) rows before the validation period; "
                              "check --start/--val-start or the fractions")
-    if not (split.val & normal).any():
+    if not val_normal.any():
         raise InputDataError("the validation set has no normal rows; check --val-start/--test-start or fractions")
-    return train, val, frame[split.val & normal]
+    return train, val_normal
 
 
 def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> FitResult:
     """Train on the split's normal rows, calibrate on validation, export, evaluate on test, publish."""
-    features = layout.features
-    check_features(frame, features)
+    x = check_features(frame, layout.features)  # (rows, features) raw
     labels = check_labels(frame, layout)
     split = time_split(event_times(frame, layout), options.split, n_rows=len(frame))
-    train, val, val_normal = _rows(frame, layout, split, labels)
-    prep = Preprocessing.fit(check_features(train, features), features, layout.log_features)
+    train, val_normal = _masks(split, labels)
+    prep = Preprocessing.fit(x[train], layout.features, layout.log_features)
     device = resolve_device(options.device)
-    model = build_model(options.model, ModelConfig(n_features=len(features), **options.model_params))
-    train_x, val_normal_x = prep.transform(train[list(features)].to_numpy()), prep.transform(
-        val_normal[list(features)].to_numpy())
-    history = fit(model, train_x, val_normal_x, options.train, device)
-    fields = _calibration(model, prep, val, val_normal_x, labels is not None and layout.label_column, options, device)
+    seed_everything(options.train.seed)  # weight initialisation is part of what the seed fixes
+    model = build_model(options.model, ModelConfig(n_features=len(layout.features), **options.model_params))
+    train_x = prep.transform(x[train])
+    history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
+    val_labels = labels[split.val] if labels is not None else None
+    fields = _calibration(model, prep, x[split.val], val_labels, prep.transform(x[val_normal]), options, device)
     fields["training_data"] = {
-        "rows": len(train), "fingerprint_sha256": fingerprint(train, features), "layout": layout.name,
+        "rows": int(train.sum()), "fingerprint_sha256": fingerprint(x[train]), "layout": layout.name,
         "split": vars(options.split), "train_config": vars(options.train),
     }
     fields["metrics"]["training"] = {
@@ -93,26 +92,24 @@ def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> Fi
         "seconds": history.seconds, "peak_rss_mb": evaluate.peak_rss_mb(), "device": str(device),
     }
     version_dir = save_artifact(options.output, model.cpu(), fields)
-    artifact = load_artifact(version_dir)
-    result = FitResult(version_dir, artifact, history)
+    result = FitResult(version_dir, load_artifact(version_dir), history)
     if labels is not None and split.test.any():
-        result.report = evaluate_split(artifact, frame, layout, split, labels, options, history, train_x)
+        result.report = evaluate_split(result.artifact, frame, layout, split, labels, options, history, train_x)
     if options.publish:
         publish_current(options.output, version_dir)
     return result
 
 
-def _calibration(model, prep: Preprocessing, val: pd.DataFrame, val_normal_x: np.ndarray, label_column,
-                 options: FitOptions, device: torch.device) -> dict[str, Any]:
+def _calibration(model: Autoencoder, prep: Preprocessing, val_raw: np.ndarray, val_labels: np.ndarray | None,
+                 val_normal_x: np.ndarray, options: FitOptions, device: torch.device) -> dict[str, Any]:
     """Manifest fields computed on validation rows: threshold, explanation, histogram, metrics."""
     errors = calibrate.feature_errors(model, val_normal_x, device)  # (rows, features)
     scores = errors.mean(axis=1)
     threshold = calibrate.threshold_for(scores, options.alert_rate)
     metrics: dict[str, Any] = {"validation": {"normal_rows": len(scores), "threshold": threshold}}
-    if label_column:
-        all_scores = calibrate.feature_errors(model, prep.transform(val[list(prep.feature_names)].to_numpy()),
-                                              device).mean(axis=1)
-        labelled = calibrate.labelled_calibration(all_scores, val[label_column].to_numpy(), threshold)
+    if val_labels is not None:
+        all_scores = calibrate.feature_errors(model, prep.transform(val_raw), device).mean(axis=1)
+        labelled = calibrate.labelled_calibration(all_scores, val_labels, threshold)
         if labelled is not None:
             metrics["validation"].update(labelled.to_dict())
     return {

@@ -65,7 +65,7 @@ def _epoch(model: Autoencoder, optimiser: torch.optim.Optimizer, x: torch.Tensor
     order = torch.randperm(len(x), generator=generator).to(x.device)
     losses = []
     bar = tqdm(range(0, len(x), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
-               unit="batch", disable=not config.progress, leave=False)
+               unit="batch", disable=None if config.progress else True, leave=False)  # None: off when not a TTY
     for start in bar:
         batch = x[order[start : start + config.batch_size]]
         loss = model.training_loss(batch)
