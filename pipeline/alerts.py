@@ -22,9 +22,7 @@ from typing import Any
 
 import orjson
 
-from pipeline.schema import ID_FIELD, TIME_FIELD, RecordError, Transaction, format_event_time
-
-FLOAT32_MAX = 3.4028234663852886e38
+from pipeline.schema import FLOAT32_MAX, ID_FIELD, TIME_FIELD, RecordError, Transaction, format_event_time
 
 def alert_value(
     tx: Transaction,

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.schema import RecordError, Transaction, decode, fill_features
+from pipeline.schema import RecordError, Transaction, decode, feature_error, fill_features
 
 
 class KafkaRecord(Protocol):
@@ -49,9 +49,18 @@ def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int
         if isinstance(result, RecordError):
             bad.append((record, result))
             continue
-        problem = fill_features(result, features, matrix[len(good)])
+        problem = fill_features(result, features, matrix[len(good)], check_finite=False)
         if problem is not None:
             bad.append((record, problem))
             continue
         good.append((record, result))
-    return DecodedBatch(matrix[: len(good)], good, bad)
+    matrix = matrix[: len(good)]
+    finite = np.isfinite(matrix).all(axis=1)
+    if not finite.all():  # rare: NaN, or a value beyond float32's range
+        keep = np.flatnonzero(finite)
+        for i in np.flatnonzero(~finite):
+            record, tx = good[i]
+            bad.append((record, feature_error(tx, features) or RecordError("not_finite", None, "non-finite")))
+        good = [good[i] for i in keep]
+        matrix = matrix[keep]
+    return DecodedBatch(matrix, good, bad)

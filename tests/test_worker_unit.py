@@ -151,3 +151,15 @@ def test_process_commits_only_after_publishing(worker: Worker) -> None:
 
 def test_stop_event_is_a_threading_event(worker: Worker) -> None:
     assert isinstance(worker.stop, threading.Event)
+
+
+@pytest.mark.parametrize("raw_value, reason", [
+    (b"1e39", "not_finite"), (b"-1e300", "not_finite"), (b"true", "bad_type"), (b'"1"', "bad_type"),
+    (b"null", "missing_feature"), (b"[1]", "bad_type"),
+])
+def test_decode_batch_refuses_each_kind_of_bad_feature(raw_value: bytes, reason: str) -> None:
+    raw = b'{"transaction_id":"t","event_time":1600000000000,"a":1.0,"b":' + raw_value + b"}"
+    batch = decode_batch([Record(good(0)), Record(raw, 1), Record(good(2), 2)], ["a", "b"], max_bytes=10_000)
+    assert [tx.transaction_id for _, tx in batch.good] == ["t0", "t2"]
+    assert batch.matrix.tolist() == [[10.0, 0.0], [10.0, 2.0]]
+    assert [(r.offset, e.reason, e.field) for r, e in batch.bad] == [(1, reason, "b")]
