@@ -24,6 +24,7 @@ import orjson
 
 from pipeline.schema import FLOAT32_MAX, ID_FIELD, TIME_FIELD, RecordError, Transaction, format_event_time
 
+
 def alert_value(
     tx: Transaction,
     score: float,
