@@ -17,7 +17,7 @@ from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import FraudPipelineError
 from pipeline.metrics import WorkerMetrics
 from pipeline.reload import ModelWatcher
-from pipeline.scoring import Scorer
+from pipeline.scoring import Scorer, available_cpus
 from pipeline.topics import ensure_topics
 from pipeline.worker import Worker
 
@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_scorer(path: Path, settings: WorkerSettings) -> Scorer:
     """Load and validate a model version and put it on the configured device."""
-    return Scorer(load_artifact(path), device=settings.device, max_batch=settings.max_batch)
+    threads = settings.torch_threads or max(1, available_cpus() - 1)
+    return Scorer(load_artifact(path), device=settings.device, max_batch=settings.max_batch, threads=threads)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

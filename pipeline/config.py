@@ -193,6 +193,8 @@ class WorkerSettings(SettingsBase):
     max_batch: int = setting(4096, "close a micro-batch at this many records")
     max_wait_ms: int = setting(50, "close a micro-batch this long after its first record")
     device: str = setting("auto", "scoring device: auto (CUDA when present), cpu, cuda, cuda:N")
+    torch_threads: int = setting(0, "PyTorch threads for CPU scoring; 0: one per CPU but one, which "
+                                    "the decode loop and Kafka's IO thread need")
     metrics_host: str = setting("0.0.0.0", "address of the Prometheus /metrics endpoint")  # noqa: S104
     metrics_port: int = setting(9108, "port of the Prometheus /metrics endpoint; 0 disables it")
     top_features: int = setting(3, "contributing features listed on each alert")
@@ -211,6 +213,8 @@ class WorkerSettings(SettingsBase):
             raise ConfigError(f"metrics_port={self.metrics_port} is not a TCP port")
         if self.top_features < 0:
             raise ConfigError("top_features must be >= 0")
+        if self.torch_threads < 0:
+            raise ConfigError(f"torch_threads={self.torch_threads} must be >= 0 (0: automatic)")
         if not (self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:")):
             raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.reload_interval_s < 0 or self.max_retry_backoff_s <= 0:

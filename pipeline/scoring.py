@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.artifact import ModelArtifact
 from pipeline.errors import ConfigError, InputDataError
+
+if TYPE_CHECKING:  # pandas costs ~0.8 s to import; only offline scoring needs it
+    import pandas as pd
 
 
 @dataclass
@@ -78,7 +80,10 @@ def available_cpus() -> int:
 class Scorer:
     """Scores raw feature rows with a loaded artifact on CPU or CUDA."""
 
-    def __init__(self, artifact: ModelArtifact, device: str = "auto", max_batch: int = 65536) -> None:
+    def __init__(self, artifact: ModelArtifact, device: str = "auto", max_batch: int = 65536,
+                 threads: int | None = None) -> None:
+        """`threads` sets PyTorch's (process-wide) intra-op threads for CPU scoring; by default
+        it only lowers them to the CPUs this process may use."""
         if max_batch < 1:
             raise ConfigError(f"max_batch={max_batch} must be >= 1")
         self.artifact = artifact
@@ -86,8 +91,10 @@ class Scorer:
         self.max_batch = max_batch
         self._model = artifact.build_model().to(self.device).float()
         self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only), reused
-        if self.device.type == "cpu" and torch.get_num_threads() > available_cpus():
-            torch.set_num_threads(available_cpus())  # avoid oversubscribing a CPU-limited container
+        if self.device.type == "cpu":
+            wanted = min(threads or torch.get_num_threads(), available_cpus())
+            if torch.get_num_threads() != wanted:  # avoid oversubscribing a CPU-limited container
+                torch.set_num_threads(wanted)
 
     def score(self, raw: np.ndarray) -> ScoreBatch:
         """Score raw (n, f) rows in the artifact's feature order, un-preprocessed."""

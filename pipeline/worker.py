@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
@@ -95,7 +96,8 @@ class Worker:
         self.metrics.alert_rate.set(artifact.alert_rate)
         self.metrics.model.info({"version": artifact.version, "device": str(scorer.device),
                                  "model_class": artifact.model_class})
-        log.info("serving model %s (threshold %.4g) on %s", artifact.version, artifact.threshold, scorer.device)
+        where = str(scorer.device) if scorer.device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
+        log.info("serving model %s (threshold %.4g) on %s", artifact.version, artifact.threshold, where)
 
     def _connect(self) -> None:
         common = self.kafka.client_options()

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from pipeline.config import KafkaSettings
+from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import ConfigError
 
 
@@ -54,3 +54,13 @@ def test_settings_are_frozen() -> None:
     s = KafkaSettings.build(environ={})
     with pytest.raises(AttributeError):
         s.input_topic = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"FRAUD_TORCH_THREADS": "-1"}, "torch_threads=-1 must be >= 0"),
+    ({"FRAUD_DEVICE": "gpu"}, "use auto, cpu, cuda or cuda:N"),
+    ({"FRAUD_MAX_BATCH": "0"}, "max_batch=0"),
+])
+def test_bad_worker_settings_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        WorkerSettings.build(environ=env)

@@ -12,7 +12,7 @@ import torch
 from pipeline.artifact import ModelArtifact
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.features import HANDBOOK
-from pipeline.scoring import ScoreBatch, Scorer, resolve_device, score_frame
+from pipeline.scoring import ScoreBatch, Scorer, available_cpus, resolve_device, score_frame
 from producer.simulator import SimulatorConfig, simulate
 from trainer.fit import FitOptions, run_fit
 from trainer.split import SplitSpec
@@ -92,6 +92,17 @@ def test_device_resolution() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_cpu_threads_are_set_and_capped(artifact: ModelArtifact) -> None:
+    before = torch.get_num_threads()
+    try:
+        Scorer(artifact, device="cpu", threads=1)
+        assert torch.get_num_threads() == 1
+        Scorer(artifact, device="cpu", threads=10_000)
+        assert torch.get_num_threads() == available_cpus()
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
