@@ -102,9 +102,10 @@ def run(argv: list[str] | None = None) -> int:
              "--log-level", "WARNING"],
             cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
 
+        wait_until_assigned(port, worker)
         say(f"streaming {args.live_days} live days at {args.rate:.0f} tx/s (labels stay with the simulator)")
         started = time.monotonic()
-        cli("producer", "replay", str(live), "--rate", str(args.rate), "--drop-label", env=env)
+        cli("producer", "replay", str(live), "--rate", str(args.rate), "--drop-label", "--restamp", env=env)
         streamed = len(pd.read_parquet(live, columns=["TRANSACTION_ID"]))
         metrics = wait_until_scored(port, streamed)
         elapsed = time.monotonic() - started
@@ -115,6 +116,9 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     except subprocess.CalledProcessError as err:
         print(f"error: step failed: {' '.join(map(str, err.cmd))}", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         if worker is not None:
@@ -132,6 +136,17 @@ def scrape(port: int) -> dict[str, float]:
     except OSError:
         return {}
     return parse_samples(text)
+
+
+def wait_until_assigned(port: int, worker: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Wait until the worker owns input partitions, so live traffic is scored as it arrives."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and worker.poll() is None:
+        if scrape(port).get("fraud_assigned_partitions", 0) > 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the worker did not join its consumer group within {timeout_s:.0f}s "
+                       f"(exit code {worker.poll()})")
 
 
 def wait_until_scored(port: int, expected: int, timeout_s: float = 300) -> dict[str, float]:
@@ -167,8 +182,9 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     frauds = set(truth.loc[truth["TX_FRAUD"] == 1, "TRANSACTION_ID"].astype(str))
     consumer = KafkaConsumer(env["FRAUD_ALERTS_TOPIC"], bootstrap_servers=env["FRAUD_BOOTSTRAP_SERVERS"],
                              auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=3000)
-    alerted = {orjson.loads(m.value)["transaction_id"] for m in consumer}
+    alerts = [orjson.loads(m.value) for m in consumer]
     consumer.close()
+    alerted = {a["transaction_id"] for a in alerts}
     caught = alerted & frauds
     scored = metrics.get('fraud_transactions_total{outcome="scored"}', float("nan"))
     print()
@@ -187,6 +203,10 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     print(f"  end-to-end latency        p50 <= {p50}s, p99 <= {p99}s  (histogram bucket bounds)")
     print(f"  metrics were at           http://127.0.0.1:{port}/metrics (the worker has stopped)")
     print(f"  model and report          {RUNS / 'models' / 'current'}")
+    if alerts:
+        top = max(alerts, key=lambda a: a["score"])
+        print(f"\nthe highest-scoring alert, as published to {env['FRAUD_ALERTS_TOPIC']}:")
+        print(orjson.dumps(top, option=orjson.OPT_INDENT_2).decode())
 
 
 if __name__ == "__main__":

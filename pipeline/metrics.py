@@ -8,7 +8,7 @@ Series (all prefixed ``fraud_``), as the dashboards and alerting rules in
   ``model_reloads_total{result="ok|refused"}``
 - histograms ``batch_size``, ``scoring_seconds``, ``end_to_end_latency_seconds``
   (event time to outputs acknowledged), ``anomaly_score``, ``score_ratio`` (score / threshold)
-- gauges ``consumer_lag{topic,partition}``, ``processing_rate`` (tx/s),
+- gauges ``consumer_lag{topic,partition}``, ``assigned_partitions``, ``processing_rate`` (tx/s),
   ``model_threshold``, ``model_alert_rate`` (calibrated share), ``score_drift_psi``,
   ``last_batch_timestamp_seconds``
 - info ``model`` (version, device, model class)
@@ -61,6 +61,9 @@ class WorkerMetrics:
                                      buckets=RATIO_BUCKETS, namespace=ns, registry=registry)
         self.lag = Gauge("consumer_lag", "Records behind the end of each assigned partition",
                          ["topic", "partition"], namespace=ns, registry=registry)
+        self.assigned = Gauge("assigned_partitions", "Input partitions this worker owns now (0: not "
+                              "yet in the group, or idle because there are more workers than partitions)",
+                              namespace=ns, registry=registry)
         self.rate = Gauge("processing_rate", "Transactions per second over the last seconds",
                           namespace=ns, registry=registry)
         self.threshold = Gauge("model_threshold", "Alert threshold of the serving model",

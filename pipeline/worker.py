@@ -295,7 +295,9 @@ class Worker:
     def _update_lag(self) -> None:
         """Lag per assigned partition: broker end offset (from fetch responses) minus our commit."""
         assert self.consumer is not None
-        for tp in self.consumer.assignment():
+        assignment = self.consumer.assignment()
+        self.metrics.assigned.set(len(assignment))
+        for tp in assignment:
             high = self.consumer.highwater(tp)
             position = self.stats.committed.get(tp)
             if high is not None and position is not None:

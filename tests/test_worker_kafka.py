@@ -217,6 +217,7 @@ def test_metrics_endpoint_exposes_the_series(kafka_settings: KafkaSettings, kafk
         assert samples["fraud_processing_rate"] > 0
         assert samples["fraud_score_drift_psi"] >= 0
         assert any(k.startswith("fraud_consumer_lag{") for k in samples)
+        assert samples["fraud_assigned_partitions"] == 3  # the only worker in its group owns them all
         assert 'fraud_model_info{device="cpu"' in text
     finally:
         proc.send_signal(signal.SIGINT)
