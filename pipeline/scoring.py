@@ -48,9 +48,9 @@ class ScoreBatch:
         return [
             {
                 "name": names[j],
-                "value": float(raw_row[j]),
-                "reconstruction": float(self.reconstruction[i, j]),
-                "z": float(z[j]),
+                "value": _shortest(raw_row[j]),
+                "reconstruction": _shortest(self.reconstruction[i, j]),
+                "z": round(float(z[j]), 3),
             }
             for j in order
         ]
@@ -67,6 +67,16 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r} but CUDA is not available here; use --device cpu or auto")
     return resolved
+
+
+def _shortest(value: np.floating) -> float:
+    """A float32 as the shortest decimal that reads back to it, so 0.8979592 does not travel
+    as 0.8979591727256775 (the same number widened to float64).
+
+    >>> _shortest(np.float32(57.16)), float(np.float32(57.16))
+    (57.16, 57.15999984741211)
+    """
+    return float(str(np.float32(value)))
 
 
 def available_cpus() -> int:
