@@ -38,16 +38,19 @@ def test_secret_is_masked() -> None:
     assert s.client_options()["sasl_plain_password"] == "hunter2"
 
 
-@pytest.mark.parametrize("env, message", [
-    ({"FRAUD_REQUEST_TIMEOUT_MS": "soon"}, "FRAUD_REQUEST_TIMEOUT_MS"),
-    ({"FRAUD_SECURITY_PROTOCOL": "TLS"}, "must be one of"),
-    ({"FRAUD_ALERTS_TOPIC": "transactions"}, "must differ"),
-    ({"FRAUD_SECURITY_PROTOCOL": "SASL_SSL"}, "--sasl-mechanism"),
-    ({"FRAUD_BOOTSTRAP_SERVERS": " "}, "bootstrap_servers is empty"),
+@pytest.mark.parametrize("settings, env, message", [
+    (KafkaSettings, {"FRAUD_REQUEST_TIMEOUT_MS": "soon"}, "FRAUD_REQUEST_TIMEOUT_MS"),
+    (KafkaSettings, {"FRAUD_SECURITY_PROTOCOL": "TLS"}, "must be one of"),
+    (KafkaSettings, {"FRAUD_ALERTS_TOPIC": "transactions"}, "must differ"),
+    (KafkaSettings, {"FRAUD_SECURITY_PROTOCOL": "SASL_SSL"}, "--sasl-mechanism"),
+    (KafkaSettings, {"FRAUD_BOOTSTRAP_SERVERS": " "}, "bootstrap_servers is empty"),
+    (WorkerSettings, {"FRAUD_TORCH_THREADS": "-1"}, "torch_threads=-1 must be >= 0"),
+    (WorkerSettings, {"FRAUD_DEVICE": "gpu"}, "use auto, cpu, cuda or cuda:N"),
+    (WorkerSettings, {"FRAUD_MAX_BATCH": "0"}, "max_batch=0"),
 ])
-def test_bad_settings_are_refused_with_a_fix(env: dict[str, str], message: str) -> None:
+def test_bad_settings_are_refused_with_a_fix(settings: type, env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        KafkaSettings.build(environ=env)
+        settings.build(environ=env)
 
 
 def test_settings_are_frozen() -> None:
@@ -55,12 +58,3 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         s.input_topic = "x"  # type: ignore[misc]
 
-
-@pytest.mark.parametrize("env, message", [
-    ({"FRAUD_TORCH_THREADS": "-1"}, "torch_threads=-1 must be >= 0"),
-    ({"FRAUD_DEVICE": "gpu"}, "use auto, cpu, cuda or cuda:N"),
-    ({"FRAUD_MAX_BATCH": "0"}, "max_batch=0"),
-])
-def test_bad_worker_settings_are_refused(env: dict[str, str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        WorkerSettings.build(environ=env)
