@@ -7,8 +7,10 @@ errors, compared with their spread on normal validation data, explain each alert
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,12 +81,20 @@ def _shortest(value: np.floating) -> float:
     return float(str(np.float32(value)))
 
 
-def available_cpus() -> int:
-    """CPUs this process may run on (respects affinity masks, unlike os.cpu_count)."""
+def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """CPUs this process may use: its affinity mask, lowered to a cgroup v2 CPU quota (a
+    container started with ``--cpus 2`` on a 16-core host gets 2, not 16)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota here
+    return max(1, cpus)
 
 
 class Scorer:

@@ -105,6 +105,14 @@ def test_cpu_threads_are_set_and_capped(artifact: ModelArtifact) -> None:
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("cpu_max, expected", [("max 100000\n", None), ("150000 100000\n", 2),
+                                               ("50000 100000\n", 1), ("garbage", None)])
+def test_available_cpus_respects_a_cgroup_quota(tmp_path: Path, cpu_max: str, expected: int | None) -> None:
+    (tmp_path / "cpu.max").write_text(cpu_max)
+    unlimited = available_cpus(tmp_path / "missing")
+    assert available_cpus(tmp_path / "cpu.max") == min(unlimited, expected or unlimited)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu(data: pd.DataFrame, artifact: ModelArtifact, tmp_path: Path) -> None:
     raw = raw_rows(data, artifact)[:3000]
