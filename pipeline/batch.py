@@ -44,16 +44,17 @@ def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int
     matrix = np.empty((len(records), len(features)), dtype=np.float32)
     good: list[tuple[Any, Transaction]] = []
     bad: list[tuple[Any, RecordError]] = []
-    for record in records:
-        result = decode(record.value, max_bytes)
-        if isinstance(result, RecordError):
-            bad.append((record, result))
-            continue
-        problem = fill_features(result, features, matrix[len(good)], check_finite=False)
-        if problem is not None:
-            bad.append((record, problem))
-            continue
-        good.append((record, result))
+    with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is refused below
+        for record in records:
+            result = decode(record.value, max_bytes)
+            if isinstance(result, RecordError):
+                bad.append((record, result))
+                continue
+            problem = fill_features(result, features, matrix[len(good)], check_finite=False)
+            if problem is not None:
+                bad.append((record, problem))
+                continue
+            good.append((record, result))
     matrix = matrix[: len(good)]
     finite = np.isfinite(matrix).all(axis=1)
     if not finite.all():  # rare: NaN, or a value beyond float32's range
@@ -64,3 +65,4 @@ def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int
         good = [good[i] for i in keep]
         matrix = matrix[keep]
     return DecodedBatch(matrix, good, bad)
+

@@ -127,7 +127,8 @@ class Scorer:
         for start in range(0, x.shape[0], self.max_batch):
             chunk = x[start : start + self.max_batch]
             recon[start : start + len(chunk)] = self._reconstruct(chunk)
-        errors = np.square(recon - x, dtype=np.float32)  # (n, f)
+        with np.errstate(over="ignore"):  # a huge input errs to inf; alerts clip the score
+            errors = np.square(recon - x, dtype=np.float32)  # (n, f)
         scores = errors.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(0, np.float32)
         return ScoreBatch(
             scores=scores,
