@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # its readiness probe retries are expected
     kafka = LocalKafka(args.home)
     try:
         if args.command == "start":
