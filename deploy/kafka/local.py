@@ -52,7 +52,16 @@ def _free_port() -> int:
 
 
 def _cluster_id() -> str:
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """A KRaft cluster id as Kafka writes them (URL-safe base64 of a UUID).
+
+    One in 64 such ids starts with '-', which kafka-storage's argument parser reads as an
+    option ("--cluster-id: expected one argument"); Kafka's own Uuid.randomUuid skips those
+    too, so do the same.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _require(tool: str) -> str:

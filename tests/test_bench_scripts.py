@@ -1,0 +1,62 @@
+"""The benchmark scripts still run end to end, on tiny inputs, so README's figures stay reproducible.
+
+These check that each script works and writes well-formed results; they assert no timing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from producer.simulator import SimulatorConfig, simulate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(*args: str | Path, timeout: float = 240) -> str:
+    done = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_quality_baselines_on_simulated_april_to_july(tmp_path: Path) -> None:
+    data = tmp_path / "tx.parquet"
+    simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=122, seed=2)).to_parquet(data)
+    out = run_script("bench/quality.py", "--baselines-only", "--data", data)
+    results = json.loads(out.strip().splitlines()[-1])
+    assert set(results) == {"isolation_forest", "pca"}
+    for metrics in results.values():
+        assert 0.5 < metrics["roc_auc"] <= 1.0  # the simulator's frauds are findable
+        assert 0.0 <= metrics["average_precision"] <= 1.0
+
+
+def test_gpu_scoring_reports_every_size_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu.json"
+    run_script("bench/gpu_scoring.py", "--sizes", "256,1024", "--min-seconds", "0.05", "--json", out)
+    results = json.loads(out.read_text())
+    cpu = [r for r in results["results"] if r["device"] == "cpu"]
+    assert sorted(r["batch"] for r in cpu) == [256, 1024]
+    assert all(r["tx_s"] > 0 for r in cpu)
+
+
+@pytest.mark.integration
+def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
+    out = tmp_path / "worker.json"
+    run_script("bench/worker_bench.py", "--json", out, "--bootstrap-servers", kafka_bootstrap,
+               "--customers", "300", "--terminals", "600", "--warmup-days", "10", "--train-days", "5",
+               "--stream-days", "3", "--epochs", "1", "--naive-records", "300", "--rates", "200",
+               "--latency-seconds", "2", "--second-batch", "0", "--profile-records", "0",
+               "--max-load-wait", "0", timeout=420)
+    results = json.loads(out.read_text())
+    streamed = results["data"]["stream_rows"]
+    assert streamed > 0 and results["fill"]["records"] == streamed
+    assert results["ceiling"]["records"] == streamed
+    assert [w["records"] for w in results["worker"]] == [streamed]
+    assert results["naive"]["records"] == 300
+    assert results["latency"][0]["histogram"]["count"] == results["latency"][0]["sent"]
+    assert {s["batch"] for s in results["scoring"]} >= {256, 65536}
