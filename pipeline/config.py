@@ -184,6 +184,12 @@ class KafkaSettings(SettingsBase):
         return options
 
 
+def check_device(device: str) -> None:
+    """Refuse a device name torch would not understand, before anything is loaded."""
+    if not (device in {"auto", "cpu", "cuda"} or device.startswith("cuda:")):
+        raise ConfigError(f"device={device!r}: use auto, cpu, cuda or cuda:N")
+
+
 @dataclass(frozen=True, repr=False)
 class WorkerSettings(SettingsBase):
     """The streaming worker's own settings (Kafka ones live in KafkaSettings)."""
@@ -215,7 +221,18 @@ class WorkerSettings(SettingsBase):
             raise ConfigError("top_features must be >= 0")
         if self.torch_threads < 0:
             raise ConfigError(f"torch_threads={self.torch_threads} must be >= 0 (0: automatic)")
-        if not (self.device in {"auto", "cpu", "cuda"} or self.device.startswith("cuda:")):
-            raise ConfigError(f"device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        check_device(self.device)
         if self.reload_interval_s < 0 or self.max_retry_backoff_s <= 0:
             raise ConfigError("reload_interval_s must be >= 0 and max_retry_backoff_s > 0")
+
+
+@dataclass(frozen=True, repr=False)
+class TrainerSettings(SettingsBase):
+    """What ``fraud-train`` shares with the worker: where models live and where to compute."""
+
+    model_dir: str = setting("models", "model root: `fit` adds a version here, `evaluate` and `score` "
+                                       "read its `current` (the worker's FRAUD_MODEL_DIR)")
+    device: str = setting("auto", "training and scoring device: auto (CUDA when present), cpu, cuda, cuda:N")
+
+    def validate(self) -> None:
+        check_device(self.device)

@@ -129,6 +129,22 @@ def test_bad_arguments_get_one_clear_line(table: Path, tmp_path: Path, extra: li
     assert expected in fail(argv, capsys)
 
 
+def test_model_dir_and_device_come_from_the_shared_settings(table: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "shared-models"
+    monkeypatch.setenv("FRAUD_MODEL_DIR", str(root))  # what the worker reads too
+    monkeypatch.setenv("FRAUD_DEVICE", "cpu")
+    assert run(["--quiet", "fit", "--data", str(table), "--no-baselines", *FIT_FAST]) == 0
+    assert load_artifact(root).version == (root / "current").resolve().name
+    out = tmp_path / "scores.parquet"
+    assert run(["--quiet", "score", "--data", str(table), "--output", str(out)]) == 0
+    assert len(pd.read_parquet(out)) == len(pd.read_parquet(table))
+    monkeypatch.setenv("FRAUD_DEVICE", "gpu")
+    assert "device='gpu': use auto, cpu, cuda or cuda:N" in fail(["--quiet", "score", "--data", str(table),
+                                                                 "--output", str(out)], capsys)
+
+
 def test_bad_values_name_the_column(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     frame = pd.read_parquet(table)
     broken = frame.assign(TX_AMOUNT=frame["TX_AMOUNT"].astype(object))

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.config import TrainerSettings, check_device
 from pipeline.errors import FraudPipelineError
 from pipeline.models import DEFAULT_MODEL, MODELS
 from trainer import commands
@@ -18,6 +19,7 @@ from trainer.calibrate import DEFAULT_ALERT_RATE
 from trainer.data import LayoutFlags
 
 EXIT_USAGE = 2
+MODEL_HELP = "model version folder or model root [env FRAUD_MODEL_DIR; default models]"
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -54,7 +56,8 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", required=True, type=Path, help="model root: a new version folder goes here")
+    parser.add_argument("--output", type=Path,
+                        help="model root: a new version folder goes here [env FRAUD_MODEL_DIR; default models]")
     parser.add_argument("--model", default=DEFAULT_MODEL, choices=tuple(MODELS),
                         help="model type (default %(default)s)")
     parser.add_argument("--hidden", type=_ints, help="encoder layer widths, e.g. 64,32 (decoder mirrors them)")
@@ -79,20 +82,21 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``fraud-train`` argument parser with its fit, evaluate and score subcommands."""
     parser = argparse.ArgumentParser(prog="fraud-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
+    parser.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N [env FRAUD_DEVICE; "
+                                         "default auto]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     sub = parser.add_subparsers(dest="command", required=True)
     fit = sub.add_parser("fit", help="train a new model version, calibrate it, export it, publish it")
     _data_arguments(fit)
     _fit_arguments(fit)
     evaluate = sub.add_parser("evaluate", help="metrics and plots of a model on a labelled table")
-    evaluate.add_argument("--model", required=True, type=Path, help="model version folder or model root")
+    evaluate.add_argument("--model", type=Path, help=MODEL_HELP)
     evaluate.add_argument("--report", type=Path, help="report folder (default: evaluation-<version> here)")
     evaluate.add_argument("--start", help="only rows from this date on, YYYY-MM-DD")
     evaluate.add_argument("--end", help="only rows before this date")
     _data_arguments(evaluate)
     score = sub.add_parser("score", help="score a table; write scores, flags and top features")
-    score.add_argument("--model", required=True, type=Path, help="model version folder or model root")
+    score.add_argument("--model", type=Path, help=MODEL_HELP)
     score.add_argument("--output", required=True, type=Path, help="output .csv or .parquet")
     score.add_argument("--top-features", type=int, default=3, help="features listed per flagged row")
     _data_arguments(score)
@@ -105,12 +109,25 @@ def layout_flags(args: argparse.Namespace) -> LayoutFlags:
                        args.customer_column, args.time_unit, args.log_features)
 
 
+def apply_settings(args: argparse.Namespace, settings: TrainerSettings) -> argparse.Namespace:
+    """Fill the model root and device that no flag gave from the shared settings (FRAUD_* env)."""
+    if args.command == "fit" and args.output is None:
+        args.output = Path(settings.model_dir)
+    if args.command in {"evaluate", "score"} and args.model is None:
+        args.model = Path(settings.model_dir)
+    if args.device is None:
+        args.device = settings.device
+    check_device(args.device)
+    return args
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse argv, run the subcommand, and return the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     handlers = {"fit": commands.fit, "evaluate": commands.evaluate, "score": commands.score}
     try:
+        apply_settings(args, TrainerSettings.build())
         return handlers[args.command](args, layout_flags(args))
     except FraudPipelineError as err:
         print(f"error: {err}", file=sys.stderr)
