@@ -44,6 +44,12 @@ def test_gpu_scoring_reports_every_size_on_cpu(tmp_path: Path) -> None:
     assert all(r["tx_s"] > 0 for r in cpu)
 
 
+def test_compare_simulator_prints_the_statistics_table() -> None:
+    out = run_script("bench/compare_simulator.py", "--days", "10", "--seed", "1")
+    assert "Simulated " in out and "| fraud rate overall (%) |" in out
+    assert "| TERMINAL_ID_RISK_30DAY_WINDOW max |" in out  # every feature is summarised
+
+
 @pytest.mark.integration
 def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
     out = tmp_path / "worker.json"
