@@ -65,4 +65,3 @@ def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int
         good = [good[i] for i in keep]
         matrix = matrix[keep]
     return DecodedBatch(matrix, good, bad)
-

@@ -57,4 +57,3 @@ def test_settings_are_frozen() -> None:
     s = KafkaSettings.build(environ={})
     with pytest.raises(AttributeError):
         s.input_topic = "x"  # type: ignore[misc]
-

@@ -143,6 +143,9 @@ def test_model_dir_and_device_come_from_the_shared_settings(table: Path, tmp_pat
     monkeypatch.setenv("FRAUD_DEVICE", "gpu")
     assert "device='gpu': use auto, cpu, cuda or cuda:N" in fail(["--quiet", "score", "--data", str(table),
                                                                  "--output", str(out)], capsys)
+    monkeypatch.setenv("FRAUD_DEVICE", "cpu")
+    assert "device='tpu': use auto, cpu, cuda or cuda:N" in fail(["--quiet", "--device", "tpu", "score", "--data",
+                                                                 str(table), "--output", str(out)], capsys)
 
 
 def test_bad_values_name_the_column(table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.config import TrainerSettings, check_device
+from pipeline.config import TrainerSettings
 from pipeline.errors import FraudPipelineError
 from pipeline.models import DEFAULT_MODEL, MODELS
 from trainer import commands
@@ -109,15 +109,15 @@ def layout_flags(args: argparse.Namespace) -> LayoutFlags:
                        args.customer_column, args.time_unit, args.log_features)
 
 
-def apply_settings(args: argparse.Namespace, settings: TrainerSettings) -> argparse.Namespace:
-    """Fill the model root and device that no flag gave from the shared settings (FRAUD_* env)."""
+def apply_settings(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the model root and device that no flag gave from the shared settings (FRAUD_* env);
+    the settings validate the device, whether it came from the flag or the environment."""
+    settings = TrainerSettings.build(args)
     if args.command == "fit" and args.output is None:
         args.output = Path(settings.model_dir)
     if args.command in {"evaluate", "score"} and args.model is None:
         args.model = Path(settings.model_dir)
-    if args.device is None:
-        args.device = settings.device
-    check_device(args.device)
+    args.device = settings.device
     return args
 
 
@@ -127,7 +127,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     handlers = {"fit": commands.fit, "evaluate": commands.evaluate, "score": commands.score}
     try:
-        apply_settings(args, TrainerSettings.build())
+        apply_settings(args)
         return handlers[args.command](args, layout_flags(args))
     except FraudPipelineError as err:
         print(f"error: {err}", file=sys.stderr)
