@@ -477,9 +477,9 @@ def profile_worker(settings: KafkaSettings, model_dir: Path, records: int) -> di
 
     from pipeline.artifact import load_artifact
     from pipeline.config import WorkerSettings
-    from pipeline.metrics import WorkerMetrics
     from pipeline.scoring import Scorer
-    from pipeline.worker import Worker
+    from pipeline.worker.app import Worker
+    from pipeline.worker.metrics import WorkerMetrics
 
     ws = WorkerSettings.build(environ={}, overrides={
         "model_dir": str(model_dir), "consumer_group": f"bench-prof-{uuid.uuid4().hex[:8]}", "device": "cpu",

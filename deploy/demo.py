@@ -24,7 +24,7 @@ from pathlib import Path
 import orjson
 import pandas as pd
 
-from pipeline.metrics import parse_samples
+from pipeline.worker.metrics import parse_samples
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "demo"

@@ -2,6 +2,6 @@
 
 import sys
 
-from pipeline.cli import run
+from pipeline.worker.cli import run
 
 sys.exit(run())

@@ -208,7 +208,15 @@ class WorkerSettings(SettingsBase):
     reload_interval_s: float = setting(5.0, "how often to look for a new model version; 0 disables")
     auto_offset_reset: str = setting("earliest", "where a new consumer group starts",
                                      choices=("earliest", "latest"))
-    max_retry_backoff_s: float = setting(30.0, "longest pause between retries while Kafka is down")
+    max_retry_backoff_s: float = setting(5.0, "longest pause between retries while Kafka is down")
+    processing_guarantee: str = setting(
+        "at-least-once", "at-least-once: outputs acknowledged, then offsets committed (a crash may repeat "
+        "outputs); exactly-once: outputs and offsets in one Kafka transaction (readers with "
+        "isolation.level=read_committed see each output once)", choices=("at-least-once", "exactly-once"))
+    transaction_timeout_ms: int = setting(10_000, "exactly-once: the broker aborts a transaction left open "
+                                                   "this long (a crashed worker's), so readers move on")
+    stall_timeout_s: float = setting(30.0, "a worker with no partition this long, while some input partition "
+                                           "has no owner in the group, joins again; 0 disables")
 
     def validate(self) -> None:
         if not 1 <= self.max_batch <= 1_000_000:
@@ -224,6 +232,11 @@ class WorkerSettings(SettingsBase):
         check_device(self.device)
         if self.reload_interval_s < 0 or self.max_retry_backoff_s <= 0:
             raise ConfigError("reload_interval_s must be >= 0 and max_retry_backoff_s > 0")
+        if not 1000 <= self.transaction_timeout_ms <= 900_000:
+            raise ConfigError(f"transaction_timeout_ms={self.transaction_timeout_ms} must be between 1000 and "
+                              "900000 (the broker's default transaction.max.timeout.ms)")
+        if self.stall_timeout_s < 0:
+            raise ConfigError(f"stall_timeout_s={self.stall_timeout_s} must be >= 0 (0 disables)")
 
 
 @dataclass(frozen=True, repr=False)

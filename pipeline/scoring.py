@@ -122,7 +122,8 @@ class Scorer:
         raw = np.asarray(raw, dtype=np.float32)
         if raw.ndim != 2 or raw.shape[1] != len(names):
             raise InputDataError(f"expected raw features of shape (n, {len(names)}), got {raw.shape}")
-        x = self.artifact.preprocessing.transform(raw)  # (n, f) standardized
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, scored as out of range
+            x = self.artifact.preprocessing.transform(raw)  # (n, f) standardized
         recon = np.empty_like(x)
         for start in range(0, x.shape[0], self.max_batch):
             chunk = x[start : start + self.max_batch]

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from pipeline.metrics import WorkerMetrics
+from pipeline.worker.metrics import WorkerMetrics
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"

@@ -12,14 +12,15 @@ import pytest
 from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry, Histogram
 
-from pipeline.alerts import alert_value, dead_letter_headers
 from pipeline.artifact import load_artifact
-from pipeline.batch import decode_batch
 from pipeline.config import KafkaSettings, WorkerSettings
-from pipeline.metrics import WorkerMetrics, observe_many
 from pipeline.schema import RecordError, Transaction, encode
 from pipeline.scoring import Scorer
-from pipeline.worker import Output, StopWithoutCommit, Worker
+from pipeline.worker.app import Worker
+from pipeline.worker.batch import decode_batch
+from pipeline.worker.delivery import AtLeastOnce, StopWithoutCommit
+from pipeline.worker.metrics import WorkerMetrics, observe_many
+from pipeline.worker.outputs import Output, alert_value, dead_letter
 
 
 @dataclass
@@ -73,7 +74,9 @@ def test_alert_carries_explanation_and_passthrough_fields() -> None:
 
 def test_dead_letter_headers_name_error_and_source() -> None:
     record = Record(b"{", offset=41, partition=2, headers=[("trace", b"abc")])
-    headers = dict(dead_letter_headers(record, RecordError("bad_type", "a", "must be a number"), "w1", 0))
+    letter = dead_letter("dlq", record, RecordError("bad_type", "a", "must be a number"), "w1", 0)
+    assert (letter.topic, letter.key, letter.value) == ("dlq", b"k", b"{")
+    headers = dict(letter.headers or [])
     assert headers["trace"] == b"abc"
     assert headers["dlq.error.reason"] == b"bad_type" and headers["dlq.error.field"] == b"a"
     assert headers["dlq.source.partition"] == b"2" and headers["dlq.source.offset"] == b"41"
@@ -107,19 +110,27 @@ def worker(model_dir: Path) -> Worker:
     return Worker(kafka, settings, scorer, WorkerMetrics(CollectorRegistry()))
 
 
-def test_publish_retries_until_acknowledged(worker: Worker) -> None:
-    worker.producer = FlakyProducer(failures=3)  # type: ignore[assignment]
+def at_least_once(producer: object, consumer: object = None, stop: threading.Event | None = None) -> AtLeastOnce:
+    delivery = AtLeastOnce({}, consumer, WorkerMetrics(CollectorRegistry()), stop or threading.Event(),  # type: ignore
+                           max_backoff_s=0.01, ack_timeout_s=1)
+    delivery.producer = producer  # type: ignore[assignment]
+    return delivery
+
+
+def test_publish_retries_until_acknowledged() -> None:
+    delivery = at_least_once(FlakyProducer(failures=3))
     outputs = [Output("alerts", b"k", b"v1"), Output("alerts", b"k", b"v2")]
-    worker._publish(outputs)
-    assert sorted(v for _, _, v in worker.producer.sent) == [b"v1", b"v2"]  # type: ignore[attr-defined]
-    assert worker.metrics.errors.labels("publish_failed")._value.get() == 2
+    delivery._publish(outputs)
+    assert sorted(v for _, _, v in delivery.producer.sent) == [b"v1", b"v2"]  # type: ignore[union-attr]
+    assert delivery.metrics.errors.labels("publish_failed")._value.get() == 2
 
 
-def test_stop_during_outage_leaves_without_commit(worker: Worker) -> None:
-    worker.producer = FlakyProducer(failures=10**9)  # type: ignore[assignment]
-    worker.stop.set()
+def test_stop_during_outage_leaves_without_commit() -> None:
+    stop = threading.Event()
+    stop.set()
+    delivery = at_least_once(FlakyProducer(failures=10**9), stop=stop)
     with pytest.raises(StopWithoutCommit):
-        worker._publish([Output("alerts", b"k", b"v")])
+        delivery._publish([Output("alerts", b"k", b"v")])
 
 
 def test_process_commits_only_after_publishing(worker: Worker) -> None:
@@ -135,7 +146,8 @@ def test_process_commits_only_after_publishing(worker: Worker) -> None:
             events.append("commit")
             self.offsets = offsets
 
-    worker.producer, worker.consumer = Producer(0), Consumer()  # type: ignore[assignment]
+    worker.consumer = Consumer()  # type: ignore[assignment]
+    worker.delivery = at_least_once(Producer(0), worker.consumer)
     names = worker.scorer.artifact.feature_names
     bad = Record(b"not json", offset=7)
     huge = {"transaction_id": "x", "event_time": 1_600_000_000_000, **{n: 1e30 for n in names}}
@@ -144,7 +156,8 @@ def test_process_commits_only_after_publishing(worker: Worker) -> None:
     (tp, meta), = worker.consumer.offsets.items()  # type: ignore[attr-defined]
     assert (tp.partition, meta.offset) == (0, 9)
     assert worker.stats.invalid == 1 and worker.stats.scored == 1 and worker.stats.alerts == 1
-    (value,) = [v for topic, _, v in worker.producer.sent if topic == worker.kafka.alerts_topic]  # type: ignore
+    (value,) = [v for topic, _, v in worker.delivery.producer.sent  # type: ignore[union-attr]
+                if topic == worker.kafka.alerts_topic]
     alert = orjson.loads(value)
     assert alert["transaction_id"] == "x" and alert["score"] > alert["threshold"]  # finite, not null
 

@@ -14,10 +14,10 @@ from prometheus_client import CollectorRegistry
 
 from pipeline.artifact import load_artifact
 from pipeline.config import KafkaSettings, WorkerSettings
-from pipeline.metrics import WorkerMetrics
 from pipeline.scoring import Scorer, score_frame
 from pipeline.topics import ensure_topics
-from pipeline.worker import Worker
+from pipeline.worker.app import Worker
+from pipeline.worker.metrics import WorkerMetrics
 from producer.send import make_producer, send_records
 from producer.tables import iter_records, resolve_spec
 

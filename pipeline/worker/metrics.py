@@ -8,10 +8,17 @@ Series (all prefixed ``fraud_``), as the dashboards and alerting rules in
   ``model_reloads_total{result="ok|refused"}``
 - histograms ``batch_size``, ``scoring_seconds``, ``end_to_end_latency_seconds``
   (event time to outputs acknowledged), ``anomaly_score``, ``score_ratio`` (score / threshold)
-- gauges ``consumer_lag{topic,partition}``, ``assigned_partitions``, ``processing_rate`` (tx/s),
-  ``model_threshold``, ``model_alert_rate`` (calibrated share), ``score_drift_psi``,
-  ``last_batch_timestamp_seconds``
+- ``out_of_range_total``: scored transactions whose score is not finite (alerted, marked)
+- gauges ``consumer_lag{topic,partition}`` (from the broker's committed offsets, set from the
+  moment a partition is assigned), ``assigned_partitions``, ``model_threshold``,
+  ``model_alert_rate`` (calibrated share), ``score_drift_psi``,
+  ``last_batch_timestamp_seconds`` (last committed batch), ``loop_heartbeat_timestamp_seconds``
+  (last turn of the main loop, idle or not)
 - info ``model`` (version, device, model class)
+- the standard ``process_*`` and ``python_*`` series of prometheus-client
+
+Everything about a batch is counted once its outputs and offsets are committed; rates come
+from the counters (``rate(fraud_transactions_total[1m])``), not from a gauge.
 """
 
 from __future__ import annotations
@@ -21,24 +28,40 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 SIZE_BUCKETS = (1, 4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 SCORE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 1000.0)
 DEAD_LETTER_REASONS = ("empty", "oversized", "not_json", "not_object", "missing_field", "bad_type", "bad_time",
-                       "missing_feature", "not_finite")
-ERROR_KINDS = ("publish_failed", "commit_retry", "commit_failed", "model_watch")
+                       "missing_feature", "not_finite", "processing_error", "corrupt_record")
+ERROR_KINDS = ("publish_failed", "commit_retry", "commit_failed", "transaction_retry", "producer_fenced",
+               "output_shrunk", "output_dropped", "stalled", "model_watch")
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 100.0)
 
 
 class WorkerMetrics:
     """Every series the worker updates, registered on one registry."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, *, process: bool = False) -> None:
+        """``process=True`` adds the standard process, platform and GC collectors (once per process)."""
         self.registry = registry
         ns = "fraud"
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+
         self.transactions = Counter("transactions", "Transactions consumed, by outcome",
                                     ["outcome"], namespace=ns, registry=registry)
         self.alerts = Counter("alerts", "Alerts published and acknowledged", namespace=ns, registry=registry)
@@ -64,8 +87,11 @@ class WorkerMetrics:
         self.assigned = Gauge("assigned_partitions", "Input partitions this worker owns now (0: not "
                               "yet in the group, or idle because there are more workers than partitions)",
                               namespace=ns, registry=registry)
-        self.rate = Gauge("processing_rate", "Transactions per second over the last seconds",
-                          namespace=ns, registry=registry)
+        self.out_of_range = Counter("out_of_range", "Scored transactions whose score is not finite (inputs beyond "
+                                    "the model's range); each is alerted with out_of_range true",
+                                    namespace=ns, registry=registry)
+        self.heartbeat = Gauge("loop_heartbeat_timestamp_seconds", "Unix time of the main loop's last turn "
+                               "(a stale value: the loop is stuck)", namespace=ns, registry=registry)
         self.threshold = Gauge("model_threshold", "Alert threshold of the serving model",
                                namespace=ns, registry=registry)
         self.alert_rate = Gauge("model_alert_rate", "Share of normal transactions the threshold was "

@@ -1,7 +1,8 @@
 """Turn a micro-batch of Kafka records into one float32 matrix plus the records that failed.
 
 Each record is decoded once; its features go straight into a preallocated row of the
-matrix in the artifact's feature order. Nothing else is built per record.
+matrix in the artifact's feature order. Nothing else is built per record. No record can
+raise out of here: one that breaks the decoder itself is kept as a ``processing_error``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.schema import RecordError, Transaction, decode, feature_error, fill_features
+from pipeline.worker.outputs import processing_error
 
 
 class KafkaRecord(Protocol):
@@ -46,11 +48,12 @@ def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int
     bad: list[tuple[Any, RecordError]] = []
     with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is refused below
         for record in records:
-            result = decode(record.value, max_bytes)
-            if isinstance(result, RecordError):
-                bad.append((record, result))
-                continue
-            problem = fill_features(result, features, matrix[len(good)], check_finite=False)
+            try:
+                result = decode(record.value, max_bytes)
+                problem = result if isinstance(result, RecordError) else \
+                    fill_features(result, features, matrix[len(good)], check_finite=False)
+            except Exception as err:  # a bug or an input the decoder did not foresee: this record only
+                problem = processing_error("decode", err)
             if problem is not None:
                 bad.append((record, problem))
                 continue

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import ModelArtifactError
-from pipeline.metrics import WorkerMetrics
+from pipeline.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,334 @@
+"""The streaming worker: consume, micro-batch, score, publish, commit; one member of the group.
+
+The loop: fill a batch (``max_batch`` records or ``max_wait_ms`` after its first), turn it
+into alerts and dead letters (:mod:`~pipeline.worker.processing`, where no record can stop
+the batch), deliver them with the batch's offsets (:mod:`~pipeline.worker.delivery`, in
+the chosen processing guarantee), count it once committed. Rebalances release the records
+in hand (:mod:`~pipeline.worker.rebalance`); a member that sits without partitions while
+some have no owner joins again (:mod:`~pipeline.worker.liveness`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import CorruptRecordError, KafkaError
+
+from pipeline.config import KafkaSettings, WorkerSettings
+from pipeline.errors import FraudPipelineError
+from pipeline.schema import RecordError
+from pipeline.scoring import Scorer
+from pipeline.worker import corrupt
+from pipeline.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, StopWithoutCommit, offsets_after
+from pipeline.worker.drift import ScoreDrift
+from pipeline.worker.liveness import StallWatchdog, unowned_partitions
+from pipeline.worker.metrics import WorkerMetrics, observe_many
+from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
+from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
+
+log = logging.getLogger(__name__)
+
+# Clients reconnect within a second once a broker is back (kafka-python's default backs off up to 30 s).
+RECONNECT = {"reconnect_backoff_ms": 50, "reconnect_backoff_max_ms": 1000}
+
+
+@dataclass
+class WorkerStats:
+    """Running totals of committed batches, for tests and the end-of-run summary."""
+
+    consumed: int = 0
+    scored: int = 0
+    invalid: int = 0
+    alerts: int = 0
+    batches: int = 0
+    committed: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+class WorkerFailed(FraudPipelineError):
+    """A failure outside the batch loop (a rebalance listener) that stops the worker uncommitted."""
+
+
+class Worker:
+    """One member of the consumer group. ``run`` blocks until ``stop`` is set."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        settings: WorkerSettings,
+        scorer: Scorer,
+        metrics: WorkerMetrics,
+        *,
+        take_new_scorer: Callable[[], Scorer | None] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kafka, self.settings, self.metrics = kafka, settings, metrics
+        self.clock = clock
+        self.take_new_scorer = take_new_scorer
+        self.stats = WorkerStats()
+        self.stop = threading.Event()
+        self.worker_id = f"{kafka.client_id}-worker-{id(self):x}"
+        self.pending = PendingRecords()
+        self.failure: BaseException | None = None
+        self.consumer: KafkaConsumer | None = None
+        self.delivery: Delivery | None = None
+        self._assigned: set[TopicPartition] = set()
+        self._use(scorer)
+
+    # -- set-up -----------------------------------------------------------------------
+    def _use(self, scorer: Scorer) -> None:
+        artifact = scorer.artifact
+        self.scorer = scorer
+        self.processor = BatchProcessor(
+            scorer, Topics(self.kafka.alerts_topic, self.kafka.dead_letter_topic), self.worker_id,
+            max_record_bytes=self.settings.max_record_bytes, top_features=self.settings.top_features,
+            clock=self.clock)
+        self.drift = ScoreDrift.from_artifact(artifact)
+        self.metrics.threshold.set(artifact.threshold)
+        self.metrics.alert_rate.set(artifact.alert_rate)
+        self.metrics.model.info({"version": artifact.version, "device": str(scorer.device),
+                                 "model_class": artifact.model_class})
+        where = str(scorer.device) if scorer.device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
+        log.info("serving model %s (threshold %.4g) on %s", artifact.version, artifact.threshold, where)
+
+    def _connect(self) -> None:
+        common = {**self.kafka.client_options(), **RECONNECT}
+        self.consumer = KafkaConsumer(
+            **common, client_id=self.worker_id, group_id=self.settings.consumer_group,
+            enable_auto_commit=False, auto_offset_reset=self.settings.auto_offset_reset,
+            isolation_level="read_committed",  # never score what an upstream transaction aborted
+            max_poll_records=self.settings.max_batch, max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=10_000, heartbeat_interval_ms=3000,
+            metadata_max_age_ms=15_000,  # notice new partitions of the input topic within seconds
+        )
+        listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self.metrics.forget_partitions)
+        self.consumer.subscribe([self.kafka.input_topic], listener=listener)
+        self._assigned = set()
+        if self.delivery is None:
+            self.delivery = self._make_delivery(common)
+        else:
+            self.delivery.consumer = self.consumer
+
+    def _make_delivery(self, common: dict[str, Any]) -> Delivery:
+        assert self.consumer is not None
+        options = {**common, "client_id": f"{self.worker_id}-out", "acks": "all", "linger_ms": 5,
+                   "max_block_ms": 10_000, "retry_backoff_ms": 100}
+        args = (self.consumer, self.metrics, self.stop, self.settings.max_retry_backoff_s,
+                self.kafka.request_timeout_ms / 1000 + 30)
+        if self.settings.processing_guarantee == "exactly-once":
+            options.update(transaction_timeout_ms=self.settings.transaction_timeout_ms)
+            return ExactlyOnce(options, *args, transactional_prefix=f"{self.settings.consumer_group}-tx")
+        return AtLeastOnce({**options, "retries": 5}, *args)
+
+    def _fail(self, err: BaseException) -> None:
+        log.error("rebalance listener failed: %s: %s", type(err).__name__, err)
+        self.failure = self.failure or err
+
+    # -- main loop --------------------------------------------------------------------
+    def run(self, idle_exit_s: float | None = None) -> WorkerStats:
+        """Consume until ``stop`` is set (or nothing arrives for ``idle_exit_s``); leave cleanly.
+
+        Raises WorkerFailed (nothing of the batch in hand committed) when a listener failed, and
+        delivery's DeliveryError when Kafka refuses the outputs for good.
+        """
+        self._connect()
+        watchdog = StallWatchdog(self.settings.stall_timeout_s, self._unowned)
+        last_record = time.monotonic()
+        try:
+            while not self.stop.is_set():
+                self._check_failure()
+                self.metrics.heartbeat.set(self.clock())
+                self._swap_model_if_new()
+                if self._fill_batch():
+                    last_record = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
+                    log.info("no records for %.1fs; stopping", idle_exit_s)
+                    break
+                self._check_failure()
+                self._process_pending()
+                self._track_assignment()
+                if watchdog.check(len(self._assigned)):
+                    self.metrics.errors.labels("stalled").inc()
+                    self._rejoin()
+            self._process_pending()
+        except StopWithoutCommit as err:
+            log.warning("stopped while Kafka was unreachable (%s); the batch in hand was not committed", err)
+        finally:
+            self._close()
+        return self.stats
+
+    def _check_failure(self) -> None:
+        if self.failure is not None:
+            raise WorkerFailed(f"rebalance listener failed: {type(self.failure).__name__}: {self.failure}") \
+                from self.failure
+
+    def _fill_batch(self) -> int:
+        """Poll until the batch is full or ``max_wait_ms`` has passed since its first record."""
+        assert self.consumer is not None
+        max_batch, wait_s = self.settings.max_batch, self.settings.max_wait_ms / 1000
+        first_at: float | None = None
+        got = 0
+        while len(self.pending) < max_batch and not self.stop.is_set() and self.failure is None:
+            if first_at is None:
+                timeout_ms = 200  # idle: come back often enough to notice stop and new models
+            else:
+                remaining = first_at + wait_s - time.monotonic()
+                if remaining <= 0:
+                    break
+                timeout_ms = max(1, int(remaining * 1000))
+            asked = time.monotonic()
+            try:
+                polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_batch - len(self.pending))
+            except CorruptRecordError as err:
+                self._skip_corrupt(err)
+                break
+            for records in polled.values():
+                self.pending.extend(records)
+                got += len(records)
+            if len(self.pending) and first_at is None:
+                first_at = time.monotonic()
+            elif not polled and first_at is None:
+                if time.monotonic() - asked < timeout_ms / 2000:  # poll returned at once (no partitions yet):
+                    self.stop.wait(timeout_ms / 1000)  # do not spin
+                break
+        return got
+
+    def _skip_corrupt(self, err: CorruptRecordError) -> None:
+        """Dead-letter a record kafka-python cannot parse and resume after it (see ``corrupt``)."""
+        assert self.consumer is not None and self.delivery is not None
+        found = corrupt.locate(err)
+        if found is None:
+            raise WorkerFailed(f"Kafka returned a record that cannot be parsed, at an unknown position: {err}") \
+                from err
+        self._process_pending()  # the records before it first, so the commit below covers only finished work
+        error = RecordError("corrupt_record", None, f"kafka-python cannot parse it: {err}")
+        letter = self.processor.dead_letter(found, error)
+        log.warning("%s[%d]@%d cannot be parsed (%s); dead-lettered, resuming at offset %d", found.topic,
+                    found.partition, found.offset, err, found.next_offset)
+        if self.delivery.deliver([letter], {found.topic_partition: found.next_offset}):
+            self.stats.committed[found.topic_partition] = found.next_offset
+            self._account(1, BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1)))
+            self.consumer.seek(found.topic_partition, found.next_offset)
+
+    def _process_pending(self) -> None:
+        records = self.pending.take()
+        if records:
+            self.process(records)
+
+    def process(self, records: Sequence[Any]) -> None:
+        """Score one batch, deliver its outputs with its offsets, count it once committed."""
+        assert self.delivery is not None
+        outcome = self.processor.process(records)
+        offsets = offsets_after(records)
+        if self.delivery.deliver(outcome.outputs, offsets):
+            self.stats.committed.update(offsets)
+            self._account(len(records), outcome)
+            self._update_lag(offsets)
+        elif self.settings.processing_guarantee == "exactly-once":
+            self._rewind(records)
+
+    def _rewind(self, records: Sequence[Any]) -> None:
+        """After an aborted transaction: read the batch again where this worker still owns it."""
+        assert self.consumer is not None
+        first: dict[TopicPartition, int] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            first[tp] = min(first.get(tp, r.offset), r.offset)
+        for tp, offset in first.items():
+            with contextlib.suppress(ValueError, KafkaError):  # no longer ours: the new owner reads it again
+                self.consumer.seek(tp, offset)
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def _account(self, n_records: int, out: BatchOutcome) -> None:
+        now = self.clock()
+        m, s = self.metrics, self.stats
+        m.transactions.labels("scored").inc(out.scored)
+        m.transactions.labels("invalid").inc(out.invalid)
+        for reason, count in out.dead_letters.items():
+            m.dead_letters.labels(reason).inc(count)
+        m.alerts.inc(out.alerts)
+        m.out_of_range.inc(out.out_of_range)
+        m.batches.inc()
+        m.batch_size.observe(n_records)
+        m.last_batch.set(now)
+        if out.scored:
+            m.scoring_seconds.observe(out.scoring_seconds)
+            observe_many(m.latency, now - out.event_times_ms / 1000.0)
+        if len(out.scores):
+            observe_many(m.scores, out.scores)
+            observe_many(m.score_ratio, out.scores / self.scorer.artifact.threshold)
+            m.drift.set(self.drift.update(out.scores))
+        s.consumed += n_records
+        s.scored += out.scored
+        s.invalid += out.invalid
+        s.alerts += out.alerts
+        s.batches += 1
+
+    def _update_lag(self, offsets: dict[TopicPartition, int]) -> None:
+        """Lag of the partitions just committed: the end offset seen in fetches minus the commit."""
+        assert self.consumer is not None
+        for tp in offsets.keys() & self._assigned:
+            high = self.consumer.highwater(tp)
+            if high is not None:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - offsets[tp]))
+
+    def _track_assignment(self) -> None:
+        """On a new assignment, set every partition's lag from the broker's committed offset."""
+        assert self.consumer is not None
+        assignment = self.consumer.assignment()
+        self.metrics.assigned.set(len(assignment))
+        new = assignment - self._assigned
+        self._assigned = set(assignment)
+        if not new:
+            return
+        try:
+            ends = self.consumer.end_offsets(list(new))
+            starts = self.consumer.beginning_offsets(list(new))
+            for tp in new:
+                committed = self.consumer.committed(tp)
+                base = committed if committed is not None else starts.get(tp, 0)
+                self.stats.committed.setdefault(tp, base)
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, ends.get(tp, base) - base))
+        except KafkaError as err:
+            log.warning("could not read committed offsets of %s yet (%s); lag shows after the first batch",
+                        sorted(new), type(err).__name__)
+            self._assigned -= new  # try again on the next turn
+
+    def _unowned(self) -> int:
+        admin = KafkaAdminClient(**self.kafka.client_options(), **RECONNECT, client_id=f"{self.worker_id}-watch")
+        try:
+            return unowned_partitions(admin, self.settings.consumer_group, self.kafka.input_topic)
+        except Exception as err:  # cannot tell: do not disturb the group
+            log.debug("could not describe the group: %s", err)
+            return 0
+        finally:
+            admin.close()
+
+    def _rejoin(self) -> None:
+        """Leave the group and join again with a new consumer (nothing is pending while unassigned)."""
+        assert self.consumer is not None
+        self.consumer.close(autocommit=False)
+        self._connect()
+
+    def _swap_model_if_new(self) -> None:
+        new = self.take_new_scorer()
+        if new is not None:
+            self._use(new)
+
+    def _close(self) -> None:
+        """Leave the group first (its listener only releases records), then close the producer."""
+        if self.consumer is not None:
+            try:
+                self.consumer.close(autocommit=False)
+            except KafkaError as err:
+                log.warning("error while leaving the group: %s", err)
+        if self.delivery is not None:
+            self.delivery.close()

@@ -1,0 +1,126 @@
+"""``fraud-worker``: score the input topic, publish alerts and dead letters, serve /metrics.
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT, or ``--exit-when-idle``); 1 when Kafka
+refused the worker's outputs for good or a rebalance listener failed (nothing of the batch
+in hand committed); 2 for a bad flag, setting or model, before anything is consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from pipeline import __version__
+from pipeline.config import KafkaSettings, WorkerSettings
+from pipeline.errors import ConfigError, FraudPipelineError
+
+if TYPE_CHECKING:  # torch and kafka load only once the arguments are known to be good
+    from pipeline.scoring import Scorer
+
+log = logging.getLogger("pipeline")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fraud-worker", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    KafkaSettings.add_arguments(parser)
+    WorkerSettings.add_arguments(parser)
+    parser.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
+                        help="stop after this long without records (batch jobs, benchmarks)")
+    parser.add_argument("--partitions", type=int, default=3,
+                        help="partitions for topics this worker has to create")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="DEBUG shows kafka-python's own log lines too")
+    return parser
+
+
+def load_scorer(path: Path, settings: WorkerSettings) -> Scorer:
+    """Load and validate a model version and put it on the configured device."""
+    from pipeline.artifact import load_artifact
+    from pipeline.scoring import Scorer, available_cpus
+
+    threads = settings.torch_threads or max(1, available_cpus() - 1)
+    return Scorer(load_artifact(path), device=settings.device, max_batch=settings.max_batch, threads=threads)
+
+
+def install_signal_handlers(stop: threading.Event) -> None:
+    """SIGTERM and SIGINT ask the worker to finish its batch, commit and leave."""
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing the batch in hand, then leaving", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run(argv: list[str] | None = None) -> int:
+    stop = threading.Event()
+    install_signal_handlers(stop)  # first: a signal during the slow start-up still ends cleanly
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every refused connection at ERROR; the worker says what matters itself.
+    logging.getLogger("kafka").setLevel(logging.DEBUG if args.log_level == "DEBUG" else logging.CRITICAL)
+    try:
+        kafka = KafkaSettings.build(args)
+        settings = WorkerSettings.build(args)
+        if args.partitions < 1:
+            raise ConfigError(f"--partitions {args.partitions}: a topic needs at least one partition")
+        log.info("starting with %s and %s", kafka, settings)
+        return _serve(kafka, settings, args, stop)
+    except FraudPipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event) -> int:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from pipeline.topics import ensure_topics
+    from pipeline.worker.app import Worker
+    from pipeline.worker.metrics import WorkerMetrics
+    from pipeline.worker.reload import ModelWatcher
+
+    scorer = load_scorer(Path(settings.model_dir), settings)
+    registry = CollectorRegistry()
+    metrics = WorkerMetrics(registry, process=True)
+    if stop.is_set():
+        return 0
+    ensure_topics(kafka, [kafka.input_topic, kafka.alerts_topic, kafka.dead_letter_topic], args.partitions)
+    server = None
+    if settings.metrics_port:
+        try:
+            server, _thread = start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
+        except OSError as err:
+            raise ConfigError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({err}); "
+                              "set --metrics-port / FRAUD_METRICS_PORT to a free port, or 0 to disable") from err
+        log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    watcher = ModelWatcher(settings.model_dir, lambda p: load_scorer(p, settings), metrics,
+                           settings.reload_interval_s)
+    worker = Worker(kafka, settings, scorer, metrics, take_new_scorer=watcher.take)  # type: ignore[arg-type]
+    worker.stop = stop
+    watcher.start()
+    try:
+        stats = worker.run(idle_exit_s=None if stop.is_set() else args.exit_when_idle)
+    except FraudPipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        watcher.close()
+        if server is not None:
+            server.shutdown()
+    print(f"consumed {stats.consumed}: {stats.scored} scored, {stats.invalid} dead-lettered, "
+          f"{stats.alerts} alerts, {stats.batches} batches")
+    return 0
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(run())

@@ -1,0 +1,351 @@
+"""Getting a batch's outputs acknowledged and its input offsets committed, in one of two modes.
+
+- ``at-least-once``: every output is sent and acknowledged (``acks=all``), then the offsets
+  are committed. A crash between the two re-scores the batch: duplicates possible, losses not.
+- ``exactly-once``: outputs and offsets go into one Kafka transaction, committed with the
+  consumer's group metadata so the broker fences a stale member (KIP-447). A crash aborts
+  the transaction: a ``read_committed`` reader sees each output once.
+
+Errors are classified, never retried blindly:
+
+- retriable (kafka-python's ``retriable``: timeouts, leader moves, broker away): retried with
+  capped exponential backoff, counted in ``fraud_errors_total`` and logged (first failure,
+  then every 30 s), until it works or the worker is asked to stop;
+- too large or refused for one message: the output is replaced by its smaller form (see
+  ``outputs``); one with no smaller form left is dropped, logged and counted, so the
+  partition moves on;
+- the group moved on (the partitions belong to another member now): nothing is committed,
+  the new owner scores the batch again;
+- fatal for the worker (authorization, an invalid topic, unsupported broker): raised as
+  :class:`DeliveryError`; the worker stops without committing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import (
+    AuthorizationError,
+    CommitFailedError,
+    FencedInstanceIdError,
+    IllegalGenerationError,
+    IllegalStateError,
+    InvalidProducerEpochError,
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFencedError,
+    RebalanceInProgressError,
+    RecordListTooLargeError,
+    UnknownMemberIdError,
+    UnsupportedVersionError,
+)
+from kafka.structs import OffsetAndMetadata
+
+from pipeline.errors import FraudPipelineError
+from pipeline.worker.metrics import WorkerMetrics
+from pipeline.worker.outputs import Output
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+REBALANCED = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError,
+              FencedInstanceIdError)
+FENCED = (ProducerFencedError, InvalidProducerEpochError)
+FATAL = (AuthorizationError, InvalidTopicError, UnsupportedVersionError, IllegalStateError)
+TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+REPORT_EVERY_S = 30.0
+STOP_GRACE_S = 10.0  # how long a stopping worker still waits on a blocked broker call
+
+
+class StopWithoutCommit(Exception):
+    """Asked to stop while outputs or offsets could not be delivered: nothing is committed."""
+
+
+class DeliveryError(FraudPipelineError):
+    """Kafka refused the worker's outputs for a reason no retry can fix (authorization, bad topic)."""
+
+
+def classify(err: BaseException) -> str:
+    """``retry``, ``shrink`` (too large, or refused for this message alone) or ``fatal``."""
+    if isinstance(err, FATAL):
+        return "fatal"
+    if isinstance(err, TOO_LARGE):
+        return "shrink"
+    if getattr(err, "retriable", False):
+        return "retry"
+    return "shrink"
+
+
+def classify_in_transaction(err: BaseException) -> str:
+    """As :func:`classify`, but inside a transaction one failed send fails its neighbours too
+    (the transaction becomes abortable): only a message-specific error shrinks its message."""
+    if isinstance(err, FATAL):
+        return "fatal"
+    if isinstance(err, TOO_LARGE) or not isinstance(err, KafkaError):
+        return "shrink"
+    return "retry"
+
+
+class Backoff:
+    """Capped exponential backoff that waits on the stop event, and says so in logs and metrics."""
+
+    def __init__(self, stop: threading.Event, cap_s: float, count: Callable[[], None], what: str) -> None:
+        self.stop, self.cap_s, self.count, self.what = stop, cap_s, count, what
+        self.attempt = 0
+        self.started = time.monotonic()
+        self._reported = 0.0
+
+    def wait(self, err: BaseException) -> None:
+        """Sleep before the next try; raise StopWithoutCommit when stopping after a few tries."""
+        self.attempt += 1
+        self.count()
+        now = time.monotonic()
+        if self.attempt == 1 or now - self._reported >= REPORT_EVERY_S:
+            self._reported = now
+            log.warning("%s failed (%s: %s); retrying (attempt %d, %.0fs so far)", self.what,
+                        type(err).__name__, err, self.attempt, now - self.started)
+        delay = min(self.cap_s, 0.05 * 2**self.attempt)
+        if self.stop.wait(delay) and self.attempt >= 3:
+            raise StopWithoutCommit(f"{self.what} failed: {err}")
+
+    def done(self) -> None:
+        if self.attempt:
+            log.info("%s succeeded after %d retries (%.1fs)", self.what, self.attempt,
+                     time.monotonic() - self.started)
+
+
+def offsets_after(records: Any) -> dict[TopicPartition, int]:
+    """The offset to commit per partition: one past the last record of the batch."""
+    offsets: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        offsets[tp] = max(offsets.get(tp, -1), r.offset + 1)
+    return offsets
+
+
+class Delivery:
+    """Sends outputs with a producer the subclass owns; ``deliver`` is the one entry point."""
+
+    def __init__(self, producer_options: dict[str, Any], consumer: KafkaConsumer, metrics: WorkerMetrics,
+                 stop: threading.Event, max_backoff_s: float, ack_timeout_s: float) -> None:
+        self.producer_options, self.consumer, self.metrics = producer_options, consumer, metrics
+        self.stop, self.max_backoff_s, self.ack_timeout_s = stop, max_backoff_s, ack_timeout_s
+        self.producer: KafkaProducer | None = None
+
+    def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
+        """Publish ``outputs`` and commit ``offsets``; False when the group moved on (nothing committed)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.close(timeout=10)
+            self.producer = None
+
+    def _backoff(self, what: str, kind: str) -> Backoff:
+        return Backoff(self.stop, self.max_backoff_s, self.metrics.errors.labels(kind).inc, what)
+
+    def _send(self, outputs: list[Output]) -> list[tuple[Output, BaseException]]:
+        """Send all, wait for every acknowledgement; the outputs that failed, with their errors."""
+        assert self.producer is not None
+        futures, failed = [], []
+        for out in outputs:
+            try:
+                futures.append((out, self.producer.send(out.topic, key=out.key, value=out.value,
+                                                        headers=out.headers)))
+            except Exception as err:  # refused before sending: size, a value the client cannot encode
+                failed.append((out, err))
+        for out, future in futures:
+            try:
+                future.get(timeout=self.ack_timeout_s)
+            except Exception as err:
+                failed.append((out, err))
+        return failed
+
+    def _next_try(self, pending: list[Output], failed: list[tuple[Output, BaseException]],
+                  classify: Callable[[BaseException], str], resend_all: bool
+                  ) -> tuple[list[Output], BaseException | None]:
+        """What to send next: retriable outputs as they are, refused ones in a smaller form, and (after
+        an aborted transaction, ``resend_all``) the ones that had succeeded. Also returns the last
+        retriable error (None: no need to back off). Raises DeliveryError for a fatal error."""
+        errors = {id(out): err for out, err in failed}
+        again: list[Output] = []
+        retriable: BaseException | None = None
+        for out in pending:
+            err = errors.get(id(out))
+            kind = "ok" if err is None else classify(err)
+            if kind == "fatal":
+                raise DeliveryError(f"Kafka refused an output to {out.topic!r}: {type(err).__name__}: {err}") \
+                    from err
+            if kind == "shrink":
+                smaller = self._shrink(out, err)  # type: ignore[arg-type]
+                if smaller is not None:
+                    again.append(smaller)
+            elif kind == "retry" or resend_all:
+                retriable = err if kind == "retry" else retriable
+                again.append(out)
+        return again, retriable
+
+    def _shrink(self, out: Output, err: BaseException) -> Output | None:
+        smaller = out.shrink()
+        if smaller is None:
+            self.metrics.errors.labels("output_dropped").inc()
+            log.error("dropped an output to %s that Kafka refuses in every form (%s: %s)", out.topic,
+                      type(err).__name__, err)
+        else:
+            self.metrics.errors.labels("output_shrunk").inc()
+            log.warning("output to %s refused (%s: %s); sending a smaller form (%d bytes instead of %d)",
+                        out.topic, type(err).__name__, err, len(smaller.value), len(out.value))
+        return smaller
+
+
+class AtLeastOnce(Delivery):
+    """Outputs acknowledged first, offsets committed after."""
+
+    def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
+        if self.producer is None:
+            self.producer = KafkaProducer(**self.producer_options)
+        self._publish(outputs)
+        return self._commit(offsets)
+
+    def _publish(self, outputs: list[Output]) -> None:
+        backoff = self._backoff("publishing outputs", "publish_failed")
+        pending = outputs
+        while pending:
+            failed = self._send(pending)
+            if not failed:
+                break
+            pending, retriable = self._next_try(pending, failed, classify, resend_all=False)
+            if retriable is not None:
+                backoff.wait(retriable)
+        backoff.done()
+
+    def _commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        backoff = self._backoff("committing offsets", "commit_retry")
+        while True:
+            try:
+                self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+                backoff.done()
+                return True
+            except REBALANCED as err:
+                self.metrics.errors.labels("commit_failed").inc()
+                log.warning("commit refused: the group rebalanced (%s); the new owner scores these records "
+                            "again", type(err).__name__)
+                return False
+            except KafkaError as err:
+                if classify(err) == "fatal" or not getattr(err, "retriable", False):
+                    raise DeliveryError(f"committing offsets failed: {type(err).__name__}: {err}") from err
+                backoff.wait(err)
+
+
+class ExactlyOnce(Delivery):
+    """Outputs and offsets in one transaction per batch."""
+
+    def __init__(self, *args: Any, transactional_prefix: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.transactional_prefix = transactional_prefix
+
+    def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
+        backoff = self._backoff("the transaction", "transaction_retry")
+        pending = outputs
+        meta = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+        while True:
+            producer = self._ready_producer()
+            try:
+                producer.begin_transaction()
+                failed = self._send(pending)
+                if failed:
+                    self._abort()
+                    pending, retriable = self._next_try(pending, failed, classify_in_transaction, resend_all=True)
+                    if retriable is not None:
+                        backoff.wait(retriable)
+                    continue
+                send_offsets = functools.partial(producer.send_offsets_to_transaction, meta,
+                                                 self.consumer.group_metadata())
+                self._bounded(send_offsets)
+                self._bounded(producer.commit_transaction)
+                backoff.done()
+                return True
+            except REBALANCED as err:
+                self._abort()
+                self.metrics.errors.labels("commit_failed").inc()
+                log.warning("transaction aborted: the group rebalanced (%s); the batch is scored again by "
+                            "whoever owns its partitions", type(err).__name__)
+                return False
+            except FENCED as err:
+                self.metrics.errors.labels("producer_fenced").inc()
+                log.warning("producer fenced (%s); starting a new one and retrying the batch", type(err).__name__)
+                self._discard_producer()
+            except KafkaError as err:
+                if classify(err) != "retry":
+                    self._discard_producer()
+                    raise DeliveryError(f"transaction failed: {type(err).__name__}: {err}") from err
+                self._abort()
+                backoff.wait(err)
+
+    def _ready_producer(self) -> KafkaProducer:
+        backoff = self._backoff("starting the transactional producer", "transaction_retry")
+        while self.producer is None:
+            tid = f"{self.transactional_prefix}-{uuid.uuid4().hex[:12]}"
+            producer = KafkaProducer(**self.producer_options, transactional_id=tid)
+            try:
+                producer.init_transactions()
+                self.producer = producer
+            except KafkaError as err:
+                producer.close(timeout=0)
+                if classify(err) == "fatal":
+                    raise DeliveryError(f"cannot start transactions: {type(err).__name__}: {err}") from err
+                backoff.wait(err)
+        return self.producer
+
+    def _abort(self) -> None:
+        """Abort the open transaction; a producer that cannot abort is replaced."""
+        producer = self.producer
+        if producer is None:
+            return
+        try:
+            self._bounded(producer.abort_transaction)
+        except StopWithoutCommit:
+            raise
+        except Exception as err:  # fenced or in a fatal state: the coordinator aborts it on its own
+            log.info("could not abort the transaction (%s: %s); replacing the producer", type(err).__name__, err)
+            self._discard_producer()
+
+    def _discard_producer(self) -> None:
+        if self.producer is not None:
+            self.producer.close(timeout=0)
+            self.producer = None
+
+    def _bounded(self, call: Callable[[], T]) -> T:
+        """Run a blocking transactional call (kafka-python gives them no timeout) so that a worker
+        asked to stop leaves after ``STOP_GRACE_S`` instead of waiting for a broker that is away."""
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["value"] = call()
+            except BaseException as err:
+                box["error"] = err
+
+        thread = threading.Thread(target=target, name="txn-call", daemon=True)
+        thread.start()
+        waited_stopping, reported = 0.0, time.monotonic()
+        while thread.is_alive():
+            thread.join(0.5)
+            if thread.is_alive() and time.monotonic() - reported > REPORT_EVERY_S:
+                reported = time.monotonic()
+                log.warning("a transactional call has been waiting on Kafka for over %.0fs", REPORT_EVERY_S)
+            if self.stop.is_set():
+                waited_stopping += 0.5
+                if thread.is_alive() and waited_stopping >= STOP_GRACE_S:
+                    raise StopWithoutCommit("Kafka did not answer a transactional call while stopping")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")  # type: ignore[return-value]
