@@ -54,10 +54,12 @@ def produce_bad(settings: KafkaSettings) -> None:
     producer.close()
 
 
-def read_topic(settings: KafkaSettings, topic: str, expect: int | None = None, timeout_s: float = 30) -> list:
+def read_topic(settings: KafkaSettings, topic: str, expect: int | None = None, timeout_s: float = 30,
+               isolation_level: str = "read_uncommitted") -> list:
     """All records of a topic (reading until ``expect`` arrive or the end is reached)."""
     consumer = KafkaConsumer(topic, **settings.client_options(), auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=3000)
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=3000,
+                             isolation_level=isolation_level)
     out: list = []
     deadline = time.monotonic() + timeout_s
     try:

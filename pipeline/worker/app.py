@@ -153,8 +153,8 @@ class Worker:
                     log.info("no records for %.1fs; stopping", idle_exit_s)
                     break
                 self._check_failure()
-                self._process_pending()
                 self._track_assignment()
+                self._process_pending()
                 if watchdog.check(len(self._assigned)):
                     self.metrics.errors.labels("stalled").inc()
                     self._rejoin()

@@ -1,0 +1,308 @@
+"""Chaos on a real broker (``make chaos``): workers killed, the broker killed, the group reshaped,
+100,000 hostile records; in both processing guarantees.
+
+Each test streams simulated transactions at a steady pace while it does its damage, then
+lets a last worker drain the topic and checks, against offline scoring of the same rows:
+0 lost (every expected alert present, offsets committed to the end), 0 crashes (every
+worker that was not killed exits 0), and under exactly-once 0 duplicate alerts for a
+``read_committed`` reader. Each test prints one ``chaos:`` line with its figures.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pandas as pd
+import pytest
+from kafka import KafkaProducer
+
+from deploy.kafka.local import DEFAULT_HOME, LocalKafka, wait_until_ready
+from pipeline.config import KafkaSettings
+from tests.kafka_helpers import REPO
+from tests.worker_helpers import alert_ids, committed_to_end, offline_flags, produce_frame, read_topic, wait_for
+
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
+MODES = ["at-least-once", "exactly-once"]
+
+
+class Broker:
+    """A broker of this module's own, which the tests may kill -9 and start again on the same ports."""
+
+    def __init__(self, home: Path) -> None:
+        self.local = LocalKafka(home)
+        state = self.local.start()
+        self.bootstrap, self.pid = state.bootstrap_servers, state.pid
+        self.cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        self.log = state.log_file
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        try:
+            os.waitpid(self.pid, 0)
+        except ChildProcessError:  # not our child: wait until it is gone
+            while Path(f"/proc/{self.pid}").exists():
+                time.sleep(0.1)
+
+    def restart(self) -> None:
+        with open(self.log, "ab") as out:
+            proc = subprocess.Popen(self.cmdline, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.pid = proc.pid
+        wait_until_ready(self.bootstrap, 90, proc)
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{self.pid}").exists():
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    home = tmp_path_factory.mktemp("chaos-kafka")
+    if (DEFAULT_HOME / "libs").exists():
+        shutil.copytree(DEFAULT_HOME / "libs", home / "libs", symlinks=True)
+    b = Broker(home)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def settings(broker: Broker) -> KafkaSettings:
+    """Fresh topics on the chaos broker."""
+    tag = uuid.uuid4().hex[:10]
+    return KafkaSettings.build(environ={}, overrides={
+        "bootstrap_servers": broker.bootstrap, "input_topic": f"tx-{tag}", "alerts_topic": f"alerts-{tag}",
+        "dead_letter_topic": f"dlq-{tag}", "client_id": f"chaos-{tag}"})
+
+
+class Workers:
+    """Worker processes of one group, logging to files."""
+
+    def __init__(self, settings: KafkaSettings, model_dir: Path, group: str, mode: str, tmp: Path) -> None:
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+        self.env.update({"FRAUD_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
+                         "FRAUD_INPUT_TOPIC": settings.input_topic, "FRAUD_ALERTS_TOPIC": settings.alerts_topic,
+                         "FRAUD_DEAD_LETTER_TOPIC": settings.dead_letter_topic, "FRAUD_METRICS_PORT": "0",
+                         "FRAUD_PROCESSING_GUARANTEE": mode, "FRAUD_MAX_RETRY_BACKOFF_S": "1",
+                         "PYTHONUNBUFFERED": "1"})
+        self.cmd = [sys.executable, "-m", "pipeline", "--model-dir", str(model_dir), "--consumer-group", group,
+                    "--device", "cpu", "--reload-interval-s", "0", "--max-batch", "300", "--max-wait-ms", "20"]
+        self.tmp, self.started, self.exits = tmp, 0, []
+
+    def start(self, *extra: str) -> tuple[subprocess.Popen, Path]:
+        self.started += 1
+        log = self.tmp / f"worker-{self.started}.log"
+        proc = subprocess.Popen([*self.cmd, *extra], cwd=REPO, env=self.env, stdout=open(log, "wb"),  # noqa: SIM115
+                                stderr=subprocess.STDOUT)
+        return proc, log
+
+    def drain(self) -> str:
+        """A last worker that stops once the topic is quiet; its output."""
+        proc, log = self.start("--exit-when-idle", "8")
+        proc.wait(timeout=300)
+        out = log.read_text()
+        assert proc.returncode == 0, out[-3000:]
+        return out
+
+
+def feed(settings: KafkaSettings, path: Path, rate: float) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
+    env.update({"FRAUD_BOOTSTRAP_SERVERS": settings.bootstrap_servers, "FRAUD_INPUT_TOPIC": settings.input_topic})
+    return subprocess.Popen([sys.executable, "-m", "producer", "replay", str(path), "--rate", str(rate),
+                             "--drop-label", "--no-progress"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def assigned(log: Path) -> bool:
+    return log.exists() and "partitions assigned: [TopicPartition" in log.read_text(errors="replace")
+
+
+def check_outcome(settings: KafkaSettings, model_dir: Path, frame: pd.DataFrame, group: str, mode: str,
+                  what: str) -> dict:
+    """0 lost, and under exactly-once 0 duplicates; the figures for README."""
+    assert wait_for(lambda: committed_to_end(settings, group), timeout_s=120), "offsets not committed to the end"
+    isolation = "read_committed" if mode == "exactly-once" else "read_uncommitted"
+    expected = offline_flags(model_dir, frame)
+    ids = alert_ids(read_topic(settings, settings.alerts_topic, expect=len(expected), isolation_level=isolation,
+                               timeout_s=90))
+    ids = [i for i in ids if i in ids_of(frame)]  # hostile records of the fuzz test may alert too
+    counts = collections.Counter(ids)
+    lost = expected - set(counts)
+    duplicates = sum(n - 1 for n in counts.values())
+    figures = {"mode": mode, "records": len(frame), "expected_alerts": len(expected), "lost": len(lost),
+               "duplicate_alerts": duplicates}
+    print(f"chaos: {what}: {figures}")
+    assert not lost, f"{len(lost)} alerts lost"
+    assert set(counts) == expected, "alerts that offline scoring does not give"
+    if mode == "exactly-once":
+        assert duplicates == 0, f"{duplicates} duplicate alerts under exactly-once"
+    return figures
+
+
+def ids_of(frame: pd.DataFrame) -> set[str]:
+    return set(frame["TRANSACTION_ID"].astype(str))
+
+
+def _stream(stream_frame: pd.DataFrame, settings: KafkaSettings, tmp_path: Path) -> tuple[pd.DataFrame, Path]:
+    frame = stream_frame.reset_index(drop=True)
+    path = tmp_path / "stream.parquet"
+    frame.to_parquet(path)
+    produce_frame(settings, frame.iloc[:0])  # creates the topics (3 partitions)
+    return frame, path
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_worker_killed_ten_times_mid_stream(settings: KafkaSettings, model_dir: Path, stream_frame: pd.DataFrame,
+                                            tmp_path: Path, mode: str) -> None:
+    frame, path = _stream(stream_frame, settings, tmp_path)
+    group = f"kill-{settings.client_id}"
+    workers = Workers(settings, model_dir, group, mode, tmp_path)
+    feeder = feed(settings, path, rate=len(frame) / 100)
+    rng = random.Random(7)
+    kills = 0
+    for _ in range(10):
+        proc, log = workers.start()
+        assert wait_for(lambda log=log: assigned(log), timeout_s=120), log.read_text()[-2000:]
+        time.sleep(rng.uniform(0.5, 3.0))
+        assert proc.poll() is None, log.read_text()[-3000:]  # alive until killed: no crash
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        kills += 1
+    assert feeder.poll() is None or kills == 10
+    feeder_out, _ = feeder.communicate(timeout=300)
+    assert feeder.returncode == 0, feeder_out
+    workers.drain()
+    figures = check_outcome(settings, model_dir, frame, group, mode, "kill -9 the worker x10")
+    assert figures["records"] > 0 and kills == 10
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_broker_killed_and_restarted_mid_stream(broker: Broker, settings: KafkaSettings, model_dir: Path,
+                                                stream_frame: pd.DataFrame, tmp_path: Path, mode: str) -> None:
+    frame, path = _stream(stream_frame, settings, tmp_path)
+    group = f"broker-{settings.client_id}"
+    workers = Workers(settings, model_dir, group, mode, tmp_path)
+    proc, log = workers.start("--exit-when-idle", "15")
+    assert wait_for(lambda: assigned(log), timeout_s=120), log.read_text()[-2000:]
+    feeder = feed(settings, path, rate=len(frame) / 40)
+    time.sleep(8)
+    assert feeder.poll() is None, "the stream must still flow when the broker dies"
+    broker.kill()
+    time.sleep(5)
+    broker.restart()
+    feeder_out, _ = feeder.communicate(timeout=300)
+    assert feeder.returncode == 0, feeder_out
+    proc.wait(timeout=300)
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]  # rode out the outage, no crash
+    assert "Traceback" not in out
+    workers.drain()
+    check_outcome(settings, model_dir, frame, group, mode, "kill -9 and restart the broker")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rebalance_one_three_one_while_streaming(settings: KafkaSettings, model_dir: Path,
+                                                 stream_frame: pd.DataFrame, tmp_path: Path, mode: str) -> None:
+    frame, path = _stream(stream_frame, settings, tmp_path)
+    group = f"reb-{settings.client_id}"
+    workers = Workers(settings, model_dir, group, mode, tmp_path)
+    first, first_log = workers.start("--exit-when-idle", "10")
+    assert wait_for(lambda: assigned(first_log), timeout_s=120)
+    feeder = feed(settings, path, rate=len(frame) / 60)
+    time.sleep(5)
+    extra = [workers.start() for _ in range(2)]
+    assert wait_for(lambda: all(assigned(log) for _, log in extra), timeout_s=120)
+    time.sleep(10)
+    for proc, _log in extra:
+        proc.send_signal(signal.SIGTERM)
+    for proc, log in extra:
+        proc.wait(timeout=120)
+        assert proc.returncode == 0, log.read_text()[-3000:]  # left cleanly, not killed by the signal
+    feeder_out, _ = feeder.communicate(timeout=300)
+    assert feeder.returncode == 0, feeder_out
+    first.wait(timeout=300)
+    assert first.returncode == 0, first_log.read_text()[-3000:]
+    check_outcome(settings, model_dir, frame, group, mode, "rebalance 1 -> 3 -> 1")
+
+
+def hostile_values(rng: random.Random, n: int, features: tuple[str, ...]) -> Iterator[tuple[bytes, list]]:
+    """Fast seeded fuzz: bytes, JSON of every shape, wrong types, extreme numbers, deep nesting, unicode."""
+    numbers = [3e38, -3.4e38, 1e308, 5e-324, 0.0, -0.0, 2**63 - 1, -(2**63), 1e-45]
+    for i in range(n):
+        kind = rng.randrange(8)
+        headers = [(f"h{rng.randrange(3)}", rng.randbytes(rng.randrange(6)))] if rng.random() < 0.3 else []
+        base = {"transaction_id": f"fz-{i}", "event_time": 1_527_811_200_000 + i,
+                **{f: rng.choice(numbers) if rng.random() < 0.2 else rng.random() * 100 for f in features}}
+        if kind == 0:
+            value = rng.randbytes(rng.randrange(1, 300))
+        elif kind == 1:
+            value = orjson.dumps(rng.choice([[1, 2], "text", 42, None, {"a": {"b": [1]}}, True]))
+        elif kind == 2:
+            base[rng.choice(features)] = rng.choice(["12", None, [1], {"x": 1}, True])
+            value = orjson.dumps(base)
+        elif kind == 3:
+            base["event_time"] = rng.choice(["yesterday", -1, 1e30, "2018-06-01T00:00:00", ""])
+            value = orjson.dumps(base)
+        elif kind == 4:
+            depth = rng.choice([10, 300, 2000])
+            value = orjson.dumps(base)[:-1] + b',"deep":' + b"[" * depth + b"]" * depth + b"}"
+        elif kind == 5:
+            value = orjson.dumps(base).replace(b'"fz-', "\"\u00e9\U0001f4a5\u202e-".encode(), 1)
+        elif kind == 6:
+            value = orjson.dumps(base)[:-1] + rng.choice([b',"x":NaN}', b',"x":Infinity}', b',"x":1e999}'])
+        else:
+            value = orjson.dumps(base)  # may be scored, may be out of range
+        yield value, headers
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_hundred_thousand_hostile_records_among_good_ones(settings: KafkaSettings, model_dir: Path,
+                                                          stream_frame: pd.DataFrame, tmp_path: Path,
+                                                          mode: str) -> None:
+    frame = stream_frame.reset_index(drop=True).iloc[:5000]
+    produce_frame(settings, frame.iloc[:2500])
+    from pipeline.artifact import load_artifact
+
+    features = tuple(load_artifact(model_dir).feature_names)
+    producer = KafkaProducer(**settings.client_options(), linger_ms=20, batch_size=256 * 1024)
+    n_hostile = 100_000
+    for value, headers in hostile_values(random.Random(11), n_hostile, features):
+        producer.send(settings.input_topic, value=value, headers=headers)
+    producer.flush()
+    producer.close()
+    produce_frame(settings, frame.iloc[2500:])
+    group = f"fuzz-{settings.client_id}"
+    workers = Workers(settings, model_dir, group, mode, tmp_path)
+    out = workers.drain()
+    consumed, scored, invalid = (int(x) for x in _summary(out))
+    total = len(frame) + n_hostile
+    assert consumed == total and scored + invalid == total, out[-2000:]
+    letters = read_topic(settings, settings.dead_letter_topic, expect=invalid, timeout_s=120,
+                         isolation_level="read_committed")
+    assert len(letters) == invalid
+    assert len({(r.partition, dict(r.headers)["dlq.source.offset"]) for r in letters}) == invalid
+    print(f"chaos: {n_hostile} hostile records among {len(frame)} good ({mode}): {scored} scored, "
+          f"{invalid} dead-lettered, worker exit 0")
+    check_outcome(settings, model_dir, frame, group, mode, "100,000 hostile records among good ones")
+
+
+def _summary(out: str) -> tuple[str, str, str]:
+    line = out.rsplit("consumed ", 1)[1].splitlines()[0]  # consumed N: S scored, I dead-lettered, ...
+    consumed, rest = line.split(":", 1)
+    parts = rest.split(",")
+    return consumed, parts[0].split()[0], parts[1].split()[0]
