@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rates", default="1000,10000", help="input rates (tx/s) for the latency runs")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="feeding time per latency run")
     p.add_argument("--second-batch", type=int, default=16384, help="max_batch of the second worker row; 0 skips")
+    p.add_argument("--modes", default="at-least-once,exactly-once",
+                   help="processing guarantees to measure the worker and its latency in")
     p.add_argument("--profile-records", type=int, default=100_000,
                    help="cProfile an in-process worker over this many records; 0 skips")
     p.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting one")
@@ -289,10 +291,11 @@ def wait_committed(bootstrap: str, group: str, ends: dict[TopicPartition, int], 
     raise SystemExit(f"group {group} did not commit up to the end offsets")
 
 
-def bench_worker(settings: KafkaSettings, model_dir: Path, total: int, max_batch: int | None) -> dict[str, Any]:
+def bench_worker(settings: KafkaSettings, model_dir: Path, total: int, max_batch: int | None,
+                 mode: str = "at-least-once") -> dict[str, Any]:
     """Process start (and partition assignment) to the last commit; the idle-exit wait is not counted."""
     group = f"bench-worker-{uuid.uuid4().hex[:8]}"
-    extra = ["--metrics-port", "0", "--exit-when-idle", "3"]
+    extra = ["--metrics-port", "0", "--exit-when-idle", "3", "--processing-guarantee", mode]
     if max_batch:
         extra += ["--max-batch", str(max_batch)]
     ends = end_offsets(settings)
@@ -301,7 +304,7 @@ def bench_worker(settings: KafkaSettings, model_dir: Path, total: int, max_batch
     result = worker.finish()
     from_start = done_at - worker.started
     from_assign = done_at - (worker.assigned_at or worker.started)
-    return {"max_batch": max_batch or 4096, "records": total, "seconds_from_start": from_start,
+    return {"mode": mode, "max_batch": max_batch or 4096, "records": total, "seconds_from_start": from_start,
             "seconds_from_assignment": from_assign, "tx_s": total / from_start,
             "tx_s_from_assignment": total / from_assign, "startup_s": from_start - from_assign,
             "command": " ".join(worker.command[1:]), **result}
@@ -413,12 +416,14 @@ def alert_latencies(settings: KafkaSettings) -> np.ndarray:
     return np.asarray(latencies)
 
 
-def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, seconds: float) -> dict[str, Any]:
+def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, seconds: float,
+                  mode: str = "at-least-once") -> dict[str, Any]:
     """Worker running and idle, then fed at ``rate``; latency from its histogram and from alerts."""
     settings = topics_for(bootstrap, f"lat{int(rate)}-{uuid.uuid4().hex[:6]}")
     ensure_topics(settings, [settings.input_topic, settings.alerts_topic, settings.dead_letter_topic], 3)
     port, group = free_port(), f"bench-lat-{uuid.uuid4().hex[:8]}"
-    worker = WorkerProcess(settings, model_dir, group, "--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+    worker = WorkerProcess(settings, model_dir, group, "--metrics-port", str(port), "--metrics-host", "127.0.0.1",
+                           "--processing-guarantee", mode)
     worker.wait_assigned()
     time.sleep(1.0)
     fed = feed(settings, records, rate, seconds)
@@ -430,7 +435,7 @@ def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, s
     exact = {"count": int(alerts.size)}
     if alerts.size:
         exact.update({"p50": float(np.percentile(alerts, 50)), "p99": float(np.percentile(alerts, 99))})
-    return {**fed, "histogram": hist, "alerts": exact, "worker_peak_rss_mib": usage["peak_rss_mib"],
+    return {**fed, "mode": mode, "histogram": hist, "alerts": exact, "worker_peak_rss_mib": usage["peak_rss_mib"],
             "worker_cpu_s": usage["cpu_user_s"] + usage["cpu_sys_s"]}
 
 
@@ -513,22 +518,25 @@ def table(r: dict[str, Any]) -> str:
     for w in r["worker"]:
         for label, secs, rate in (("process start", w["seconds_from_start"], w["tx_s"]),
                                   ("partition assignment", w["seconds_from_assignment"], w["tx_s_from_assignment"])):
-            lines.append(f"| worker max_batch={w['max_batch']}, {label} → last commit | {w['records']:,} | "
+            lines.append(f"| worker {w.get('mode', 'at-least-once')}, max_batch={w['max_batch']}, {label} → last "
+                         f"commit | {w['records']:,} | "
                          f"{secs:.1f} | {rate:,.0f} | {rate / ceiling:.2f} | {rate / naive:.1f} |")
     n = r["naive"]
     lines.append(f"| naive per-message consumer (first {n['records']:,} records only, {n['commit']}) | "
                  f"{n['records']:,} | {n['seconds']:.1f} | {naive:,.0f} | {naive / ceiling:.3f} | 1.0 |")
-    lines += ["", "| input rate target | achieved | sent | p50 (histogram) | p99 (histogram) | "
-              "p50 (alerts) | p99 (alerts) | alerts |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| mode | input rate target | achieved | sent | p50 (histogram) | p99 (histogram) | "
+              "p50 (alerts) | p99 (alerts) | alerts |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lat in r["latency"]:
         h, a = lat["histogram"], lat["alerts"]
-        lines.append(f"| {lat['target_tx_s']:,.0f} | {lat['achieved_tx_s']:,.0f} | {lat['sent']:,} | "
+        lines.append(f"| {lat.get('mode', 'at-least-once')} | {lat['target_tx_s']:,.0f} | "
+                     f"{lat['achieved_tx_s']:,.0f} | {lat['sent']:,} | "
                      f"{1000 * h['p50']:.0f} ms | {1000 * h['p99']:.0f} ms | {1000 * a.get('p50', float('nan')):.0f} ms"
                      f" | {1000 * a.get('p99', float('nan')):.0f} ms | {a['count']} |")
     lines += ["", "| Scorer.score batch | device | torch threads | ms/batch | tx/s |", "|---:|---|---:|---:|---:|"]
     lines += [f"| {s['batch']:,} | {s['device']} | {s['torch_threads']} | {s['ms_per_batch']:.2f} | {s['tx_s']:,.0f} |"
               for s in r["scoring"]]
-    rss = ", ".join(f"max_batch={w['max_batch']}: {w['peak_rss_mib']:.0f} MiB" for w in r["worker"])
+    rss = ", ".join(f"{w.get('mode', 'at-least-once')} max_batch={w['max_batch']}: {w['peak_rss_mib']:.0f} MiB"
+                    for w in r["worker"])
     lines += ["", f"Worker peak RSS (/proc VmHWM): {rss}."]
     return "\n".join(lines)
 
@@ -561,16 +569,19 @@ def main(argv: list[str] | None = None) -> int:
         log(f"filled: {results['fill']}")
         total = results["fill"]["records"]
         results["ceiling"] = timed("ceiling", lambda: bench_ceiling(settings, total))
-        batches = [None] + ([args.second_batch] if args.second_batch else [])
-        results["worker"] = [timed(f"worker-{b or 4096}", lambda b=b: bench_worker(settings, model_dir, total, b))
-                             for b in batches]
+        modes = args.modes.split(",")
+        runs = [(modes[0], None)] + ([(modes[0], args.second_batch)] if args.second_batch else []) + \
+            [(m, None) for m in modes[1:]]
+        results["worker"] = [timed(f"worker-{m}-{b or 4096}",
+                                   lambda m=m, b=b: bench_worker(settings, model_dir, total, b, m))
+                             for m, b in runs]
         results["naive"] = timed("naive", lambda: bench_naive(settings, model_dir, args.naive_records))
         results["scoring"] = timed("scoring", lambda: bench_scoring(model_dir, matrix)
                                    + bench_scoring(model_dir, matrix, threads=1))
         results["latency"] = [
-            timed(f"latency-{rate}", lambda r=float(rate): bench_latency(bootstrap, model_dir, records, r,
-                                                                           args.latency_seconds))
-            for rate in args.rates.split(",")]
+            timed(f"latency-{m}-{rate}", lambda r=float(rate), m=m: bench_latency(bootstrap, model_dir, records, r,
+                                                                                  args.latency_seconds, m))
+            for m in modes for rate in args.rates.split(",")]
         if args.profile_records:
             results["profile"] = timed("profile", lambda: profile_worker(settings, model_dir, args.profile_records))
     args.json.write_text(json.dumps(results, indent=2, default=str))

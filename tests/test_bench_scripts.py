@@ -62,7 +62,8 @@ def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
     streamed = results["data"]["stream_rows"]
     assert streamed > 0 and results["fill"]["records"] == streamed
     assert results["ceiling"]["records"] == streamed
-    assert [w["records"] for w in results["worker"]] == [streamed]
+    assert [(w["mode"], w["records"]) for w in results["worker"]] == [("at-least-once", streamed),
+                                                                       ("exactly-once", streamed)]
     assert results["naive"]["records"] == 300
     assert results["latency"][0]["histogram"]["count"] == results["latency"][0]["sent"]
     assert {s["batch"] for s in results["scoring"]} >= {256, 65536}
