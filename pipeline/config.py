@@ -155,6 +155,7 @@ class KafkaSettings(SettingsBase):
     sasl_username: str | None = setting(None, "SASL user name")
     sasl_password: str | None = setting(None, "SASL password", secret=True)
     request_timeout_ms: int = setting(30000, "Kafka request timeout in milliseconds")
+    connect_timeout_s: float = setting(30.0, "how long to keep trying to reach a bootstrap server at start")
 
     def validate(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -165,8 +166,15 @@ class KafkaSettings(SettingsBase):
             raise ConfigError(f"input, alerts and dead-letter topics must differ, got {topics}")
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
             raise ConfigError(f"security_protocol={self.security_protocol} needs --sasl-mechanism")
-        if self.request_timeout_ms <= 0:
-            raise ConfigError("request_timeout_ms must be positive")
+        if not 0 < self.request_timeout_ms <= 2_147_483_647:
+            raise ConfigError(f"request_timeout_ms={self.request_timeout_ms} must be between 1 and 2147483647")
+        if self.connect_timeout_s < 0:
+            raise ConfigError(f"connect_timeout_s={self.connect_timeout_s} must be >= 0")
+        for server in self.bootstrap_servers.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError(f"bootstrap server {server.strip()!r} is not host:port; set --bootstrap-servers "
+                                  f"or {env_name('bootstrap_servers')} to host:port[,host:port...]")
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments common to kafka-python's producer, consumer and admin client."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import socket
+import time
 from collections.abc import Iterable
 
 from kafka import KafkaAdminClient
@@ -13,6 +15,33 @@ from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
 
 log = logging.getLogger(__name__)
+
+
+def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0) -> None:
+    """Return once a bootstrap server accepts a TCP connection; say so at once when none does, keep
+    trying for ``connect_timeout_s``, then raise BrokerError (no client, so no library log noise)."""
+    servers = [s.strip().rpartition(":") for s in settings.bootstrap_servers.split(",")]
+    deadline = time.monotonic() + settings.connect_timeout_s
+    said = False
+    while True:
+        reasons = []
+        for host, _, port in servers:
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), timeout=min(every_s, 3.0)).close()
+                if said:
+                    log.info("Kafka at %s answers", settings.bootstrap_servers)
+                return
+            except OSError as err:
+                reasons.append(f"{host}:{port}: {err.strerror or err}")
+        reason = "; ".join(reasons)
+        if time.monotonic() >= deadline:
+            raise BrokerError(f"cannot reach Kafka at {settings.bootstrap_servers} ({reason}); is the broker "
+                              f"running? set --bootstrap-servers or FRAUD_BOOTSTRAP_SERVERS")
+        if not said:
+            log.warning("cannot reach Kafka at %s (%s); trying again for %.0fs", settings.bootstrap_servers,
+                        reason, settings.connect_timeout_s)
+            said = True
+        time.sleep(every_s)
 
 
 def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: int = 3) -> None:

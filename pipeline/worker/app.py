@@ -28,12 +28,13 @@ from pipeline.errors import FraudPipelineError
 from pipeline.schema import RecordError
 from pipeline.scoring import Scorer
 from pipeline.worker import corrupt
-from pipeline.worker.delivery import AtLeastOnce, Delivery, ExactlyOnce, StopWithoutCommit, offsets_after
+from pipeline.worker.delivery import AtLeastOnce, Delivery, StopWithoutCommit, offsets_after
 from pipeline.worker.drift import ScoreDrift
 from pipeline.worker.liveness import StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics, observe_many
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
+from pipeline.worker.transactions import ExactlyOnce
 
 log = logging.getLogger(__name__)
 

@@ -83,11 +83,12 @@ def run(argv: list[str] | None = None) -> int:
 def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from pipeline.topics import ensure_topics
+    from pipeline.topics import ensure_topics, wait_for_kafka
     from pipeline.worker.app import Worker
     from pipeline.worker.metrics import WorkerMetrics
     from pipeline.worker.reload import ModelWatcher
 
+    wait_for_kafka(kafka)  # before the slow model load: a wrong address is said within seconds
     scorer = load_scorer(Path(settings.model_dir), settings)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry, process=True)

@@ -2,9 +2,10 @@
 
 - ``at-least-once``: every output is sent and acknowledged (``acks=all``), then the offsets
   are committed. A crash between the two re-scores the batch: duplicates possible, losses not.
-- ``exactly-once``: outputs and offsets go into one Kafka transaction, committed with the
-  consumer's group metadata so the broker fences a stale member (KIP-447). A crash aborts
-  the transaction: a ``read_committed`` reader sees each output once.
+- ``exactly-once`` (:mod:`~pipeline.worker.transactions`): outputs and offsets go into one
+  Kafka transaction, committed with the consumer's group metadata so the broker fences a
+  stale member (KIP-447). A crash aborts the transaction: a ``read_committed`` reader sees
+  each output once.
 
 Errors are classified, never retried blindly:
 
@@ -22,13 +23,11 @@ Errors are classified, never retried blindly:
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import (
@@ -54,7 +53,6 @@ from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.outputs import Output
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 REBALANCED = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, RebalanceInProgressError,
               FencedInstanceIdError)
@@ -62,7 +60,6 @@ FENCED = (ProducerFencedError, InvalidProducerEpochError)
 FATAL = (AuthorizationError, InvalidTopicError, UnsupportedVersionError, IllegalStateError)
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 REPORT_EVERY_S = 30.0
-STOP_GRACE_S = 10.0  # how long a stopping worker still waits on a blocked broker call
 
 
 class StopWithoutCommit(Exception):
@@ -243,109 +240,3 @@ class AtLeastOnce(Delivery):
                 if classify(err) == "fatal" or not getattr(err, "retriable", False):
                     raise DeliveryError(f"committing offsets failed: {type(err).__name__}: {err}") from err
                 backoff.wait(err)
-
-
-class ExactlyOnce(Delivery):
-    """Outputs and offsets in one transaction per batch."""
-
-    def __init__(self, *args: Any, transactional_prefix: str, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.transactional_prefix = transactional_prefix
-
-    def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
-        backoff = self._backoff("the transaction", "transaction_retry")
-        pending = outputs
-        meta = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
-        while True:
-            producer = self._ready_producer()
-            try:
-                producer.begin_transaction()
-                failed = self._send(pending)
-                if failed:
-                    self._abort()
-                    pending, retriable = self._next_try(pending, failed, classify_in_transaction, resend_all=True)
-                    if retriable is not None:
-                        backoff.wait(retriable)
-                    continue
-                send_offsets = functools.partial(producer.send_offsets_to_transaction, meta,
-                                                 self.consumer.group_metadata())
-                self._bounded(send_offsets)
-                self._bounded(producer.commit_transaction)
-                backoff.done()
-                return True
-            except REBALANCED as err:
-                self._abort()
-                self.metrics.errors.labels("commit_failed").inc()
-                log.warning("transaction aborted: the group rebalanced (%s); the batch is scored again by "
-                            "whoever owns its partitions", type(err).__name__)
-                return False
-            except FENCED as err:
-                self.metrics.errors.labels("producer_fenced").inc()
-                log.warning("producer fenced (%s); starting a new one and retrying the batch", type(err).__name__)
-                self._discard_producer()
-            except KafkaError as err:
-                if classify(err) != "retry":
-                    self._discard_producer()
-                    raise DeliveryError(f"transaction failed: {type(err).__name__}: {err}") from err
-                self._abort()
-                backoff.wait(err)
-
-    def _ready_producer(self) -> KafkaProducer:
-        backoff = self._backoff("starting the transactional producer", "transaction_retry")
-        while self.producer is None:
-            tid = f"{self.transactional_prefix}-{uuid.uuid4().hex[:12]}"
-            producer = KafkaProducer(**self.producer_options, transactional_id=tid)
-            try:
-                producer.init_transactions()
-                self.producer = producer
-            except KafkaError as err:
-                producer.close(timeout=0)
-                if classify(err) == "fatal":
-                    raise DeliveryError(f"cannot start transactions: {type(err).__name__}: {err}") from err
-                backoff.wait(err)
-        return self.producer
-
-    def _abort(self) -> None:
-        """Abort the open transaction; a producer that cannot abort is replaced."""
-        producer = self.producer
-        if producer is None:
-            return
-        try:
-            self._bounded(producer.abort_transaction)
-        except StopWithoutCommit:
-            raise
-        except Exception as err:  # fenced or in a fatal state: the coordinator aborts it on its own
-            log.info("could not abort the transaction (%s: %s); replacing the producer", type(err).__name__, err)
-            self._discard_producer()
-
-    def _discard_producer(self) -> None:
-        if self.producer is not None:
-            self.producer.close(timeout=0)
-            self.producer = None
-
-    def _bounded(self, call: Callable[[], T]) -> T:
-        """Run a blocking transactional call (kafka-python gives them no timeout) so that a worker
-        asked to stop leaves after ``STOP_GRACE_S`` instead of waiting for a broker that is away."""
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["value"] = call()
-            except BaseException as err:
-                box["error"] = err
-
-        thread = threading.Thread(target=target, name="txn-call", daemon=True)
-        thread.start()
-        waited_stopping, reported = 0.0, time.monotonic()
-        while thread.is_alive():
-            thread.join(0.5)
-            if thread.is_alive() and time.monotonic() - reported > REPORT_EVERY_S:
-                reported = time.monotonic()
-                log.warning("a transactional call has been waiting on Kafka for over %.0fs", REPORT_EVERY_S)
-            if self.stop.is_set():
-                waited_stopping += 0.5
-                if thread.is_alive() and waited_stopping >= STOP_GRACE_S:
-                    raise StopWithoutCommit("Kafka did not answer a transactional call while stopping")
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")  # type: ignore[return-value]
