@@ -27,6 +27,7 @@ from producer.simconfig import SimulatorConfig, start_day
 LAYOUT_NAMES = ("auto", "handbook", "creditcard", "generic")
 INT32_MAX = 2**31 - 1  # Kafka's partition count and request timeout are int32 on the wire
 MIN_RATE = 0.001  # one transaction per 1,000 s; slower ones overflow the pacer's sleep
+TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 STREAM_ONLY = ("rate", "limit", "partitions", "drop_label", "restamp")
 
 
@@ -142,6 +143,7 @@ def check(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Op
     """Turn parsed flags into :class:`Options`, or raise :class:`ConfigError` saying what to fix."""
     settings = KafkaSettings.build(args, environ=environ)
     check_bootstrap(settings.bootstrap_servers)
+    check_topic(settings.input_topic)
     if settings.request_timeout_ms > INT32_MAX:
         raise UsageError(f"request_timeout_ms={settings.request_timeout_ms} is more than Kafka's limit "
                          f"{INT32_MAX}; set --request-timeout-ms or {env_name('request_timeout_ms')} lower")
@@ -179,6 +181,16 @@ def check_bootstrap(servers: str) -> None:
                              f"set --bootstrap-servers or {env_name('bootstrap_servers')}")
         if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise UsageError(f"bootstrap server {entry.strip()!r}: the port must be a number from 1 to 65535")
+
+
+def check_topic(name: str) -> None:
+    """Refuse a topic name Kafka would refuse: 1 to 249 of ASCII letters, digits, '.', '_' and '-'.
+
+    >>> check_topic("transactions.v1")
+    """
+    if not TOPIC_NAME.fullmatch(name) or name in {".", ".."}:
+        raise UsageError(f"input topic {name!r}: Kafka topic names are 1 to 249 of ASCII letters, digits, "
+                         f"'.', '_' and '-'; set --input-topic or {env_name('input_topic')}")
 
 
 def _is_ipv6(address: str) -> bool:
