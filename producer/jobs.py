@@ -14,8 +14,9 @@ import pandas as pd
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.features import read_table
+from producer.argparsing import one_line
 from producer.header import read_columns
-from producer.options import Options, ReplayJob, SimulateJob, StreamOptions, one_line
+from producer.options import Options, ReplayJob, SimulateJob, StreamOptions
 from producer.tables import ReplaySpec, check_columns, iter_records, resolve_spec
 
 

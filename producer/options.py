@@ -1,98 +1,31 @@
 """What ``fraud-produce`` is asked to do, checked before any I/O.
 
-Everything here is pure: it parses and checks flags, touches no broker, reads no file (it only
+Everything here is pure: it checks parsed flags, touches no broker, reads no file (it only
 asks whether a named file exists) and imports neither pandas, pyarrow nor the simulator, so
-``--help`` and every misuse answer at once. A misuse is one line on stderr and exit code 2.
-
->>> one_line("no\\nsuch file")
-'no\\\\nsuch file'
+every misuse is answered at once, with one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import socket
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 from pipeline.config import KafkaSettings, env_name
 from pipeline.errors import ConfigError
-from producer.simconfig import SimulatorConfig, start_day
+from producer.simconfig import SimulatorConfig
 
 LAYOUT_NAMES = ("auto", "handbook", "creditcard", "generic")
 INT32_MAX = 2**31 - 1  # Kafka's partition count and request timeout are int32 on the wire
-MIN_RATE = 0.001  # one transaction per 1,000 s; slower ones overflow the pacer's sleep
+MIN_RATE = 0.001  # one transaction per 1,000 s: a floor that keeps the pacer's sleeps finite
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
 STREAM_ONLY = ("rate", "limit", "partitions", "drop_label", "restamp")
 
 
 class UsageError(ConfigError):
     """The command line asks for something that cannot be done; the message says what to change."""
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other unprintable characters escaped, so it prints as one line."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.split()[0]
-        self.exit(2, f"{command}: error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-class VersionAction(argparse.Action):
-    """``--version``: the installed package's version, looked up only when asked for."""
-
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
-        print(f"{parser.prog} {package_version()}")
-        parser.exit(0)
-
-
-def package_version() -> str:
-    """The installed ``fraud-pipeline`` version (the source tree's when it is not installed)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("fraud-pipeline")
-    except metadata.PackageNotFoundError:
-        from pipeline import __version__
-
-        return __version__
-
-
-def number(kind: type, low: float, what: str, *, high: float = math.inf, hint: str = "") -> Callable[[str], float]:
-    """An argparse ``type=``: ``kind`` from text, finite and within ``[low, high]``, else a clear error."""
-
-    def convert(text: str) -> float:
-        try:
-            value = kind(text)
-        except (ValueError, OverflowError):
-            value = None
-        if value is None or not math.isfinite(value) or not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{what}{hint}, got {text!r}")
-        return value
-
-    return convert
-
-
-def iso_day(text: str) -> str:
-    """An argparse ``type=`` for ``--start-date``: the date as YYYY-MM-DD, in the range the simulator handles."""
-    try:
-        return start_day(text).isoformat()
-    except ConfigError as err:
-        raise argparse.ArgumentTypeError(str(err).replace("start_date ", "")) from err
 
 
 @dataclass(frozen=True)
@@ -268,8 +201,3 @@ def check_replay(args: argparse.Namespace) -> ReplayJob:
             raise UsageError(f"--{role}-column needs a column name")
     return ReplayJob(file=path, layout=args.layout, id_column=args.id_column, time_column=args.time_column,
                      key_column=args.key_column, label_column=args.label_column)
-
-
-def report(message: str, prog: str = "fraud-produce") -> None:
-    """Print an error as the one line a user sees."""
-    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)

@@ -15,8 +15,9 @@ import pytest
 
 from pipeline.errors import InputDataError
 from producer import jobs
+from producer.argparsing import package_version
 from producer.cli import parse, run
-from producer.options import ReplayJob, SimulateJob, package_version
+from producer.options import ReplayJob, SimulateJob
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = ["--customers", "50", "--terminals", "100", "--days", "10"]
