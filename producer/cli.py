@@ -1,149 +1,117 @@
-"""``fraud-produce``: simulate transactions or replay a file into Kafka."""
+"""``fraud-produce``: simulate transactions or replay a file into Kafka.
+
+Flags are parsed and checked before any I/O (:mod:`producer.options`); a misuse is answered
+with one line on stderr and exit code 2. pandas, pyarrow, the simulator and the Kafka client
+are imported only once the command line is accepted (:mod:`producer.jobs`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-import pandas as pd
-
 from pipeline.config import KafkaSettings
-from pipeline.errors import FraudPipelineError, InputDataError
-from pipeline.features import read_table
-from pipeline.topics import ensure_topics
-from producer.send import make_producer, send_records
-from producer.tables import ReplaySpec, iter_records, resolve_spec
+from pipeline.errors import FraudPipelineError
+from producer.argparsing import OneLineParser, VersionAction, iso_day, number, report
+from producer.options import INT32_MAX, LAYOUT_NAMES, MIN_RATE, Options, check
 
-log = logging.getLogger("producer")
+EPILOG = "A misuse (bad flag, missing file, unknown column) stops with one line on stderr and exit code 2."
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    """The ``fraud-produce`` command line; building it imports nothing heavy."""
+    common = OneLineParser(add_help=False)
     KafkaSettings.add_arguments(common)
     stream = common.add_argument_group("streaming")
-    stream.add_argument("--rate", type=float, default=0.0,
-                        help="target transactions per second (default 0: as fast as possible)")
-    stream.add_argument("--limit", type=int, default=None, help="send at most this many rows")
-    stream.add_argument("--drop-label", action="store_true",
+    stream.add_argument("--rate", type=number(float, MIN_RATE, f"must be transactions per second, at least {MIN_RATE}",
+                                              hint=" (leave --rate out to send as fast as possible)"),
+                        help="target transactions per second, > 0 (default: as fast as possible)")
+    stream.add_argument("--limit", type=number(int, 1, "must be a whole number of rows, at least 1"),
+                        help="send at most this many rows (default: all)")
+    stream.add_argument("--drop-label", action="store_true", default=None,
                         help="leave the label columns (fraud flag, scenario) out of the stream")
-    stream.add_argument("--restamp", action="store_true",
+    stream.add_argument("--restamp", action="store_true", default=None,
                         help="set event_time to the send time (live traffic, real latency); the table's "
                              "own time travels as source_event_time")
-    stream.add_argument("--partitions", type=int, default=3,
-                        help="partitions of the input topic when it has to be created")
+    stream.add_argument("--partitions", type=number(int, 1, f"must be a whole number from 1 to {INT32_MAX}",
+                                                    high=INT32_MAX),
+                        help="partitions of the input topic when it has to be created (default: 3)")
     stream.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar (default: on a terminal)")
 
-    parser = argparse.ArgumentParser(prog="fraud-produce", description=__doc__)
+    parser = OneLineParser(prog="fraud-produce", description=__doc__.split("\n")[0], epilog=EPILOG)
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{simulate,replay}")
+    add_simulate(sub.add_parser("simulate", parents=[common], epilog=EPILOG, help="simulate transactions "
+                                "(Fraud Detection Handbook design) and stream them, or write a file"))
+    add_replay(sub.add_parser("replay", parents=[common], epilog=EPILOG, help="stream a CSV or Parquet file"))
+    return parser
 
-    sim = sub.add_parser("simulate", parents=[common], help="simulate transactions "
-                         "(Fraud Detection Handbook design) and stream them, or write a file")
-    sim.add_argument("--customers", type=int, default=5000)
-    sim.add_argument("--terminals", type=int, default=10000)
-    sim.add_argument("--days", type=int, default=183)
-    sim.add_argument("--start-date", default="2018-04-01")
-    sim.add_argument("--seed", type=int, default=0)
-    sim.add_argument("--from-day", type=int, default=0,
+
+def add_simulate(sim: argparse.ArgumentParser) -> None:
+    """The simulator's population, period and the days to emit."""
+    whole = "must be a whole number, at least"
+    sim.add_argument("--customers", type=number(int, 1, f"{whole} 1"), default=5000,
+                     help="customers (default: %(default)s)")
+    sim.add_argument("--terminals", type=number(int, 1, f"{whole} 1"), default=10000,
+                     help="terminals (default: %(default)s)")
+    sim.add_argument("--days", type=number(int, 1, f"{whole} 1"), default=183,
+                     help="days to simulate, from --start-date (default: %(default)s)")
+    sim.add_argument("--start-date", type=iso_day, default="2018-04-01",
+                     help="first day, YYYY-MM-DD (default: %(default)s)")
+    sim.add_argument("--seed", type=number(int, 0, f"{whole} 0"), default=0,
+                     help="random seed; the same flags give the same transactions (default: %(default)s)")
+    sim.add_argument("--from-day", type=number(int, 0, f"{whole} 0"), default=0,
                      help="emit only days >= this (features still see the earlier days)")
-    sim.add_argument("--until-day", type=int, default=None, help="emit only days < this")
+    sim.add_argument("--until-day", type=number(int, 1, f"{whole} 1"), default=None,
+                     help="emit only days < this (default: --days)")
     sim.add_argument("--output", type=Path, default=None,
-                     help="write the table to this .parquet or .csv instead of streaming")
+                     help="write the table to this .parquet, .csv or .csv.gz instead of streaming")
 
-    rep = sub.add_parser("replay", parents=[common], help="stream a CSV or Parquet file")
-    rep.add_argument("file", type=Path)
-    rep.add_argument("--layout", default="auto",
-                     help="auto (detect), handbook, creditcard or generic")
+
+def add_replay(rep: argparse.ArgumentParser) -> None:
+    """The file and how to read its columns."""
+    rep.add_argument("file", type=Path, help="a .csv, .csv.gz, .tsv or .parquet table")
+    rep.add_argument("--layout", default="auto", choices=LAYOUT_NAMES,
+                     help="auto (detect), handbook, creditcard or generic (default: auto)")
     rep.add_argument("--id-column", default=None, help="column holding the transaction id")
     rep.add_argument("--time-column", default=None, help="column holding the event time")
     rep.add_argument("--key-column", default=None, help="column used as message key")
     rep.add_argument("--label-column", default=None, help="label column (for --drop-label)")
-    return parser
 
 
-def simulate_table(args: argparse.Namespace) -> pd.DataFrame:
-    """Run the simulator and keep the requested days."""
-    from producer.simulator import SimulatorConfig, simulate
-
-    config = SimulatorConfig(
-        n_customers=args.customers, n_terminals=args.terminals, n_days=args.days,
-        start_date=args.start_date, seed=args.seed,
-    )
-    frame = simulate(config)
-    days = frame["TX_TIME_DAYS"]
-    keep = days >= args.from_day
-    if args.until_day is not None:
-        keep &= days < args.until_day
-    return frame.loc[keep].reset_index(drop=True)
-
-
-def write_table(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table as Parquet or CSV, chosen by the file name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".parquet":
-        frame.to_parquet(path, index=False)
-    elif path.suffix == ".csv" or "".join(path.suffixes).endswith(".csv.gz"):
-        frame.to_csv(path, index=False)
-    else:
-        raise InputDataError(f"{path}: use a .parquet or .csv file name")
-
-
-def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings,
-                 args: argparse.Namespace) -> int:
-    """Stream the rows of a table into the input topic; 0 when every record was acknowledged."""
-    if args.limit is not None:
-        frame = frame.iloc[: args.limit]
-    ensure_topics(settings, [settings.input_topic], args.partitions)
-    producer = make_producer(settings)
-    try:
-        report = send_records(
-            iter_records(frame, spec, drop_label=args.drop_label,
-                         restamp_rate=args.rate if args.restamp else None), settings.input_topic,
-            producer, rate=args.rate, total=len(frame), progress=args.progress,
-        )
-    finally:
-        producer.close()
-    print(f"sent {report.sent} transactions to '{settings.input_topic}' at "
-          f"{settings.bootstrap_servers}: {report.acked} acknowledged, {report.failed} failed, "
-          f"{report.seconds:.1f}s ({report.rate:,.0f} tx/s)")
-    if report.acked != report.sent:
-        print(f"error: {report.sent - report.acked} records were not acknowledged: "
-              f"{'; '.join(report.errors) or 'flush timed out'}", file=sys.stderr)
-        return 1
-    return 0
+def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> Options:
+    """Parse and check a command line without I/O; ``SystemExit`` for --help, --version and bad syntax."""
+    return check(build_parser().parse_args(argv), environ)
 
 
 def run(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.INFO if args.verbose else logging.ERROR)
+    """``fraud-produce``; returns the exit code."""
     try:
-        settings = KafkaSettings.build(args)
-        if args.command == "simulate":
-            frame = simulate_table(args)
-            if args.output is not None:
-                write_table(frame, args.output)
-                print(f"wrote {len(frame)} transactions ({int(frame['TX_FRAUD'].sum())} frauds) "
-                      f"to {args.output}")
-                return 0
-            return stream_table(frame, resolve_spec(frame, "handbook"), settings, args)
-        frame = read_table(args.file)
-        spec = resolve_spec(frame, args.layout, id_column=args.id_column,
-                            time_column=args.time_column, key_column=args.key_column,
-                            label_column=args.label_column)
-        return stream_table(frame, spec, settings, args)
+        options = parse(argv)
+    except SystemExit as done:  # --help, --version, or a syntax error already printed on one line
+        return 0 if done.code is None else done.code if isinstance(done.code, int) else 2
     except FraudPipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(str(err))
+        return 2
+    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.INFO if options.verbose else logging.ERROR)
+    try:
+        from producer.jobs import execute  # pandas, pyarrow, the simulator, kafka-python: only now
+
+        return execute(options)
+    except FraudPipelineError as err:
+        report(str(err))
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        report("interrupted")
         return 130
 
 
 def main() -> None:
     """Console-script entry point."""
-    sys.exit(run())
+    raise SystemExit(run())

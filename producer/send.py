@@ -68,6 +68,8 @@ def make_producer(settings: KafkaSettings, **overrides: object) -> KafkaProducer
         client_id=f"{settings.client_id}-producer",
         acks="all",
         linger_ms=10,
+        # kafka-python refuses a delivery timeout below linger + request timeout (default 120 s)
+        delivery_timeout_ms=max(120_000, settings.request_timeout_ms + 10),
         batch_size=512 * 1024,
         max_request_size=4 * 1024 * 1024,
         retries=10,

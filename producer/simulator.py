@@ -12,15 +12,14 @@ the fraud rate stays near 0.8 %. The same config (seed included) gives the same 
 
 from __future__ import annotations
 
-import datetime as dt
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import ConfigError
+from producer.simconfig import SimulatorConfig, start_day
 from producer.transform import DAY_SECONDS, add_features
+
+__all__ = ["SimulatorConfig", "simulate"]
 
 AMOUNT_FRAUD_THRESHOLD = 220.0
 TERMINAL_COMPROMISE_DAYS = 28
@@ -30,72 +29,17 @@ CUSTOMER_FRAUD_AMOUNT_FACTOR = 5.0
 TIME_OF_DAY_STD_SECONDS = 20_000
 
 
-@dataclass(frozen=True)
-class SimulatorConfig:
-    """Population, period and seed of one simulation; refused at construction when invalid.
-
-    ``terminals_compromised_per_day`` and ``customers_compromised_per_day`` are Poisson
-    means; None scales the handbook's 2 per 10,000 terminals and 3 per 5,000 customers.
-    """
-
-    n_customers: int = 5000
-    n_terminals: int = 10000
-    n_days: int = 183
-    start_date: str = "2018-04-01"
-    radius: float = 5.0
-    seed: int = 0
-    terminals_compromised_per_day: float | None = None
-    customers_compromised_per_day: float | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("n_customers", "n_terminals", "n_days"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
-        if not _is_number(self.radius) or not 0 < self.radius < math.inf:
-            raise ConfigError(f"radius must be a positive finite number, got {self.radius!r}")
-        for name in ("terminals_compromised_per_day", "customers_compromised_per_day"):
-            value = getattr(self, name)
-            if value is not None and (not _is_number(value) or not 0 <= value < math.inf):
-                raise ConfigError(f"{name} must be None or a finite number >= 0, got {value!r}")
-        try:
-            dt.date.fromisoformat(self.start_date)
-        except (TypeError, ValueError) as err:
-            raise ConfigError(
-                f"start_date must be a date written YYYY-MM-DD, got {self.start_date!r}"
-            ) from err
-
-    @property
-    def terminal_rate(self) -> float:
-        """Expected number of terminals compromised per day."""
-        rate = self.terminals_compromised_per_day
-        return 2.0 * self.n_terminals / 10_000 if rate is None else float(rate)
-
-    @property
-    def customer_rate(self) -> float:
-        """Expected number of customers compromised per day."""
-        rate = self.customers_compromised_per_day
-        return 3.0 * self.n_customers / 5_000 if rate is None else float(rate)
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
 def simulate(config: SimulatorConfig) -> pd.DataFrame:
     """Transactions with labels and the handbook's 15 features, sorted by time."""
     rng = np.random.default_rng(config.seed)
     tx = _transactions(config, rng)
+    if tx["day"].size == 0:  # e.g. so few terminals that no customer has one within its radius
+        raise ConfigError(f"{config.n_customers} customers and {config.n_terminals} terminals over "
+                          f"{config.n_days} days make no transactions; simulate more of them")
     _add_frauds(tx, config, rng)
     order = np.argsort(tx["seconds"], kind="stable")
     tx = {name: column[order] for name, column in tx.items()}
-    start = np.datetime64(config.start_date, "ns")
+    start = np.datetime64(start_day(config.start_date), "ns")  # numpy misreads 20180401 as a number
     frame = pd.DataFrame(
         {
             "TRANSACTION_ID": np.arange(len(order), dtype=np.int64),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import orjson
@@ -35,6 +35,27 @@ class ReplaySpec:
     epoch_origin: str = DEFAULT_EPOCH
 
 
+def check_columns(
+    columns: list[str],
+    layout_name: str = "auto",
+    *,
+    id_column: str | None = None,
+    time_column: str | None = None,
+    key_column: str | None = None,
+    label_column: str | None = None,
+) -> None:
+    """Refuse a layout or column flag that the table's column names cannot satisfy.
+
+    Works on names alone (a file's header or schema), so a typo is caught before the rows are read.
+
+    >>> check_columns(["when", "x"], "generic", time_column="when", label_column="fraud")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.InputDataError: label column 'fraud' is not in the table; its columns are when, x
+    """
+    _plan(list(columns), layout_name, id_column, time_column, key_column, label_column)
+
+
 def resolve_spec(
     frame: pd.DataFrame,
     layout_name: str = "auto",
@@ -45,7 +66,24 @@ def resolve_spec(
     label_column: str | None = None,
 ) -> ReplaySpec:
     """Work out the columns to use from a named or detected layout plus explicit flags."""
-    columns = list(frame.columns)
+    layout, spec = _plan(list(frame.columns), layout_name, id_column, time_column, key_column, label_column)
+    spec = replace(spec, time_unit=_time_unit(frame, spec.time_column, layout))
+    if spec.id_column and frame[spec.id_column].isna().any():
+        raise InputDataError(f"id column {spec.id_column!r} has missing values")
+    if frame[spec.time_column].isna().any():
+        raise InputDataError(f"time column {spec.time_column!r} has missing values")
+    return spec
+
+
+def _plan(
+    columns: list,
+    layout_name: str,
+    id_column: str | None,
+    time_column: str | None,
+    key_column: str | None,
+    label_column: str | None,
+) -> tuple[TableLayout | None, ReplaySpec]:
+    """The layout and the columns in each role (time unit still unknown), every named one present."""
     layout: TableLayout | None
     if layout_name == "auto":
         layout = detect_layout(columns)
@@ -65,10 +103,14 @@ def resolve_spec(
         time_column=tcol,
         key_column=key_column or (layout.key_column if layout else None),
         label_columns=_labels(label_column, layout),
-        time_unit=_time_unit(frame, tcol, layout),
+        time_unit="datetime",
     )
-    _check_columns(frame, spec)
-    return spec
+    wanted = {"id": spec.id_column, "time": spec.time_column, "key": spec.key_column, "label": label_column}
+    for role, column in wanted.items():
+        if column is not None and column not in columns:
+            raise InputDataError(f"{role} column {column!r} is not in the table; its columns "
+                                 f"are {', '.join(map(str, columns))}")
+    return layout, spec
 
 
 def _labels(label_column: str | None, layout: TableLayout | None) -> tuple[str, ...]:
@@ -80,8 +122,6 @@ def _labels(label_column: str | None, layout: TableLayout | None) -> tuple[str, 
 
 
 def _time_unit(frame: pd.DataFrame, column: str, layout: TableLayout | None) -> str:
-    if column not in frame.columns:
-        return "datetime"  # reported by _check_columns
     series = frame[column]
     if pd.api.types.is_datetime64_any_dtype(series) or series.dtype == object:
         return "datetime"
@@ -89,18 +129,6 @@ def _time_unit(frame: pd.DataFrame, column: str, layout: TableLayout | None) -> 
         return layout.time_unit
     # Generic numeric times: epoch milliseconds if they look like it, else seconds from origin.
     return "ms" if float(series.max()) > 1e11 else "s"
-
-
-def _check_columns(frame: pd.DataFrame, spec: ReplaySpec) -> None:
-    wanted = {"id": spec.id_column, "time": spec.time_column, "key": spec.key_column}
-    for role, column in wanted.items():
-        if column is not None and column not in frame.columns:
-            raise InputDataError(f"{role} column {column!r} is not in the table; its columns "
-                                 f"are {', '.join(map(str, frame.columns))}")
-    if spec.id_column and frame[spec.id_column].isna().any():
-        raise InputDataError(f"id column {spec.id_column!r} has missing values")
-    if frame[spec.time_column].isna().any():
-        raise InputDataError(f"time column {spec.time_column!r} has missing values")
 
 
 def event_times_ms(frame: pd.DataFrame, spec: ReplaySpec) -> np.ndarray:

@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
-from deploy.kafka.local import _cluster_id
+import pytest
+
+from deploy.kafka.local import (
+    DEFAULT_HOME,
+    LocalKafka,
+    LocalKafkaError,
+    _cluster_id,
+    default_home,
+    quiet_logger,
+    wait_until_ready,
+)
 
 
 def test_cluster_ids_never_look_like_an_option() -> None:
@@ -13,3 +28,41 @@ def test_cluster_ids_never_look_like_an_option() -> None:
     ids = {_cluster_id() for _ in range(5000)}
     assert len(ids) == 5000
     assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{21}", i) for i in ids)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])  # nothing listens once the socket is closed
+
+
+def test_readiness_probe_is_quiet_but_keeps_the_reason(caplog: pytest.LogCaptureFixture) -> None:
+    # `make demo` showed kafka-python's ECONNREFUSED ERROR lines while the broker was starting.
+    kafka_logger = logging.getLogger("kafka")
+    before = kafka_logger.level
+    with caplog.at_level(logging.DEBUG), pytest.raises(LocalKafkaError, match="did not answer within") as err:
+        wait_until_ready(f"127.0.0.1:{closed_port()}", timeout_s=1.0)
+    assert [r for r in caplog.records if r.name.startswith("kafka")] == []
+    assert "Unable to bootstrap" in str(err.value) or "Connection" in str(err.value)  # the last error travels
+    assert kafka_logger.level == before
+
+
+def test_quiet_logger_restores_the_level_after_an_error() -> None:
+    logger = logging.getLogger("kafka.test-quiet")
+    logger.setLevel(logging.INFO)
+    with pytest.raises(RuntimeError), quiet_logger("kafka.test-quiet"):
+        assert not logger.isEnabledFor(logging.CRITICAL)
+        raise RuntimeError
+    assert logger.level == logging.INFO
+
+
+def test_cli_works_from_any_directory(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "deploy.kafka", "status", "--home", "state"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert (done.returncode, done.stdout, done.stderr) == (1, "not running\n", "")
+
+
+def test_home_is_absolute_whatever_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert LocalKafka("state").home == tmp_path.resolve() / "state"
+    assert DEFAULT_HOME.is_absolute() and default_home() == DEFAULT_HOME

@@ -9,11 +9,14 @@ import orjson
 import pandas as pd
 import pytest
 
+from pipeline.config import KafkaSettings
 from pipeline.errors import InputDataError
 from pipeline.features import CREDITCARD_FEATURES, HANDBOOK_FEATURES, read_table
 from pipeline.schema import Transaction, decode
-from producer.send import Pacer
-from producer.tables import float32_as_decimal, iter_records, resolve_spec
+from producer import send
+from producer.header import read_columns
+from producer.send import Pacer, make_producer
+from producer.tables import check_columns, float32_as_decimal, iter_records, resolve_spec
 
 
 def handbook_frame(n: int = 50, seed: int = 1) -> pd.DataFrame:
@@ -91,10 +94,42 @@ def test_generic_layout_needs_a_time_column() -> None:
 @pytest.mark.parametrize("kwargs, message", [
     ({"id_column": "nope"}, "id column 'nope' is not in the table"),
     ({"key_column": "nope"}, "key column 'nope'"),
+    ({"time_column": "nope"}, "time column 'nope'"),
+    ({"label_column": "nope"}, "label column 'nope'"),  # was ignored: --drop-label then kept the label
 ])
 def test_missing_flagged_column_is_named(kwargs: dict, message: str) -> None:
     with pytest.raises(InputDataError, match=message):
         resolve_spec(handbook_frame(), "auto", **kwargs)
+    with pytest.raises(InputDataError, match=message):
+        check_columns(list(handbook_frame(1).columns), "auto", **kwargs)
+
+
+@pytest.mark.parametrize("name", ["t.parquet", "t.csv", "t.csv.gz", "t.csv.bz2", "t.tsv.xz"])
+def test_read_columns_from_the_header_alone(tmp_path: Path, name: str) -> None:
+    frame = pd.DataFrame({"when": [1, 2], "amount, EUR": [1.0, 2.0]})
+    path = tmp_path / name
+    if name.endswith(".parquet"):
+        frame.to_parquet(path, index=False)
+    else:
+        frame.to_csv(path, index=False, sep="\t" if ".tsv" in name else ",")
+    assert read_columns(path) == ["when", "amount, EUR"]
+
+
+def test_read_columns_reports_a_broken_parquet_and_leaves_odd_files_to_the_full_read(tmp_path: Path) -> None:
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputDataError, match="cannot be read as Parquet"):
+        read_columns(tmp_path / "bad.parquet")
+    (tmp_path / "bad.csv.gz").write_bytes(b"not gzip")
+    assert read_columns(tmp_path / "bad.csv.gz") is None
+    assert read_columns(tmp_path / "t.csv.zip") is None
+
+
+def test_producer_delivery_timeout_follows_a_long_request_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    # kafka-python refuses delivery_timeout_ms < linger_ms + request_timeout_ms; its default is 120 s.
+    seen: dict = {}
+    monkeypatch.setattr(send, "KafkaProducer", lambda **options: seen.update(options))
+    make_producer(KafkaSettings.build(environ={}, overrides={"request_timeout_ms": 300_000}))
+    assert seen["delivery_timeout_ms"] >= seen["request_timeout_ms"] + seen["linger_ms"]
 
 
 def test_missing_values_in_nonfeature_columns_become_null() -> None:

@@ -181,6 +181,7 @@ def test_window_edges_and_same_second_rows_follow_pandas() -> None:
         ("radius", float("nan")),
         ("seed", -1),
         ("start_date", "April 1st"),
+        ("start_date", "1500-01-01"),  # outside what nanosecond timestamps hold
         ("terminals_compromised_per_day", -0.5),
     ],
 )
@@ -194,3 +195,25 @@ def test_compromise_rates_scale_with_population() -> None:
     assert config.terminal_rate == pytest.approx(0.2)
     assert config.customer_rate == pytest.approx(0.3)
     assert SimulatorConfig(terminals_compromised_per_day=0).terminal_rate == 0.0
+
+
+def test_a_simulation_without_transactions_is_refused_with_a_message() -> None:
+    # Five terminals on a 100 x 100 grid leave every customer without one within its radius.
+    with pytest.raises(ConfigError, match="make no transactions"):
+        simulate(SimulatorConfig(n_customers=5, n_terminals=5, n_days=1))
+
+
+def test_compact_start_dates_mean_the_same_day() -> None:
+    # numpy reads "20180401" as a number of years; the simulator must not.
+    compact = simulate(SimulatorConfig(n_customers=50, n_terminals=100, n_days=2, start_date="20180401"))
+    assert compact["TX_DATETIME"].min() >= pd.Timestamp("2018-04-01")
+    assert compact["TX_DATETIME"].max() < pd.Timestamp("2018-04-03")
+
+
+def test_the_config_module_imports_neither_numpy_nor_pandas() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, producer.simconfig; print(sorted({'numpy', 'pandas'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"

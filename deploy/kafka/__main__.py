@@ -1,4 +1,7 @@
-"""``python -m deploy.kafka start|stop|status``: manage the local single-node broker."""
+"""``python -m deploy.kafka start|stop|status``: manage the local single-node broker, from any directory.
+
+The broker's files live in the checkout's ``.cache/kafka`` whatever the working directory (``--home`` to move them).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)  # its readiness probe retries are expected
+    logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO chatter; the readiness probe is quiet
     kafka = LocalKafka(args.home)
     try:
         if args.command == "start":

@@ -20,6 +20,8 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,8 +29,17 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-DEFAULT_HOME = REPO / ".cache" / "kafka"
 POM = HERE / "pom.xml"
+
+
+def default_home() -> Path:
+    """``.cache/kafka`` in the source checkout (whatever the working directory), else the user's cache."""
+    if (REPO / "pyproject.toml").is_file():
+        return REPO / ".cache" / "kafka"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fraud-pipeline" / "kafka"
+
+
+DEFAULT_HOME = default_home()
 
 
 class LocalKafkaError(RuntimeError):
@@ -78,7 +89,7 @@ class LocalKafka:
     """Owns one local broker whose files live under ``home`` (default ``.cache/kafka``)."""
 
     def __init__(self, home: Path | str = DEFAULT_HOME, heap: str = "768m") -> None:
-        self.home = Path(home)
+        self.home = Path(home).expanduser().resolve()  # the state file must not depend on the cwd
         self.heap = heap
         self.libs = self.home / "libs"
         self.state_file = self.home / "broker.json"
@@ -212,17 +223,32 @@ def wait_until_ready(
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise LocalKafkaError(f"broker exited with code {proc.returncode}; see its log")
+        wait_ms = int(1000 * min(5.0, max(0.5, deadline - time.monotonic())))
         try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-            try:
-                admin.describe_cluster()
-                return
-            finally:
-                admin.close()
+            with quiet_logger("kafka"):  # refused connections are expected until the broker listens
+                admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000,
+                                         bootstrap_timeout_ms=wait_ms, reconnect_backoff_max_ms=500)
+                try:
+                    admin.describe_cluster()
+                    return
+                finally:
+                    admin.close()
         except (KafkaError, OSError) as err:
             last = err
             time.sleep(0.5)
     raise LocalKafkaError(f"broker at {bootstrap} did not answer within {timeout_s:.0f}s: {last}")
+
+
+@contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Silence one logger (and its children that inherit its level) for the duration of a block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
