@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterable
 
@@ -17,9 +18,9 @@ from pipeline.errors import BrokerError
 log = logging.getLogger(__name__)
 
 
-def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0) -> None:
-    """Return once a bootstrap server accepts a TCP connection; say so at once when none does, keep
-    trying for ``connect_timeout_s``, then raise BrokerError (no client, so no library log noise)."""
+def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threading.Event | None = None) -> None:
+    """Return once a bootstrap server accepts a TCP connection (or ``stop`` is set); say so at once when
+    none does, keep trying for ``connect_timeout_s``, then raise BrokerError (no client: no library noise)."""
     servers = [s.strip().rpartition(":") for s in settings.bootstrap_servers.split(",")]
     deadline = time.monotonic() + settings.connect_timeout_s
     said = False
@@ -41,7 +42,8 @@ def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0) -> None:
             log.warning("cannot reach Kafka at %s (%s); trying again for %.0fs", settings.bootstrap_servers,
                         reason, settings.connect_timeout_s)
             said = True
-        time.sleep(every_s)
+        if (stop or threading.Event()).wait(every_s):
+            return
 
 
 def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: int = 3) -> None:

@@ -1,7 +1,6 @@
 """argparse pieces for ``fraud-produce``: errors on one line, value types that say what is wrong, ``--version``.
 
->>> one_line("no\\nsuch file")
-'no\\\\nsuch file'
+The one-line parser and ``--version`` are shared with the other commands (``pipeline.cliargs``).
 """
 
 from __future__ import annotations
@@ -10,47 +9,10 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from typing import NoReturn
 
+from pipeline.cliargs import one_line
 from pipeline.errors import ConfigError
 from producer.simconfig import start_day
-
-
-def one_line(text: str) -> str:
-    """``text`` with line breaks and other unprintable characters escaped, so it prints as one line."""
-    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line on stderr (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        command = self.prog.split()[0]
-        self.exit(2, f"{command}: error: {one_line(message)} (see {self.prog} --help)\n")
-
-
-class VersionAction(argparse.Action):
-    """``--version``: the installed package's version, looked up only when asked for."""
-
-    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
-                         help="print the version and exit")
-
-    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
-        print(f"{parser.prog} {package_version()}")
-        parser.exit(0)
-
-
-def package_version() -> str:
-    """The installed ``fraud-pipeline`` version (the source tree's when it is not installed)."""
-    from importlib import metadata
-
-    try:
-        return metadata.version("fraud-pipeline")
-    except metadata.PackageNotFoundError:
-        from pipeline import __version__
-
-        return __version__
 
 
 def number(kind: type, low: float, what: str, *, high: float = math.inf, hint: str = "") -> Callable[[str], float]:

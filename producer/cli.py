@@ -12,9 +12,10 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
+from pipeline.cliargs import OneLineParser, VersionAction
 from pipeline.config import KafkaSettings
 from pipeline.errors import FraudPipelineError
-from producer.argparsing import OneLineParser, VersionAction, iso_day, number, report
+from producer.argparsing import iso_day, number, report
 from producer.options import INT32_MAX, LAYOUT_NAMES, MIN_RATE, Options, check
 
 EPILOG = "A misuse (bad flag, missing file, unknown column) stops with one line on stderr and exit code 2."

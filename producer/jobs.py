@@ -24,14 +24,25 @@ def execute(options: Options) -> int:
     """Run a checked command line; the exit code (0 when every record was acknowledged)."""
     job = options.job
     if isinstance(job, SimulateJob):
+        if job.output is None:
+            reach_kafka(options.settings)
         frame = simulate_table(job)
         if job.output is not None:
             write_table(frame, job.output)
             print(f"wrote {len(frame)} transactions ({int(frame['TX_FRAUD'].sum())} frauds) to {job.output}")
             return 0
         return stream_table(frame, resolve_spec(frame, "handbook"), options.settings, options.stream)
+    check_header(job)
+    reach_kafka(options.settings)
     frame, spec = load_table(job)
     return stream_table(frame, spec, options.settings, options.stream)
+
+
+def reach_kafka(settings: KafkaSettings) -> None:
+    """Before the slow part (reading, simulating): a wrong broker address is said within seconds."""
+    from pipeline.topics import wait_for_kafka
+
+    wait_for_kafka(settings)
 
 
 def simulate_table(job: SimulateJob) -> pd.DataFrame:
@@ -59,15 +70,22 @@ def write_table(frame: pd.DataFrame, path: Path) -> None:
         raise InputDataError(f"cannot write {path}: {err.strerror or err}") from err
 
 
-def load_table(job: ReplayJob) -> tuple[pd.DataFrame, ReplaySpec]:
-    """Check the column flags against the file's header, then read it and work out its columns."""
-    flags = dict(id_column=job.id_column, time_column=job.time_column, key_column=job.key_column,
-                 label_column=job.label_column)
+def _column_flags(job: ReplayJob) -> dict[str, str | None]:
+    return dict(id_column=job.id_column, time_column=job.time_column, key_column=job.key_column,
+                label_column=job.label_column)
+
+
+def check_header(job: ReplayJob) -> None:
+    """Check the column flags against the file's header, without reading the rows."""
     columns = read_columns(job.file)
     if columns is not None:
-        check_columns(columns, job.layout, **flags)
+        check_columns(columns, job.layout, **_column_flags(job))
+
+
+def load_table(job: ReplayJob) -> tuple[pd.DataFrame, ReplaySpec]:
+    """Read the table and work out its columns (``check_header`` first)."""
     frame = read_table(job.file)
-    return frame, resolve_spec(frame, job.layout, **flags)
+    return frame, resolve_spec(frame, job.layout, **_column_flags(job))
 
 
 def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings, stream: StreamOptions) -> int:

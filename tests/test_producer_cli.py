@@ -13,9 +13,9 @@ from unittest import mock
 import pandas as pd
 import pytest
 
+from pipeline.cliargs import package_version
 from pipeline.errors import InputDataError
 from producer import jobs
-from producer.argparsing import package_version
 from producer.cli import parse, run
 from producer.options import ReplayJob, SimulateJob
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from pipeline import __version__
+from pipeline.cliargs import OneLineParser, VersionAction
 from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import ConfigError, FraudPipelineError
 
@@ -28,9 +28,9 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fraud-worker", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser = OneLineParser(prog="fraud-worker", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action=VersionAction)
     KafkaSettings.add_arguments(parser)
     WorkerSettings.add_arguments(parser)
     parser.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
@@ -88,7 +88,9 @@ def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namesp
     from pipeline.worker.metrics import WorkerMetrics
     from pipeline.worker.reload import ModelWatcher
 
-    wait_for_kafka(kafka)  # before the slow model load: a wrong address is said within seconds
+    wait_for_kafka(kafka, stop=stop)  # before the slow model load: a wrong address is said within seconds
+    if stop.is_set():
+        return 0
     scorer = load_scorer(Path(settings.model_dir), settings)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry, process=True)
