@@ -4,19 +4,34 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test unit lint tools kafka-start kafka-stop bench clean
+# Which PyTorch build goes into .venv (deploy/install-torch.sh; README, "PyTorch: CPU or CUDA"):
+#   cpu   PyTorch's CPU wheels from TORCH_CPU_INDEX (~200 MB); if that index cannot be reached,
+#         PyPI's wheel instead, with a warning
+#   cuda  PyPI's default wheel, which on Linux x86-64 is the CUDA build (several GB, its own CUDA)
+# Default: cuda where `nvidia-smi` is on PATH, else cpu. Override: `make test TORCH=cuda`.
+TORCH           ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export TORCH TORCH_CPU_INDEX
+
+.PHONY: demo test unit lint rules tools promtool kafka-start kafka-stop bench clean
 
 # uv installs PyTorch's multi-gigabyte wheels from its cache in seconds (pip: minutes).
-$(STAMP): pyproject.toml
+# PyTorch first (the build chosen above), then the project with the trainer and test extras.
+$(STAMP): pyproject.toml deploy/install-torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]'
+	deploy/install-torch.sh $(BIN)/python
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[train,test]'
 	touch $(STAMP)
 
-# System tools the tests drive for real: kcat (an independent Kafka client),
-# Prometheus and promtool, Java and Maven for the local broker.
+# System tools the tests drive for real: kcat (an independent Kafka client), Prometheus,
+# Java and Maven for the local broker, and promtool of the compose file's Prometheus release.
 tools:
 	@deploy/install-tools.sh
+
+# Only the promtool (no system packages): what the unit tier needs.
+promtool:
+	@deploy/install-tools.sh promtool
 
 demo: $(STAMP) tools
 	$(BIN)/python -m deploy.demo
@@ -25,11 +40,16 @@ test: $(STAMP) tools
 	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
 	$(BIN)/python -m pytest
 
-unit: $(STAMP)
+unit: $(STAMP) promtool
 	$(BIN)/python -m pytest -m "not integration"
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
+
+# The alerting rules: check them and run their unit tests (deploy/prometheus/rules_test.yml).
+rules: promtool
+	cd deploy/prometheus && ../../.cache/tools/bin/promtool check rules rules.yml
+	cd deploy/prometheus && ../../.cache/tools/bin/promtool test rules rules_test.yml
 
 kafka-start: $(STAMP)
 	$(BIN)/python -m deploy.kafka start
