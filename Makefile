@@ -13,7 +13,7 @@ TORCH           ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export TORCH TORCH_CPU_INDEX
 
-.PHONY: demo test unit lint rules tools promtool kafka-start kafka-stop bench clean
+.PHONY: demo test unit lint rules tools go-tools kafka-start kafka-stop bench clean
 
 # uv installs PyTorch's multi-gigabyte wheels from its cache in seconds (pip: minutes).
 # PyTorch first (the build chosen above), then the project with the trainer and test extras.
@@ -25,13 +25,14 @@ $(STAMP): pyproject.toml deploy/install-torch.sh
 	touch $(STAMP)
 
 # System tools the tests drive for real: kcat (an independent Kafka client), Prometheus,
-# Java and Maven for the local broker, and promtool of the compose file's Prometheus release.
+# Java and Maven for the local broker; built with Go: promtool of the compose file's
+# Prometheus release and compose-config (the compose loader, without Docker).
 tools:
 	@deploy/install-tools.sh
 
-# Only the promtool (no system packages): what the unit tier needs.
-promtool:
-	@deploy/install-tools.sh promtool
+# Only the Go-built tools (no system packages): what the unit tier needs.
+go-tools:
+	@deploy/install-tools.sh --go-only
 
 demo: $(STAMP) tools
 	$(BIN)/python -m deploy.demo
@@ -40,14 +41,14 @@ test: $(STAMP) tools
 	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
 	$(BIN)/python -m pytest
 
-unit: $(STAMP) promtool
+unit: $(STAMP) go-tools
 	$(BIN)/python -m pytest -m "not integration"
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
 
 # The alerting rules: check them and run their unit tests (deploy/prometheus/rules_test.yml).
-rules: promtool
+rules: go-tools
 	cd deploy/prometheus && ../../.cache/tools/bin/promtool check rules rules.yml
 	cd deploy/prometheus && ../../.cache/tools/bin/promtool test rules rules_test.yml
 
