@@ -24,9 +24,9 @@ $(STAMP): pyproject.toml deploy/install-torch.sh
 	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[train,test]'
 	touch $(STAMP)
 
-# System tools the tests drive for real: kcat (an independent Kafka client), Prometheus,
-# Java and Maven for the local broker; built with Go: promtool of the compose file's
-# Prometheus release and compose-config (the compose loader, without Docker).
+# Tools the tests drive for real: kcat (an independent Kafka client), Java and Maven for the
+# local broker; built with Go: the Prometheus server and promtool of the compose file's
+# Prometheus release, and compose-config (the compose loader, without Docker).
 tools:
 	@deploy/install-tools.sh
 

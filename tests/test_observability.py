@@ -1,9 +1,10 @@
 """Monitoring as code, proven with real components.
 
-promtool checks the project's Prometheus config and rules; then a real Prometheus server
-scrapes a live worker subprocess that scores a real stream from the session's Kafka, and every
-PromQL expression of every dashboard panel, plus every alerting rule, is evaluated through
-Prometheus' HTTP API: each panel query must return data, each rule must load and evaluate.
+promtool checks the project's Prometheus config and rules; then a real Prometheus server scrapes
+a live worker subprocess that scores a real stream from the session's Kafka, and every PromQL
+expression of every dashboard panel, plus every alerting rule, is evaluated through Prometheus'
+HTTP API: each panel query must return data, each rule must load and evaluate. promtool and the
+server are of the release docker-compose.yml runs (`make tools` builds them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +29,7 @@ import pandas as pd
 import pytest
 
 from deploy.prometheus.render import COMPOSE_CONFIG, JOB, RULES, render_config
-from deploy.prometheus.tools import compose_prometheus_version, find_promtool
+from deploy.prometheus.tools import compose_prometheus_version, find_prometheus, find_promtool
 from pipeline.config import KafkaSettings
 from tests.worker_helpers import produce_bad, produce_frame
 
@@ -42,12 +42,6 @@ GRAFANA_BUILTINS = {"$__rate_interval": "5s", "$__interval": "2s", "$__range": "
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"'{name}' is not on PATH; `make test` installs it (deploy/install-tools.sh: "
-                    "Debian's prometheus package), or `apt-get install prometheus`")
-    return path
 
 
 def _free_port() -> int:
@@ -210,7 +204,9 @@ def live_worker(kafka_settings: KafkaSettings, kafka_env: dict[str, str], model_
 @pytest.fixture
 def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[PrometheusAPI, str, Callable[[], str]]]:
     """A real Prometheus server scraping the live worker every second with the project's rules."""
-    binary = _tool("prometheus")
+    binary = find_prometheus()  # the release compose runs, not Debian's 2.x
+    if binary is None:
+        pytest.fail(f"no Prometheus {compose_prometheus_version()} (docker-compose.yml's): `make tools` builds it")
     target, worker_log = live_worker
     config = tmp_path / "prometheus.yml"
     config.write_text(render_config([target], scrape_interval="1s"))
@@ -218,7 +214,7 @@ def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[
     log = tmp_path / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            [str(binary), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

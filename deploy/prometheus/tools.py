@@ -1,12 +1,12 @@
-"""The promtool that matches the Prometheus release docker-compose.yml runs.
+"""The promtool and Prometheus server of the release docker-compose.yml runs.
 
-Rules are checked and unit-tested with the same major version the stack evaluates them with.
-``make tools`` (``deploy/install-tools.sh``) builds that promtool once, from the Prometheus Go
-module at the compose file's release, into ``.cache/tools/prometheus-VERSION/promtool``.
+Rules are checked, unit-tested and evaluated by the same major version the stack runs.
+``make tools`` (``deploy/install-tools.sh``) builds both once, from the Prometheus Go module at
+the compose file's release, into ``.cache/tools/prometheus-VERSION/``.
 
 >>> version_of("promtool, version 3.5.0 (branch: HEAD, revision: v0.305.0)")
 '3.5.0'
->>> version_of("promtool, version 2.42.0+ds (branch: debian/sid, revision: 2.42.0+ds-5+deb12u1)")
+>>> version_of("prometheus, version 2.42.0+ds (branch: debian/sid, revision: 2.42.0+ds-5+deb12u1)")
 '2.42.0'
 """
 
@@ -37,7 +37,7 @@ def version_of(text: str) -> str | None:
 
 
 def tool_version(path: Path | str) -> str | None:
-    """The version a promtool binary reports, or None if it does not run."""
+    """The version a promtool or prometheus binary reports, or None if it does not run."""
     try:
         done = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30)
     except OSError:
@@ -45,14 +45,25 @@ def tool_version(path: Path | str) -> str | None:
     return version_of(done.stdout + done.stderr)
 
 
-def find_promtool() -> Path | None:
-    """The cached promtool of the compose release, else one on PATH of the same major version."""
+def find_tool(name: str) -> Path | None:
+    """``name`` (promtool, prometheus) of the compose release: the cached build, else one on PATH
+    of the same major version."""
     wanted = compose_prometheus_version()
-    cached = CACHE / f"prometheus-{wanted}" / "promtool"
+    cached = CACHE / f"prometheus-{wanted}" / name
     if cached.is_file() and tool_version(cached) == wanted:
         return cached
-    on_path = shutil.which("promtool")
+    on_path = shutil.which(name)
     found = tool_version(on_path) if on_path else None
     if on_path and found and found.split(".")[0] == wanted.split(".")[0]:
         return Path(on_path)
     return None
+
+
+def find_promtool() -> Path | None:
+    """promtool of the compose release (see ``find_tool``)."""
+    return find_tool("promtool")
+
+
+def find_prometheus() -> Path | None:
+    """The Prometheus server of the compose release (see ``find_tool``)."""
+    return find_tool("prometheus")
