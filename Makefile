@@ -13,7 +13,7 @@ TORCH           ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export TORCH TORCH_CPU_INDEX
 
-.PHONY: demo test unit lint rules tools go-tools kafka-start kafka-stop bench clean
+.PHONY: demo test unit lint rules tools system-tools go-tools kafka-start kafka-stop bench clean
 
 # uv installs PyTorch's multi-gigabyte wheels from its cache in seconds (pip: minutes).
 # PyTorch first (the build chosen above), then the project with the trainer and test extras.
@@ -25,16 +25,17 @@ $(STAMP): pyproject.toml deploy/install-torch.sh
 	touch $(STAMP)
 
 # Tools the tests drive for real: kcat (an independent Kafka client), Java and Maven for the
-# local broker; built with Go: the Prometheus server and promtool of the compose file's
-# Prometheus release, and compose-config (the compose loader, without Docker).
-tools:
-	@deploy/install-tools.sh
+# local broker (system-tools); built with Go (go-tools): the Prometheus server and promtool of
+# the compose file's Prometheus release, and compose-config (the compose loader, without Docker).
+tools: system-tools go-tools
 
-# Only the Go-built tools (no system packages): what the unit tier needs.
+system-tools:
+	@deploy/install-tools.sh --system-only
+
 go-tools:
 	@deploy/install-tools.sh --go-only
 
-demo: $(STAMP) tools
+demo: $(STAMP) system-tools
 	$(BIN)/python -m deploy.demo
 
 test: $(STAMP) tools

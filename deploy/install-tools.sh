@@ -5,7 +5,7 @@
 # docker-compose.yml runs (Debian's are 2.x), from the Prometheus Go module at that release,
 # in .cache/tools/prometheus-VERSION/ (linked from .cache/tools/bin/); and compose-config
 # (deploy/compose-config: the loader of `docker compose config`, no Docker engine needed).
-# `install-tools.sh --go-only`: only the Go-built tools.
+# `install-tools.sh --go-only`: only the Go-built tools; `--system-only`: only the packages.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bin="$repo/.cache/tools/bin"
@@ -26,6 +26,7 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+[ "${1:-}" = --system-only ] && exit 0
 if ! command -v go >/dev/null; then
   echo "install-tools: building Prometheus, promtool and compose-config needs Go 1.21 or later on PATH" \
        "(Debian 12's golang-go is 1.19: install a newer Go, e.g. golang-1.23 from bookworm-backports)" >&2
