@@ -288,6 +288,19 @@ def test_core_dependencies_run_the_worker_and_train_extra_holds_the_trainer_pack
     assert {"torch", "kafka-python", "prometheus-client"} <= core
 
 
+def test_fraud_train_without_the_train_extra_says_how_to_get_it() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['sklearn'] = None  # as if `pip install fraud-pipeline` without [train]\n"
+        "from trainer.entry import main\n"
+        "main()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120,
+                          cwd=REPO)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "pip install 'fraud-pipeline[train]'" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_worker_and_producer_import_no_trainer_only_package() -> None:
     """Every module of the worker and the producer imports, and both CLIs start, without them."""
     code = (
