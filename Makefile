@@ -4,21 +4,38 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test chaos unit lint tools kafka-start kafka-stop bench clean
+# Which PyTorch build goes into .venv (deploy/install-torch.sh; README, "PyTorch: CPU or CUDA"):
+#   cpu   PyTorch's CPU wheels from TORCH_CPU_INDEX (~200 MB); if that index cannot be reached,
+#         PyPI's wheel instead, with a warning
+#   cuda  PyPI's default wheel, which on Linux x86-64 is the CUDA build (several GB, its own CUDA)
+# Default: cuda where `nvidia-smi` is on PATH, else cpu. Override: `make test TORCH=cuda`.
+TORCH           ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+export TORCH TORCH_CPU_INDEX
+
+.PHONY: demo test chaos unit lint rules tools system-tools go-tools kafka-start kafka-stop bench clean
 
 # uv installs PyTorch's multi-gigabyte wheels from its cache in seconds (pip: minutes).
-$(STAMP): pyproject.toml
+# PyTorch first (the build chosen above), then the project with the trainer and test extras.
+$(STAMP): pyproject.toml deploy/install-torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install -q uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[test]'
+	deploy/install-torch.sh $(BIN)/python
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[train,test]'
 	touch $(STAMP)
 
-# System tools the tests drive for real: kcat (an independent Kafka client),
-# Prometheus and promtool, Java and Maven for the local broker.
-tools:
-	@deploy/install-tools.sh
+# Tools the tests drive for real: kcat (an independent Kafka client), Java and Maven for the
+# local broker (system-tools); built with Go (go-tools): the Prometheus server and promtool of
+# the compose file's Prometheus release, and compose-config (the compose loader, without Docker).
+tools: system-tools go-tools
 
-demo: $(STAMP) tools
+system-tools:
+	@deploy/install-tools.sh --system-only
+
+go-tools:
+	@deploy/install-tools.sh --go-only
+
+demo: $(STAMP) system-tools
 	$(BIN)/python -m deploy.demo
 
 test: $(STAMP) tools
@@ -26,14 +43,19 @@ test: $(STAMP) tools
 	$(BIN)/python -m pytest -m "not chaos"
 
 # Workers and the broker killed mid-stream, rebalances, 100,000 hostile records (about 15 minutes).
-chaos: $(STAMP) tools
+chaos: $(STAMP) system-tools
 	$(BIN)/python -m pytest -m chaos -s -p no:cacheprovider
 
-unit: $(STAMP)
+unit: $(STAMP) go-tools
 	$(BIN)/python -m pytest -m "not integration and not chaos"
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
+
+# The alerting rules: check them and run their unit tests (deploy/prometheus/rules_test.yml).
+rules: go-tools
+	cd deploy/prometheus && ../../.cache/tools/bin/promtool check rules rules.yml
+	cd deploy/prometheus && ../../.cache/tools/bin/promtool test rules rules_test.yml
 
 kafka-start: $(STAMP)
 	$(BIN)/python -m deploy.kafka start

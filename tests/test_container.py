@@ -1,10 +1,11 @@
 """The product as containers: the image trains, streams and scores against Kafka on one network.
 
-Builds deploy/Dockerfile, starts Apache Kafka (testcontainers' KafkaContainer, KRaft) and runs
-the image three times on a private network: the trainer (simulate a history, fit a model into a
-mounted folder), the worker (scores the input topic, serves /metrics) and the producer (streams
-the simulated days after the history). Passes when alerts come out on the alerts topic and the
-worker's metrics count them.
+Builds deploy/Dockerfile's two images (the worker image, its default target, and the trainer
+image), starts Apache Kafka (testcontainers' KafkaContainer, KRaft) and runs three containers on
+a private network: the trainer image (simulate a history, fit a model into a mounted folder),
+then the worker image as the worker (scores the input topic, serves /metrics) and as the producer
+(streams the simulated days after the history). Passes when alerts come out on the alerts topic
+and the worker's metrics count them.
 
 Needs a Docker engine; skipped with the reason where none answers. Run it with
 ``.venv/bin/python -m pytest -m docker tests/test_container.py`` (the first build downloads
@@ -35,6 +36,7 @@ pytestmark = [
 ]
 
 IMAGE_TAG = "fraud-pipeline:container-test"
+TRAINER_TAG = "fraud-pipeline-trainer:container-test"
 # A small simulated bank: history days [0, 58) train the model, days [58, 70) are streamed.
 SIM = ["--customers", "400", "--terminals", "800", "--days", "70", "--seed", "11"]
 HISTORY_DAYS = 58
@@ -42,9 +44,20 @@ HISTORY_DAYS = 58
 
 @pytest.fixture(scope="module")
 def image() -> Iterator[str]:
+    """The worker image: the Dockerfile's default target."""
     from testcontainers.core.image import DockerImage
 
     with DockerImage(path=REPO, dockerfile_path="deploy/Dockerfile", tag=IMAGE_TAG, clean_up=False) as built:
+        yield str(built)
+
+
+@pytest.fixture(scope="module")
+def trainer_image(image: str) -> Iterator[str]:
+    """The trainer image (built after the worker image, whose builder stage it reuses from the cache)."""
+    from testcontainers.core.image import DockerImage
+
+    with DockerImage(path=REPO, dockerfile_path="deploy/Dockerfile", tag=TRAINER_TAG, clean_up=False,
+                     target="trainer") as built:
         yield str(built)
 
 
@@ -61,7 +74,7 @@ def _metric(text: str, name: str) -> float:
 
 
 @pytest.mark.timeout(1800)
-def test_image_trains_scores_and_alerts(image: str, tmp_path: Path) -> None:
+def test_image_trains_scores_and_alerts(image: str, trainer_image: str, tmp_path: Path) -> None:
     from testcontainers.community.kafka import KafkaContainer
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.network import Network
@@ -74,12 +87,18 @@ def test_image_trains_scores_and_alerts(image: str, tmp_path: Path) -> None:
               "FRAUD_DEAD_LETTER_TOPIC": f"dlq-{tag}"}
     common = {"FRAUD_BOOTSTRAP_SERVERS": "kafka:9092", **topics}
 
-    inspect = DockerContainer(image).get_docker_client().client.images.get(image).attrs["Config"]
-    assert inspect["User"] and not inspect["User"].startswith(("root", "0")), inspect["User"]
+    client = DockerContainer(image).get_docker_client().client
+    for built in (image, trainer_image):
+        user = client.images.get(built).attrs["Config"]["User"]
+        assert user and not user.startswith(("root", "0")), (built, user)
+    # The worker image has no trainer-only package; the trainer image has them.
+    probe = "import importlib.util as u; print(sorted(m for m in ('sklearn', 'scipy', 'matplotlib') if u.find_spec(m)))"
+    assert client.containers.run(image, ["python", "-c", probe], remove=True).decode().strip() == "[]"
+    assert "sklearn" in client.containers.run(trainer_image, ["python", "-c", probe], remove=True).decode()
 
     with Network() as network, \
             KafkaContainer(KAFKA_IMAGE).with_kraft().with_network(network).with_network_aliases("kafka") as kafka:
-        trainer = (DockerContainer(image).with_network(network)
+        trainer = (DockerContainer(trainer_image).with_network(network)
                    .with_volume_mapping(str(work), "/work", "rw")
                    .with_command(["sh", "-c",
                                   f"fraud-produce simulate {' '.join(SIM)} --until-day {HISTORY_DAYS} "

@@ -1,9 +1,10 @@
 """Monitoring as code, proven with real components.
 
-promtool checks the project's Prometheus config and rules; then a real Prometheus server
-scrapes a live worker subprocess that scores a real stream from the session's Kafka, and every
-PromQL expression of every dashboard panel, plus every alerting rule, is evaluated through
-Prometheus' HTTP API: each panel query must return data, each rule must load and evaluate.
+promtool checks the project's Prometheus config and rules; then a real Prometheus server scrapes
+a live worker subprocess that scores a real stream from the session's Kafka, and every PromQL
+expression of every dashboard panel, plus every alerting rule, is evaluated through Prometheus'
+HTTP API: each panel query must return data, each rule must load and evaluate. promtool and the
+server are of the release docker-compose.yml runs (`make tools` builds them).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +29,7 @@ import pandas as pd
 import pytest
 
 from deploy.prometheus.render import COMPOSE_CONFIG, JOB, RULES, render_config
+from deploy.prometheus.tools import compose_prometheus_version, find_prometheus, find_promtool
 from pipeline.config import KafkaSettings
 from tests.worker_helpers import produce_bad, produce_frame
 
@@ -41,12 +42,6 @@ GRAFANA_BUILTINS = {"$__rate_interval": "5s", "$__interval": "2s", "$__range": "
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"'{name}' is not on PATH; `make test` installs it (deploy/install-tools.sh: "
-                    "Debian's prometheus package), or `apt-get install prometheus`")
-    return path
 
 
 def _free_port() -> int:
@@ -143,12 +138,14 @@ class PrometheusAPI:
 
 # -- promtool ---------------------------------------------------------------------------------
 def test_promtool_accepts_config_and_rules(tmp_path: Path) -> None:
-    promtool = _tool("promtool")
+    promtool = find_promtool()  # the release compose runs, not Debian's 2.x
+    if promtool is None:
+        pytest.fail(f"no promtool {compose_prometheus_version()} (docker-compose.yml's Prometheus): `make tools`")
     rendered = tmp_path / "prometheus.yml"
     rendered.write_text(render_config(["127.0.0.1:9108"], scrape_interval="1s"))
     for args in (["check", "config", str(COMPOSE_CONFIG)], ["check", "rules", str(RULES)],
                  ["check", "config", str(rendered)]):
-        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        done = subprocess.run([str(promtool), *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
 
 
@@ -207,7 +204,9 @@ def live_worker(kafka_settings: KafkaSettings, kafka_env: dict[str, str], model_
 @pytest.fixture
 def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[PrometheusAPI, str, Callable[[], str]]]:
     """A real Prometheus server scraping the live worker every second with the project's rules."""
-    binary = _tool("prometheus")
+    binary = find_prometheus()  # the release compose runs, not Debian's 2.x
+    if binary is None:
+        pytest.fail(f"no Prometheus {compose_prometheus_version()} (docker-compose.yml's): `make tools` builds it")
     target, worker_log = live_worker
     config = tmp_path / "prometheus.yml"
     config.write_text(render_config([target], scrape_interval="1s"))
@@ -215,7 +214,7 @@ def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[
     log = tmp_path / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            [str(binary), f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h", "--log.level=warn"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
@@ -237,7 +236,8 @@ def test_every_dashboard_query_and_rule_evaluates_on_live_data(
           and bool(api.query("fraud_consumer_lag")), 45, "Prometheus to scrape a scoring worker", logs)
     assert api.query(f'up{{job="{JOB}"}}')[0]["value"][1] == "1"
 
-    # The dashboard's variable query lists the worker.
+    # The dashboard's variable queries list the job and the worker.
+    assert JOB in api.label_values("job", "fraud_model_info")
     assert instance in api.label_values("instance", f'fraud_model_info{{job="{JOB}"}}')
 
     empty, nan_only = [], []
@@ -247,7 +247,7 @@ def test_every_dashboard_query_and_rule_evaluates_on_live_data(
         for title, expr in panel_targets(dashboard):
             # One worker's row (escaped as Grafana escapes regex variables for Prometheus), and "All".
             for value in (re.escape(instance).replace("\\", "\\\\"), ".*"):
-                promql = substitute(expr, {**GRAFANA_BUILTINS, "$instance": value})
+                promql = substitute(expr, {**GRAFANA_BUILTINS, "$job": JOB, "$instance": value})
                 result = api.query(promql)
                 checked += 1
                 if not result:
@@ -269,4 +269,4 @@ def test_every_dashboard_query_and_rule_evaluates_on_live_data(
     assert not broken, f"rules not evaluating: {broken}"
     # And none of the "nothing works" alerts is even pending on a healthy pipeline.
     active = {a["labels"]["alertname"] for r in rules.values() for a in r.get("alerts", [])}
-    assert not active & {"FraudWorkerDown", "FraudWorkersAbsent", "FraudNoTransactions"}, active
+    assert not active & {"FraudWorkerDown", "FraudWorkerStalled", "FraudWorkersAbsent", "FraudNoTransactions"}, active
