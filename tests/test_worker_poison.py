@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +34,9 @@ from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.outputs import TRUNCATED_VALUE_BYTES, Output, dead_letter
 from pipeline.worker.processing import BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
+from tests.worker_helpers import Record
 
 EVENT_MS = 1_600_000_000_000
-
-
-@dataclass
-class Record:
-    value: bytes | None
-    offset: int = 0
-    topic: str = "tx"
-    partition: int = 0
-    key: bytes | None = b"k"
-    headers: list = field(default_factory=list)
 
 
 def check_like_kafka_python(out: Output) -> None:

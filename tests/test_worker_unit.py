@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,16 +20,7 @@ from pipeline.worker.batch import decode_batch
 from pipeline.worker.delivery import AtLeastOnce, StopWithoutCommit
 from pipeline.worker.metrics import WorkerMetrics, observe_many
 from pipeline.worker.outputs import Output, alert_value, dead_letter
-
-
-@dataclass
-class Record:
-    value: bytes | None
-    offset: int = 0
-    topic: str = "tx"
-    partition: int = 0
-    key: bytes | None = b"k"
-    headers: list = field(default_factory=list)
+from tests.worker_helpers import Record
 
 
 def good(i: int, amount: float = 10.0) -> bytes:

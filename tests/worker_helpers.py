@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,18 @@ BAD_RECORDS: list[tuple[bytes, str]] = [
     (b'{"transaction_id": "bad-3", "event_time": "2018-05-01T00:00:00Z", "x": "' + b"y" * 70_000 + b'"}',
      "oversized"),
 ]
+
+
+@dataclass
+class Record:
+    """A consumed record as the worker reads it (kafka-python's ConsumerRecord), for tests without Kafka."""
+
+    value: bytes | None
+    offset: int = 0
+    topic: str = "tx"
+    partition: int = 0
+    key: bytes | None = b"k"
+    headers: list = field(default_factory=list)
 
 
 def produce_frame(settings: KafkaSettings, frame: pd.DataFrame, partitions: int = 3) -> int:
