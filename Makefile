@@ -44,7 +44,7 @@ test: $(STAMP) tools
 
 # Workers and the broker killed mid-stream, rebalances, 100,000 hostile records (about 15 minutes).
 chaos: $(STAMP) system-tools
-	$(BIN)/python -m pytest -m chaos -s -p no:cacheprovider
+	$(BIN)/python -m pytest -m chaos -s -p no:cacheprovider -o faulthandler_timeout=1150
 
 unit: $(STAMP) go-tools
 	$(BIN)/python -m pytest -m "not integration and not chaos"
