@@ -11,6 +11,7 @@ worker that was not killed exits 0), and under exactly-once 0 duplicate alerts f
 from __future__ import annotations
 
 import collections
+import datetime
 import os
 import random
 import shutil
@@ -25,7 +26,7 @@ from pathlib import Path
 import orjson
 import pandas as pd
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from deploy.kafka.local import DEFAULT_HOME, LocalKafka, wait_until_ready
 from pipeline.config import KafkaSettings
@@ -132,6 +133,29 @@ def assigned(log: Path) -> bool:
     return log.exists() and "partitions assigned: [TopicPartition" in log.read_text(errors="replace")
 
 
+def empty_assignment_seconds(log: Path) -> float:
+    """How long a worker held an empty first assignment before it got partitions (0: it never did)."""
+    stamps = []
+    for line in log.read_text(errors="replace").splitlines():
+        if "partitions assigned: [" in line:
+            when = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            stamps.append((when, "[]" in line))
+    if not stamps or not stamps[0][1]:
+        return 0.0
+    first_full = next((t for t, empty in stamps if not empty), None)
+    assert first_full is not None, f"{log.name}: never got a partition"
+    return first_full - stamps[0][0]
+
+
+def committed_total(settings: KafkaSettings, group: str) -> int:
+    consumer = KafkaConsumer(**settings.client_options(), group_id=group, enable_auto_commit=False)
+    try:
+        parts = consumer.partitions_for_topic(settings.input_topic) or set()
+        return sum(consumer.committed(TopicPartition(settings.input_topic, p)) or 0 for p in parts)
+    finally:
+        consumer.close(autocommit=False)
+
+
 def check_outcome(settings: KafkaSettings, model_dir: Path, frame: pd.DataFrame, group: str, mode: str,
                   what: str) -> dict:
     """0 lost, and under exactly-once 0 duplicates; the figures for README."""
@@ -191,6 +215,10 @@ def test_worker_killed_ten_times_mid_stream(settings: KafkaSettings, model_dir: 
     feeder_out, _ = feeder.communicate(timeout=300)
     assert feeder.returncode == 0, feeder_out
     workers.drain()
+    waits = [empty_assignment_seconds(workers.tmp / f"worker-{i}.log") for i in range(1, workers.started + 1)]
+    print(f"chaos: {workers.started} worker starts, {sum(w > 0 for w in waits)} began with an empty "
+          f"assignment, longest wait for partitions {max(waits):.1f}s")
+    assert max(waits) < 90  # the stall watchdog (30 s) or the metadata refresh (15 s) ends it
     figures = check_outcome(settings, model_dir, frame, group, mode, "kill -9 the worker x10")
     assert figures["records"] > 0 and kills == 10
 
@@ -209,12 +237,19 @@ def test_broker_killed_and_restarted_mid_stream(broker: Broker, settings: KafkaS
     broker.kill()
     time.sleep(5)
     broker.restart()
+    back, before = time.monotonic(), committed_total(settings, group)
+    assert wait_for(lambda: committed_total(settings, group) > before, timeout_s=120, every_s=0.1)
+    first_commit_s = time.monotonic() - back
     feeder_out, _ = feeder.communicate(timeout=300)
     assert feeder.returncode == 0, feeder_out
     proc.wait(timeout=300)
     out = log.read_text()
     assert proc.returncode == 0, out[-3000:]  # rode out the outage, no crash
     assert "Traceback" not in out
+    errors = sum(" ERROR " in line for line in out.splitlines())
+    warnings = sum(" WARNING " in line for line in out.splitlines())
+    print(f"chaos: broker back -> first new commit {first_commit_s:.1f}s; worker log: {errors} ERROR, "
+          f"{warnings} WARNING lines, no traceback ({mode})")
     workers.drain()
     check_outcome(settings, model_dir, frame, group, mode, "kill -9 and restart the broker")
 
