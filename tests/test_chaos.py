@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -129,6 +130,31 @@ def feed(settings: KafkaSettings, path: Path, rate: float) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
+class BadFeed:
+    """Undecodable records, one every ``interval_s``, so that every batch has dead letters to deliver."""
+
+    def __init__(self, settings: KafkaSettings, interval_s: float = 0.02) -> None:
+        self.settings, self.interval_s, self.sent = settings, interval_s, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        producer = KafkaProducer(**self.settings.client_options(), acks="all", enable_idempotence=True,
+                                 reconnect_backoff_max_ms=1000, delivery_timeout_ms=600_000)
+        futures = []
+        while not self._stop.wait(self.interval_s):
+            futures.append(producer.send(self.settings.input_topic, value=b'{"bad": %d' % len(futures)))
+        producer.flush()
+        self.sent = sum(1 for f in futures if f.succeeded())
+        producer.close()
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=300)
+        return self.sent
+
+
 def assigned(log: Path) -> bool:
     return log.exists() and "partitions assigned: [TopicPartition" in log.read_text(errors="replace")
 
@@ -157,7 +183,7 @@ def committed_total(settings: KafkaSettings, group: str) -> int:
 
 
 def check_outcome(settings: KafkaSettings, model_dir: Path, frame: pd.DataFrame, group: str, mode: str,
-                  what: str) -> dict:
+                  what: str, bad_sent: int = 0) -> dict:
     """0 lost, and under exactly-once 0 duplicates; the figures for README."""
     assert wait_for(lambda: committed_to_end(settings, group), timeout_s=120), "offsets not committed to the end"
     isolation = "read_committed" if mode == "exactly-once" else "read_uncommitted"
@@ -174,11 +200,28 @@ def check_outcome(settings: KafkaSettings, model_dir: Path, frame: pd.DataFrame,
         raw = collections.Counter(i for i in alert_ids(read_topic(settings, settings.alerts_topic, timeout_s=60))
                                   if i in good)
         figures["duplicates_if_read_uncommitted"] = sum(n - 1 for n in raw.values())
+    if bad_sent:
+        def sources(records: list) -> collections.Counter:
+            return collections.Counter((dict(r.headers)["dlq.source.partition"], dict(r.headers)["dlq.source.offset"])
+                                       for r in records if r.value.startswith(b'{"bad": '))
+        in_topic = sum(r.value.startswith(b'{"bad": ') for r in read_topic(settings, settings.input_topic,
+                                                                          timeout_s=120))
+        assert in_topic >= bad_sent
+        letters = sources(read_topic(settings, settings.dead_letter_topic, expect=in_topic,
+                                     isolation_level=isolation, timeout_s=90))
+        figures.update(dead_letters_expected=in_topic, dead_letters_lost=in_topic - len(letters),
+                       duplicate_dead_letters=sum(n - 1 for n in letters.values()))
+        if mode == "exactly-once":
+            raw = sources(read_topic(settings, settings.dead_letter_topic, timeout_s=60))
+            figures["dead_letter_duplicates_if_read_uncommitted"] = sum(n - 1 for n in raw.values())
     print(f"chaos: {what}: {figures}")
     assert not lost, f"{len(lost)} alerts lost"
     assert set(counts) == expected, "alerts that offline scoring does not give"
     if mode == "exactly-once":
         assert duplicates == 0, f"{duplicates} duplicate alerts under exactly-once"
+    if bad_sent:
+        assert figures["dead_letters_lost"] == 0, "dead letters lost"
+        assert mode != "exactly-once" or figures["duplicate_dead_letters"] == 0, "duplicate dead letters"
     return figures
 
 
@@ -201,6 +244,7 @@ def test_worker_killed_ten_times_mid_stream(settings: KafkaSettings, model_dir: 
     group = f"kill-{settings.client_id}"
     workers = Workers(settings, model_dir, group, mode, tmp_path)
     feeder = feed(settings, path, rate=len(frame) / 100)
+    bad = BadFeed(settings)
     rng = random.Random(7)
     kills = 0
     for _ in range(10):
@@ -211,7 +255,7 @@ def test_worker_killed_ten_times_mid_stream(settings: KafkaSettings, model_dir: 
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         kills += 1
-    assert feeder.poll() is None or kills == 10
+    bad_sent = bad.stop()
     feeder_out, _ = feeder.communicate(timeout=300)
     assert feeder.returncode == 0, feeder_out
     workers.drain()
@@ -219,7 +263,7 @@ def test_worker_killed_ten_times_mid_stream(settings: KafkaSettings, model_dir: 
     print(f"chaos: {workers.started} worker starts, {sum(w > 0 for w in waits)} began with an empty "
           f"assignment, longest wait for partitions {max(waits):.1f}s")
     assert max(waits) < 90  # the stall watchdog (30 s) or the metadata refresh (15 s) ends it
-    figures = check_outcome(settings, model_dir, frame, group, mode, "kill -9 the worker x10")
+    figures = check_outcome(settings, model_dir, frame, group, mode, "kill -9 the worker x10", bad_sent)
     assert figures["records"] > 0 and kills == 10
 
 
@@ -232,6 +276,7 @@ def test_broker_killed_and_restarted_mid_stream(broker: Broker, settings: KafkaS
     proc, log = workers.start("--exit-when-idle", "15")
     assert wait_for(lambda: assigned(log), timeout_s=120), log.read_text()[-2000:]
     feeder = feed(settings, path, rate=len(frame) / 40)
+    bad = BadFeed(settings)
     time.sleep(8)
     assert feeder.poll() is None, "the stream must still flow when the broker dies"
     broker.kill()
@@ -242,6 +287,7 @@ def test_broker_killed_and_restarted_mid_stream(broker: Broker, settings: KafkaS
     first_commit_s = time.monotonic() - back
     feeder_out, _ = feeder.communicate(timeout=300)
     assert feeder.returncode == 0, feeder_out
+    bad_sent = bad.stop()
     proc.wait(timeout=300)
     out = log.read_text()
     assert proc.returncode == 0, out[-3000:]  # rode out the outage, no crash
@@ -251,7 +297,7 @@ def test_broker_killed_and_restarted_mid_stream(broker: Broker, settings: KafkaS
     print(f"chaos: broker back -> first new commit {first_commit_s:.1f}s; worker log: {errors} ERROR, "
           f"{warnings} WARNING lines, no traceback ({mode})")
     workers.drain()
-    check_outcome(settings, model_dir, frame, group, mode, "kill -9 and restart the broker")
+    check_outcome(settings, model_dir, frame, group, mode, "kill -9 and restart the broker", bad_sent)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -263,6 +309,7 @@ def test_rebalance_one_three_one_while_streaming(settings: KafkaSettings, model_
     first, first_log = workers.start("--exit-when-idle", "10")
     assert wait_for(lambda: assigned(first_log), timeout_s=120)
     feeder = feed(settings, path, rate=len(frame) / 60)
+    bad = BadFeed(settings)
     time.sleep(5)
     extra = [workers.start() for _ in range(2)]
     assert wait_for(lambda: all(assigned(log) for _, log in extra), timeout_s=120)
@@ -274,9 +321,10 @@ def test_rebalance_one_three_one_while_streaming(settings: KafkaSettings, model_
         assert proc.returncode == 0, log.read_text()[-3000:]  # left cleanly, not killed by the signal
     feeder_out, _ = feeder.communicate(timeout=300)
     assert feeder.returncode == 0, feeder_out
+    bad_sent = bad.stop()
     first.wait(timeout=300)
     assert first.returncode == 0, first_log.read_text()[-3000:]
-    check_outcome(settings, model_dir, frame, group, mode, "rebalance 1 -> 3 -> 1")
+    check_outcome(settings, model_dir, frame, group, mode, "rebalance 1 -> 3 -> 1", bad_sent)
 
 
 def hostile_values(rng: random.Random, n: int, features: tuple[str, ...]) -> Iterator[tuple[bytes, list]]:

@@ -162,6 +162,17 @@ def test_null_header_value_on_a_bad_record_is_dead_lettered(worker: Worker) -> N
     assert headers["dlq.headers.null"] == b"trace" and headers["dlq.error.reason"] == b"not_json"
 
 
+def test_a_stream_without_the_model_features_is_reported_at_once(worker: Worker, caplog) -> None:
+    records = [Record(orjson.dumps({"transaction_id": f"u{i}", "event_time": EVENT_MS, "Amount": 3.0, "V1": 0.1}), i)
+               for i in range(5)]
+    with caplog.at_level("ERROR", logger="pipeline.worker.app"):
+        worker.process(records)
+        worker.process(records)  # said once, not once per batch
+    (line,) = [r.getMessage() for r in caplog.records if "lack features" in r.getMessage()]
+    assert line.startswith("5 of 5 records") and worker.scorer.artifact.feature_names[0] in line
+    assert "--model-dir" in line
+
+
 # -- errors that no retry fixes -------------------------------------------------------------
 def test_too_large_dead_letter_is_truncated_then_sent_as_headers_only() -> None:
     value = b"x" * 900_000

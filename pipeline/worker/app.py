@@ -82,6 +82,7 @@ class Worker:
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery | None = None
         self._assigned: set[TopicPartition] = set()
+        self._missing_reported_at = -3600.0
         self._use(scorer)
 
     # -- set-up -----------------------------------------------------------------------
@@ -267,11 +268,27 @@ class Worker:
             observe_many(m.scores, out.scores)
             observe_many(m.score_ratio, out.scores / self.scorer.artifact.threshold)
             m.drift.set(self.drift.update(out.scores))
+        if out.missing_features:
+            self._report_missing_features(out, n_records)
         s.consumed += n_records
         s.scored += out.scored
         s.invalid += out.invalid
         s.alerts += out.alerts
         s.batches += 1
+
+    def _report_missing_features(self, out: BatchOutcome, n_records: int) -> None:
+        """A stream that does not carry the model's features is said at once (then once a minute), not
+        left to thousands of dead letters: usually a model for another table, or the wrong topic."""
+        now = time.monotonic()
+        if now - self._missing_reported_at < 60:
+            return
+        self._missing_reported_at = now
+        names = ", ".join(f"{name} ({count})" for name, count in out.missing_features.most_common(5))
+        log.error("%d of %d records in a batch lack features the model %s needs, most often: %s; they are "
+                  "dead-lettered as missing_feature. The model expects %s: is the worker pointed at the model "
+                  "for this stream (--model-dir) and at the right topic (--input-topic)?",
+                  sum(out.missing_features.values()), n_records, self.scorer.artifact.version, names,
+                  ", ".join(self.scorer.artifact.feature_names))
 
     def _update_lag(self, offsets: dict[TopicPartition, int]) -> None:
         """Lag of the partitions just committed: the end offset seen in fetches minus the commit."""

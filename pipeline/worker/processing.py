@@ -38,6 +38,7 @@ class BatchOutcome:
     event_times_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # of scored records
     out_of_range: int = 0
     scoring_seconds: float = 0.0
+    missing_features: Counter[str] = field(default_factory=Counter)  # feature -> records that lacked it
 
     @property
     def scored(self) -> int:
@@ -94,6 +95,8 @@ class BatchProcessor:
         for record, error in failed:
             out.outputs.append(self._dead_letter(record, error, now_ms))
             out.dead_letters[error.reason] += 1
+            if error.reason == "missing_feature" and error.field:
+                out.missing_features[error.field] += 1
         return out
 
     def _alert(self, result: ScoreBatch, i: int, raw_row: np.ndarray, tx: Any, now_ms: int) -> Output:
