@@ -67,3 +67,18 @@ def test_sigterm_during_start_up_ends_cleanly(tmp_path) -> None:
     proc.send_signal(signal.SIGTERM)
     rest, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out + rest  # not -15: the handler is installed before anything slow
+
+
+def test_busy_metrics_port_is_said_in_one_line_before_anything_else(tmp_path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "pipeline", "--model-dir", str(tmp_path),
+                               "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
+                               "--bootstrap-servers", f"127.0.0.1:{_dead_port()}", "--connect-timeout-s", "30"],
+                              cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(port) in errors[0] and "FRAUD_METRICS_PORT" in errors[0]
+    assert "cannot reach Kafka" not in done.stderr  # said before trying the broker

@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError, FraudPipelineError
 
 if TYPE_CHECKING:  # torch and kafka load only once the arguments are known to be good
     from pipeline.scoring import Scorer
+    from pipeline.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("pipeline")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -83,28 +84,38 @@ def run(argv: list[str] | None = None) -> int:
 def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from pipeline.topics import ensure_topics, wait_for_kafka
-    from pipeline.worker.app import Worker
     from pipeline.worker.metrics import WorkerMetrics
-    from pipeline.worker.reload import ModelWatcher
 
-    wait_for_kafka(kafka, stop=stop)  # before the slow model load: a wrong address is said within seconds
-    if stop.is_set():
-        return 0
-    scorer = load_scorer(Path(settings.model_dir), settings)
     registry = CollectorRegistry()
     metrics = WorkerMetrics(registry, process=True)
-    if stop.is_set():
-        return 0
-    ensure_topics(kafka, [kafka.input_topic, kafka.alerts_topic, kafka.dead_letter_topic], args.partitions)
     server = None
-    if settings.metrics_port:
+    if settings.metrics_port:  # first: a busy port is said at once, and /metrics answers during start-up
         try:
             server, _thread = start_http_server(settings.metrics_port, settings.metrics_host, registry=registry)
         except OSError as err:
             raise ConfigError(f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port} ({err}); "
                               "set --metrics-port / FRAUD_METRICS_PORT to a free port, or 0 to disable") from err
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
+    try:
+        return _run_worker(kafka, settings, args, stop, metrics)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event,
+                metrics: WorkerMetrics) -> int:
+    from pipeline.topics import ensure_topics, wait_for_kafka
+    from pipeline.worker.app import Worker
+    from pipeline.worker.reload import ModelWatcher
+
+    wait_for_kafka(kafka, stop=stop)  # before the slow model load: a wrong address is said within seconds
+    if stop.is_set():
+        return 0
+    scorer = load_scorer(Path(settings.model_dir), settings)
+    if stop.is_set():
+        return 0
+    ensure_topics(kafka, [kafka.input_topic, kafka.alerts_topic, kafka.dead_letter_topic], args.partitions)
     watcher = ModelWatcher(settings.model_dir, lambda p: load_scorer(p, settings), metrics,
                            settings.reload_interval_s)
     worker = Worker(kafka, settings, scorer, metrics, take_new_scorer=watcher.take)  # type: ignore[arg-type]
@@ -117,8 +128,6 @@ def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namesp
         return 1
     finally:
         watcher.close()
-        if server is not None:
-            server.shutdown()
     print(f"consumed {stats.consumed}: {stats.scored} scored, {stats.invalid} dead-lettered, "
           f"{stats.alerts} alerts, {stats.batches} batches")
     return 0
