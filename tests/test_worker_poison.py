@@ -165,7 +165,7 @@ def test_null_header_value_on_a_bad_record_is_dead_lettered(worker: Worker) -> N
 def test_a_stream_without_the_model_features_is_reported_at_once(worker: Worker, caplog) -> None:
     records = [Record(orjson.dumps({"transaction_id": f"u{i}", "event_time": EVENT_MS, "Amount": 3.0, "V1": 0.1}), i)
                for i in range(5)]
-    with caplog.at_level("ERROR", logger="pipeline.worker.app"):
+    with caplog.at_level("ERROR", logger="pipeline.worker.ledger"):
         worker.process(records)
         worker.process(records)  # said once, not once per batch
     (line,) = [r.getMessage() for r in caplog.records if "lack features" in r.getMessage()]
@@ -241,14 +241,19 @@ def hostile_record(draw: st.DrawFn, features: tuple[str, ...]) -> bytes:
     if kind == "json":
         return orjson.dumps(draw(json_value))
     fields: dict[str, Any] = {name: draw(number) for name in features if draw(st.integers(0, 9))}
-    fields["transaction_id"] = draw(st.one_of(st.text(max_size=12), st.integers(), st.none()))
+    fields["transaction_id"] = draw(st.one_of(st.text(max_size=12), st.integers(-2**63, 2**64 - 1), st.none()))
     fields["event_time"] = draw(st.one_of(st.integers(min_value=-2**63, max_value=2**63 - 1), st.text(max_size=30),
                                           st.just("2018-04-01T00:00:31Z"), st.just(EVENT_MS)))
     fields.update(draw(st.dictionaries(st.text(max_size=6), json_value, max_size=3)))
     raw = orjson.dumps(fields, option=orjson.OPT_NON_STR_KEYS)
-    if kind == "transaction_text_numbers":  # JSON has no NaN or Infinity, but producers write them
+    if kind == "transaction_text_numbers":  # JSON has no NaN, Infinity or 100-digit integers; producers write them
         raw = raw.replace(b"3e38", b"NaN", 1).replace(b"5e-324", b"Infinity", 1)
+        raw = raw[:-1] + b',"' + names_or(features) + b'":' + b"9" * draw(st.integers(19, 100)) + b"}"
     return raw
+
+
+def names_or(features: tuple[str, ...]) -> bytes:
+    return features[0].encode() if features else b"x"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,9 +28,9 @@ from pipeline.schema import RecordError
 from pipeline.scoring import Scorer
 from pipeline.worker import corrupt
 from pipeline.worker.delivery import AtLeastOnce, Delivery, StopWithoutCommit, offsets_after
-from pipeline.worker.drift import ScoreDrift
+from pipeline.worker.ledger import Ledger, WorkerStats
 from pipeline.worker.liveness import StallWatchdog, unowned_partitions
-from pipeline.worker.metrics import WorkerMetrics, observe_many
+from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
 from pipeline.worker.transactions import ExactlyOnce
@@ -40,18 +39,6 @@ log = logging.getLogger(__name__)
 
 # Clients reconnect within a second once a broker is back (kafka-python's default backs off up to 30 s).
 RECONNECT = {"reconnect_backoff_ms": 50, "reconnect_backoff_max_ms": 1000}
-
-
-@dataclass
-class WorkerStats:
-    """Running totals of committed batches, for tests and the end-of-run summary."""
-
-    consumed: int = 0
-    scored: int = 0
-    invalid: int = 0
-    alerts: int = 0
-    batches: int = 0
-    committed: dict[TopicPartition, int] = field(default_factory=dict)
 
 
 class WorkerFailed(FraudPipelineError):
@@ -74,15 +61,13 @@ class Worker:
         self.kafka, self.settings, self.metrics = kafka, settings, metrics
         self.clock = clock
         self.take_new_scorer = take_new_scorer
-        self.stats = WorkerStats()
+        self.ledger = Ledger(metrics, clock)
         self.stop = threading.Event()
         self.worker_id = f"{kafka.client_id}-worker-{id(self):x}"
         self.pending = PendingRecords()
         self.failure: BaseException | None = None
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery | None = None
-        self._assigned: set[TopicPartition] = set()
-        self._missing_reported_at = -3600.0
         self._use(scorer)
 
     # -- set-up -----------------------------------------------------------------------
@@ -93,7 +78,7 @@ class Worker:
             scorer, Topics(self.kafka.alerts_topic, self.kafka.dead_letter_topic), self.worker_id,
             max_record_bytes=self.settings.max_record_bytes, top_features=self.settings.top_features,
             clock=self.clock)
-        self.drift = ScoreDrift.from_artifact(artifact)
+        self.ledger.use(scorer)
         self.metrics.threshold.set(artifact.threshold)
         self.metrics.alert_rate.set(artifact.alert_rate)
         self.metrics.model.info({"version": artifact.version, "device": str(scorer.device),
@@ -113,7 +98,7 @@ class Worker:
         )
         listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self.metrics.forget_partitions)
         self.consumer.subscribe([self.kafka.input_topic], listener=listener)
-        self._assigned = set()
+        self.ledger.assigned = set()
         if self.delivery is None:
             self.delivery = self._make_delivery(common)
         else:
@@ -135,6 +120,10 @@ class Worker:
         self.failure = self.failure or err
 
     # -- main loop --------------------------------------------------------------------
+    @property
+    def stats(self) -> WorkerStats:
+        return self.ledger.stats
+
     def run(self, idle_exit_s: float | None = None) -> WorkerStats:
         """Consume until ``stop`` is set (or nothing arrives for ``idle_exit_s``); leave cleanly.
 
@@ -155,9 +144,9 @@ class Worker:
                     log.info("no records for %.1fs; stopping", idle_exit_s)
                     break
                 self._check_failure()
-                self._track_assignment()
+                self.ledger.track_assignment(self.consumer)
                 self._process_pending()
-                if watchdog.check(len(self._assigned)):
+                if watchdog.check(len(self.ledger.assigned)):
                     self.metrics.errors.labels("stalled").inc()
                     self._rejoin()
             self._process_pending()
@@ -216,8 +205,8 @@ class Worker:
         log.warning("%s[%d]@%d cannot be parsed (%s); dead-lettered, resuming at offset %d", found.topic,
                     found.partition, found.offset, err, found.next_offset)
         if self.delivery.deliver([letter], {found.topic_partition: found.next_offset}):
-            self.stats.committed[found.topic_partition] = found.next_offset
-            self._account(1, BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1)))
+            outcome = BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1))
+            self.ledger.committed(1, outcome, {found.topic_partition: found.next_offset}, self.consumer)
             self.consumer.seek(found.topic_partition, found.next_offset)
 
     def _process_pending(self) -> None:
@@ -231,9 +220,7 @@ class Worker:
         outcome = self.processor.process(records)
         offsets = offsets_after(records)
         if self.delivery.deliver(outcome.outputs, offsets):
-            self.stats.committed.update(offsets)
-            self._account(len(records), outcome)
-            self._update_lag(offsets)
+            self.ledger.committed(len(records), outcome, offsets, self.consumer)
         elif self.settings.processing_guarantee == "exactly-once":
             self._rewind(records)
 
@@ -247,78 +234,6 @@ class Worker:
         for tp, offset in first.items():
             with contextlib.suppress(ValueError, KafkaError):  # no longer ours: the new owner reads it again
                 self.consumer.seek(tp, offset)
-
-    # -- bookkeeping ------------------------------------------------------------------
-    def _account(self, n_records: int, out: BatchOutcome) -> None:
-        now = self.clock()
-        m, s = self.metrics, self.stats
-        m.transactions.labels("scored").inc(out.scored)
-        m.transactions.labels("invalid").inc(out.invalid)
-        for reason, count in out.dead_letters.items():
-            m.dead_letters.labels(reason).inc(count)
-        m.alerts.inc(out.alerts)
-        m.out_of_range.inc(out.out_of_range)
-        m.batches.inc()
-        m.batch_size.observe(n_records)
-        m.last_batch.set(now)
-        if out.scored:
-            m.scoring_seconds.observe(out.scoring_seconds)
-            observe_many(m.latency, now - out.event_times_ms / 1000.0)
-        if len(out.scores):
-            observe_many(m.scores, out.scores)
-            observe_many(m.score_ratio, out.scores / self.scorer.artifact.threshold)
-            m.drift.set(self.drift.update(out.scores))
-        if out.missing_features:
-            self._report_missing_features(out, n_records)
-        s.consumed += n_records
-        s.scored += out.scored
-        s.invalid += out.invalid
-        s.alerts += out.alerts
-        s.batches += 1
-
-    def _report_missing_features(self, out: BatchOutcome, n_records: int) -> None:
-        """A stream that does not carry the model's features is said at once (then once a minute), not
-        left to thousands of dead letters: usually a model for another table, or the wrong topic."""
-        now = time.monotonic()
-        if now - self._missing_reported_at < 60:
-            return
-        self._missing_reported_at = now
-        names = ", ".join(f"{name} ({count})" for name, count in out.missing_features.most_common(5))
-        log.error("%d of %d records in a batch lack features the model %s needs, most often: %s; they are "
-                  "dead-lettered as missing_feature. The model expects %s: is the worker pointed at the model "
-                  "for this stream (--model-dir) and at the right topic (--input-topic)?",
-                  sum(out.missing_features.values()), n_records, self.scorer.artifact.version, names,
-                  ", ".join(self.scorer.artifact.feature_names))
-
-    def _update_lag(self, offsets: dict[TopicPartition, int]) -> None:
-        """Lag of the partitions just committed: the end offset seen in fetches minus the commit."""
-        assert self.consumer is not None
-        for tp in offsets.keys() & self._assigned:
-            high = self.consumer.highwater(tp)
-            if high is not None:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, high - offsets[tp]))
-
-    def _track_assignment(self) -> None:
-        """On a new assignment, set every partition's lag from the broker's committed offset."""
-        assert self.consumer is not None
-        assignment = self.consumer.assignment()
-        self.metrics.assigned.set(len(assignment))
-        new = assignment - self._assigned
-        self._assigned = set(assignment)
-        if not new:
-            return
-        try:
-            ends = self.consumer.end_offsets(list(new))
-            starts = self.consumer.beginning_offsets(list(new))
-            for tp in new:
-                committed = self.consumer.committed(tp)
-                base = committed if committed is not None else starts.get(tp, 0)
-                self.stats.committed.setdefault(tp, base)
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, ends.get(tp, base) - base))
-        except KafkaError as err:
-            log.warning("could not read committed offsets of %s yet (%s); lag shows after the first batch",
-                        sorted(new), type(err).__name__)
-            self._assigned -= new  # try again on the next turn
 
     def _unowned(self) -> int:
         admin = KafkaAdminClient(**self.kafka.client_options(), **RECONNECT, client_id=f"{self.worker_id}-watch")
