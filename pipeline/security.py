@@ -20,6 +20,9 @@ from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_MS = 10_000
+# TLS alerts a broker sends when it requires a client certificate (mTLS) and has none it trusts
+_CLIENT_CERTIFICATE_ALERTS = ("ALERT_BAD_CERTIFICATE", "ALERT_CERTIFICATE_UNKNOWN", "CERTIFICATE_REQUIRED",
+                              "ALERT_UNKNOWN_CA")
 
 
 def check_access(settings: KafkaSettings) -> None:
@@ -99,7 +102,7 @@ def explain(settings: KafkaSettings, error: Exception, reached_kafka: bool) -> s
                     "(--no-ssl-check-hostname) to check the CA only")
         return (f"{where}: its TLS certificate is not signed by a trusted CA ({reason}); set "
                 f"{env_name('ssl_cafile')} (--ssl-cafile) to the CA that signed it")
-    if "ALERT_BAD_CERTIFICATE" in text or "CERTIFICATE_REQUIRED" in text or "ALERT_UNKNOWN_CA" in text:
+    if any(alert in text for alert in _CLIENT_CERTIFICATE_ALERTS):
         given = "refused the client certificate" if settings.ssl_certfile else "requires a client certificate"
         return (f"{where} {given} (mTLS: {text.split('] ')[-1].split(' (_ssl.c')[0]}); set "
                 f"{env_name('ssl_certfile')} and {env_name('ssl_keyfile')} to a certificate its truststore's CA "

@@ -19,7 +19,7 @@ from kafka import KafkaAdminClient
 
 from deploy.kafka.__main__ import print_secure_listeners
 from deploy.kafka.local import DEFAULT_HOME, BrokerState, LocalKafka, LocalKafkaError
-from deploy.kafka.tls import make_ca
+from deploy.kafka.tls import issue, make_ca
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError
 from pipeline.security import check_access
@@ -48,9 +48,9 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerState]:
 
 
 @pytest.fixture(scope="module")
-def other_ca(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A CA that signed nothing the broker uses."""
-    return str(make_ca(tmp_path_factory.mktemp("other-ca"), "other")[0])
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A CA that signed nothing the broker uses: its certificate and key."""
+    return make_ca(tmp_path_factory.mktemp("other-ca"), "other")
 
 
 def listener(state: BrokerState, name: str) -> dict[str, str]:
@@ -125,10 +125,11 @@ REFUSALS = {
 
 @pytest.mark.parametrize("program", ["producer", "worker"])
 @pytest.mark.parametrize("case", list(REFUSALS))
-def test_a_refusal_is_one_line_naming_the_setting(secure: BrokerState, other_ca: str, stream_file: Path,
+def test_a_refusal_is_one_line_naming_the_setting(secure: BrokerState, other_ca: tuple[Path, Path],
+                                                  stream_file: Path,
                                                   model_dir: Path, case: str, program: str) -> None:
     name, changes, message = REFUSALS[case]
-    env = cli_env({**listener(secure, name), **{k: v.format(other_ca=other_ca) for k, v in changes.items()}})
+    env = cli_env({**listener(secure, name), **{k: v.format(other_ca=other_ca[0]) for k, v in changes.items()}})
     if program == "producer":
         done = run_cli("producer", "replay", str(stream_file), "--no-progress", env=env, timeout_s=60, check=False)
         assert done.stderr.count("\n") == 1, done.stderr  # the producer says nothing else
@@ -158,6 +159,15 @@ def test_every_supported_sasl_mechanism_logs_in(secure: BrokerState, mechanism: 
         assert isinstance(admin.list_topics(), list)
     finally:
         admin.close()
+
+
+def test_a_client_certificate_from_another_ca_is_refused_by_mtls(secure: BrokerState,
+                                                                 other_ca: tuple[Path, Path], tmp_path: Path) -> None:
+    cert, key = issue(other_ca, tmp_path, "stranger", "DNS:stranger", "clientAuth")
+    settings = settings_for({**listener(secure, "mtls"), "FRAUD_SSL_CERTFILE": str(cert),
+                             "FRAUD_SSL_KEYFILE": str(key), "FRAUD_SSL_PASSWORD": ""})
+    with pytest.raises(ConfigError, match=r"refused the client certificate \(mTLS: .*\); set FRAUD_SSL_CERTFILE"):
+        check_access(settings)
 
 
 def test_a_wrong_key_password_names_the_key_files(secure: BrokerState) -> None:
