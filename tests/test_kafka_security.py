@@ -171,6 +171,13 @@ def test_a_client_certificate_from_another_ca_is_refused_by_mtls(secure: BrokerS
         check_access(settings)
 
 
+def test_hostname_check_off_still_checks_the_ca(secure: BrokerState, other_ca: tuple[Path, Path]) -> None:
+    settings = settings_for({**listener(secure, "wrong-host"), "FRAUD_SSL_CHECK_HOSTNAME": "false",
+                             "FRAUD_SSL_CAFILE": str(other_ca[0])})
+    with pytest.raises(ConfigError, match=r"its TLS certificate is not signed by a trusted CA"):
+        check_access(settings)
+
+
 def test_a_wrong_key_password_names_the_key_files(secure: BrokerState) -> None:
     settings = settings_for({**listener(secure, "mtls"), "FRAUD_SSL_PASSWORD": "wrong"})
     with pytest.raises(ConfigError, match=r"cannot load the client certificate FRAUD_SSL_CERTFILE=.* with the key "
