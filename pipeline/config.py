@@ -138,6 +138,28 @@ def _field_type(f: dataclasses.Field) -> type:
         raise TypeError(f"settings field {f.name} has unsupported type {annotation}") from err
 
 
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+_SSL_FILES = ("ssl_cafile", "ssl_certfile", "ssl_keyfile")
+
+
+def _both(name: str) -> str:
+    """How a user sets a field: its flag or its variable."""
+    return f"{_flag(name)} / {env_name(name)}"
+
+
+def _check_readable(name: str, path: str) -> None:
+    """Refuse a file setting whose file is missing or cannot be opened (nothing is read)."""
+    try:
+        open(path, "rb").close()  # opened only to learn that it can be
+    except FileNotFoundError as err:
+        raise ConfigError(f"{env_name(name)}={path}: no such file; set {_both(name)} to an existing PEM file "
+                          "(relative paths start at the working directory)") from err
+    except OSError as err:
+        raise ConfigError(f"{env_name(name)}={path} cannot be read ({err.strerror or err}); set {_both(name)} "
+                          "to a PEM file this user can read") from err
+
+
 @dataclass(frozen=True, repr=False)
 class KafkaSettings(SettingsBase):
     """Broker address, topics and client options used by every component."""
@@ -151,11 +173,29 @@ class KafkaSettings(SettingsBase):
         "PLAINTEXT", "Kafka security protocol",
         choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
     )
-    sasl_mechanism: str | None = setting(None, "SASL mechanism, e.g. PLAIN or SCRAM-SHA-512")
+    ssl_cafile: str | None = setting(None, "CA certificate(s), PEM, that signed the broker's certificate "
+                                           "(SSL, SASL_SSL); default: the system's CAs")
+    ssl_certfile: str | None = setting(None, "client certificate, PEM, for brokers that require one (mTLS); "
+                                             "needs --ssl-keyfile")
+    ssl_keyfile: str | None = setting(None, "private key, PEM, of --ssl-certfile (may be the same file)")
+    ssl_password: str | None = setting(None, "password of an encrypted --ssl-keyfile", secret=True)
+    ssl_check_hostname: bool = setting(True, "refuse a broker certificate that does not name the host "
+                                             "connected to (its SAN); the CA is checked either way")
+    sasl_mechanism: str | None = setting(None, f"SASL mechanism: {', '.join(SASL_MECHANISMS)}")
     sasl_username: str | None = setting(None, "SASL user name")
     sasl_password: str | None = setting(None, "SASL password", secret=True)
     request_timeout_ms: int = setting(30000, "Kafka request timeout in milliseconds")
     connect_timeout_s: float = setting(30.0, "how long to keep trying to reach a bootstrap server at start")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # an empty variable (compose passes unset ones as "") means: not set
+            if f.type == "str | None" and getattr(self, f.name) == "":
+                object.__setattr__(self, f.name, None)
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether connections are TLS (SSL or SASL_SSL)."""
+        return self.security_protocol in _TLS_PROTOCOLS
 
     def validate(self) -> None:
         if not self.bootstrap_servers.strip():
@@ -164,8 +204,8 @@ class KafkaSettings(SettingsBase):
         topics = [self.input_topic, self.alerts_topic, self.dead_letter_topic]
         if len(set(topics)) != 3:
             raise ConfigError(f"input, alerts and dead-letter topics must differ, got {topics}")
-        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
-            raise ConfigError(f"security_protocol={self.security_protocol} needs --sasl-mechanism")
+        self._validate_tls()
+        self._validate_sasl()
         if not 0 < self.request_timeout_ms <= 2_147_483_647:
             raise ConfigError(f"request_timeout_ms={self.request_timeout_ms} must be between 1 and 2147483647")
         if self.connect_timeout_s < 0:
@@ -176,6 +216,47 @@ class KafkaSettings(SettingsBase):
                 raise ConfigError(f"bootstrap server {server.strip()!r} is not host:port; set --bootstrap-servers "
                                   f"or {env_name('bootstrap_servers')} to host:port[,host:port...]")
 
+    def _validate_tls(self) -> None:
+        given = [name for name in (*_SSL_FILES, "ssl_password") if getattr(self, name)]
+        if given and not self.uses_tls:
+            raise ConfigError(f"{env_name(given[0])} is set but {env_name('security_protocol')}="
+                              f"{self.security_protocol} does not use TLS; set {_both('security_protocol')} "
+                              f"to SSL or SASL_SSL, or unset {env_name(given[0])}")
+        if self.ssl_certfile and not self.ssl_keyfile:
+            raise ConfigError(f"{env_name('ssl_certfile')} is set without {env_name('ssl_keyfile')}; set "
+                              f"{_both('ssl_keyfile')} to the certificate's private key (the same file when it "
+                              "holds both)")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ConfigError(f"{env_name('ssl_keyfile')} is set without {env_name('ssl_certfile')}; set "
+                              f"{_both('ssl_certfile')} to the client certificate that goes with the key")
+        if self.ssl_password and not self.ssl_keyfile:
+            raise ConfigError(f"{env_name('ssl_password')} is set without {env_name('ssl_keyfile')}; it is the "
+                              f"password of an encrypted key: set {_both('ssl_keyfile')} or unset it")
+        for name in _SSL_FILES:
+            path = getattr(self, name)
+            if path:
+                _check_readable(name, path)
+
+    def _validate_sasl(self) -> None:
+        sasl = self.security_protocol.startswith("SASL")
+        given = [name for name in ("sasl_mechanism", "sasl_username", "sasl_password") if getattr(self, name)]
+        if given and not sasl:
+            raise ConfigError(f"{env_name(given[0])} is set but {env_name('security_protocol')}="
+                              f"{self.security_protocol} does not use SASL; set {_both('security_protocol')} "
+                              f"to SASL_SSL or SASL_PLAINTEXT, or unset {env_name(given[0])}")
+        if not sasl:
+            return
+        if not self.sasl_mechanism:
+            raise ConfigError(f"security_protocol={self.security_protocol} needs --sasl-mechanism / "
+                              f"{env_name('sasl_mechanism')}: one of {', '.join(SASL_MECHANISMS)}")
+        if self.sasl_mechanism not in SASL_MECHANISMS:
+            raise ConfigError(f"{env_name('sasl_mechanism')}={self.sasl_mechanism} is not supported; set "
+                              f"{_both('sasl_mechanism')} to one of {', '.join(SASL_MECHANISMS)}")
+        missing = [name for name in ("sasl_username", "sasl_password") if not getattr(self, name)]
+        if missing:
+            raise ConfigError(f"{self.sasl_mechanism} needs a user name and a password; set "
+                              f"{' and '.join(_both(name) for name in missing)}")
+
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments common to kafka-python's producer, consumer and admin client."""
         options: dict[str, Any] = {
@@ -183,6 +264,10 @@ class KafkaSettings(SettingsBase):
             "security_protocol": self.security_protocol,
             "request_timeout_ms": self.request_timeout_ms,
         }
+        if self.uses_tls:
+            options["ssl_check_hostname"] = self.ssl_check_hostname
+            options.update({name: getattr(self, name) for name in (*_SSL_FILES, "ssl_password")
+                            if getattr(self, name)})
         if self.sasl_mechanism:
             options.update(
                 sasl_mechanism=self.sasl_mechanism,

@@ -14,13 +14,15 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError
+from pipeline.security import check_access
 
 log = logging.getLogger(__name__)
 
 
 def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threading.Event | None = None) -> None:
     """Return once a bootstrap server accepts a TCP connection (or ``stop`` is set); say so at once when
-    none does, keep trying for ``connect_timeout_s``, then raise BrokerError (no client: no library noise)."""
+    none does, keep trying for ``connect_timeout_s``, then raise BrokerError (no client: no library noise).
+    With TLS or SASL, a refused certificate or login then raises ConfigError (``pipeline.security``)."""
     servers = [s.strip().rpartition(":") for s in settings.bootstrap_servers.split(",")]
     deadline = time.monotonic() + settings.connect_timeout_s
     said = False
@@ -31,6 +33,7 @@ def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threadin
                 socket.create_connection((host.strip("[]"), int(port)), timeout=min(every_s, 3.0)).close()
                 if said:
                     log.info("Kafka at %s answers", settings.bootstrap_servers)
+                check_access(settings)
                 return
             except OSError as err:
                 reasons.append(f"{host}:{port}: {err.strerror or err}")

@@ -13,13 +13,16 @@ import pytest
 
 from deploy.kafka.local import (
     DEFAULT_HOME,
+    BrokerState,
     LocalKafka,
     LocalKafkaError,
     _cluster_id,
+    _server_properties,
     default_home,
     quiet_logger,
     wait_until_ready,
 )
+from deploy.kafka.tls import LISTENERS
 
 
 def test_cluster_ids_never_look_like_an_option() -> None:
@@ -66,3 +69,25 @@ def test_home_is_absolute_whatever_the_working_directory(tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     assert LocalKafka("state").home == tmp_path.resolve() / "state"
     assert DEFAULT_HOME.is_absolute() and default_home() == DEFAULT_HOME
+
+
+def test_the_default_broker_has_only_its_plaintext_listener(tmp_path: Path) -> None:
+    props = _server_properties(9092, 9093, tmp_path)
+    assert "listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093\n" in props
+    assert "advertised.listeners=PLAINTEXT://127.0.0.1:9092\n" in props
+    assert "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT\n" in props
+    assert "ssl." not in props and "sasl" not in props
+
+
+def test_tls_adds_secure_listeners_beside_the_plaintext_one(tmp_path: Path) -> None:
+    ports = {name: 10_000 + i for i, name in enumerate(LISTENERS)}
+    props = _server_properties(9092, 9093, tmp_path, ports)
+    assert ("listeners=PLAINTEXT://127.0.0.1:9092,SSL://127.0.0.1:10000,MTLS://127.0.0.1:10001,"
+            "SASL_SSL://127.0.0.1:10002,WRONGHOST://127.0.0.1:10003,CONTROLLER://127.0.0.1:9093\n") in props
+    assert "SSL:SSL,MTLS:SSL,SASL_SSL:SASL_SSL,WRONGHOST:SSL\n" in props
+    assert "inter.broker.listener.name=PLAINTEXT\n" in props  # brokers and controller stay on plaintext
+
+
+def test_an_old_state_file_still_reads(tmp_path: Path) -> None:
+    state = BrokerState(**{"pid": 1, "bootstrap_servers": "127.0.0.1:1", "data_dir": "d", "log_file": "l"})
+    assert state.ssl_servers is None and state.ca_file is None

@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from deploy.kafka.local import DEFAULT_HOME, LocalKafka, LocalKafkaError
+from deploy.kafka.local import DEFAULT_HOME, BrokerState, LocalKafka, LocalKafkaError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--home", default=str(DEFAULT_HOME), help="cache and state folder")
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
+    parser.add_argument("--tls", action="store_true",
+                        help="start: add TLS, mTLS and SASL_SSL (SCRAM-SHA-512/256, PLAIN) listeners with a "
+                             "throw-away CA, and print the FRAUD_* settings for each")
     return parser
+
+
+def print_secure_listeners(state: BrokerState) -> None:
+    """The settings that reach each secure listener, as shell lines."""
+    tls = f"FRAUD_SECURITY_PROTOCOL=SSL FRAUD_SSL_CAFILE={state.ca_file}"
+    print(f"# TLS:  FRAUD_BOOTSTRAP_SERVERS={state.ssl_servers} {tls}")
+    print(f"# mTLS: FRAUD_BOOTSTRAP_SERVERS={state.mtls_servers} {tls} FRAUD_SSL_CERTFILE={state.client_cert_file} "
+          f"FRAUD_SSL_KEYFILE={state.client_key_file} FRAUD_SSL_PASSWORD={state.client_key_password}")
+    print(f"# SASL: FRAUD_BOOTSTRAP_SERVERS={state.sasl_ssl_servers} FRAUD_SECURITY_PROTOCOL=SASL_SSL "
+          f"FRAUD_SSL_CAFILE={state.ca_file} FRAUD_SASL_MECHANISM=SCRAM-SHA-512 "
+          f"FRAUD_SASL_USERNAME={state.sasl_username} FRAUD_SASL_PASSWORD={state.sasl_password}")
+    print(f"# a certificate for another host name (FRAUD_SSL_CHECK_HOSTNAME=false reaches it): "
+          f"{state.wrong_host_servers}")
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -27,9 +43,11 @@ def run(argv: list[str] | None = None) -> int:
     kafka = LocalKafka(args.home)
     try:
         if args.command == "start":
-            state = kafka.start(port=args.port)
+            state = kafka.start(port=args.port, tls=args.tls)
             print(f"Kafka running at {state.bootstrap_servers} (pid {state.pid}, log {state.log_file})")
             print(f"export FRAUD_BOOTSTRAP_SERVERS={state.bootstrap_servers}")
+            if state.ssl_servers:
+                print_secure_listeners(state)
         elif args.command == "stop":
             print("Kafka stopped" if kafka.stop() else "no local Kafka was running")
         else:

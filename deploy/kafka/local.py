@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from deploy.kafka import tls as tls_listeners
+
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +56,17 @@ class BrokerState:
     bootstrap_servers: str
     data_dir: str
     log_file: str
+    # started with tls=True: the secure listeners and what their clients need (None otherwise)
+    ssl_servers: str | None = None  # TLS, the server's certificate only (CA: ca_file)
+    mtls_servers: str | None = None  # TLS with ssl.client.auth=required (client_cert_file, client_key_file)
+    sasl_ssl_servers: str | None = None  # SASL over TLS: SCRAM-SHA-512, SCRAM-SHA-256, PLAIN
+    wrong_host_servers: str | None = None  # TLS with a certificate for another host name (no 127.0.0.1 SAN)
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    client_key_password: str | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
 
 
 def _free_port() -> int:
@@ -122,10 +135,17 @@ class LocalKafka:
             return None
         return state if _alive(state.pid) else None
 
-    def start(self, port: int | None = None, timeout_s: float = 90.0) -> BrokerState:
-        """Start a broker (or return the one already running) and wait until it answers."""
+    def start(self, port: int | None = None, timeout_s: float = 90.0, tls: bool = False) -> BrokerState:
+        """Start a broker (or return the one already running) and wait until it answers.
+
+        ``tls`` adds listeners for TLS, mTLS, SASL_SSL (SCRAM users made at format time) and a TLS
+        one whose certificate names another host, with a throw-away CA (``deploy.kafka.tls``).
+        """
         running = self.state()
         if running is not None:
+            if tls and running.ssl_servers is None:
+                raise LocalKafkaError(f"a broker without TLS listeners already runs at {running.bootstrap_servers} "
+                                      f"(pid {running.pid}); stop it first")
             return running
         java = _require("java")
         libs = self.ensure_libs()
@@ -136,15 +156,19 @@ class LocalKafka:
         data_dir = run_dir / "data"
         data_dir.mkdir(parents=True)
         props = run_dir / "server.properties"
-        props.write_text(_server_properties(port, controller_port, data_dir))
+        secure_ports = {name: _free_port() for name in tls_listeners.LISTENERS} if tls else {}
+        material = _tls_material(run_dir / "tls") if tls else None
+        text = _server_properties(port, controller_port, data_dir, secure_ports)
+        props.write_text(text + (tls_listeners.listener_properties(secure_ports, material) if material else ""))
         log4j = run_dir / "log4j2.properties"
         log4j.write_text(_LOG4J)
         classpath = f"{libs}/*"
         jvm = [java, f"-Xmx{self.heap}", f"-Xms{min_heap(self.heap)}", "-XX:+UseG1GC",
                "-Djava.awt.headless=true", f"-Dlog4j2.configurationFile={log4j}",
                f"-Dkafka.logs.dir={run_dir}", "-cp", classpath]
+        scram = tls_listeners.scram_arguments(material) if material else []
         fmt = subprocess.run(
-            [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props)],
+            [*jvm, "kafka.tools.StorageTool", "format", "-t", _cluster_id(), "-c", str(props), *scram],
             capture_output=True, text=True, check=False,
         )
         if fmt.returncode != 0:
@@ -155,7 +179,8 @@ class LocalKafka:
                 [*jvm, "kafka.Kafka", str(props)], stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True,
             )
-        state = BrokerState(proc.pid, f"127.0.0.1:{port}", str(data_dir), str(log_file))
+        state = BrokerState(proc.pid, f"127.0.0.1:{port}", str(data_dir), str(log_file),
+                            **_secure_state(secure_ports, material))
         self.state_file.write_text(json.dumps(asdict(state)))
         try:
             wait_until_ready(state.bootstrap_servers, timeout_s, proc)
@@ -175,6 +200,26 @@ class LocalKafka:
         self.state_file.unlink(missing_ok=True)
         shutil.rmtree(Path(state.data_dir).parent, ignore_errors=True)
         return stopped
+
+
+def _tls_material(folder: Path) -> tls_listeners.TlsMaterial:
+    try:
+        return tls_listeners.make_material(folder)
+    except tls_listeners.TlsSetupError as err:
+        raise LocalKafkaError(f"cannot make the TLS listeners' certificates: {err}") from err
+
+
+def _secure_state(ports: dict[str, int], tls: tls_listeners.TlsMaterial | None) -> dict[str, str | None]:
+    """BrokerState fields for the secure listeners (none without ``tls``)."""
+    if tls is None:
+        return {}
+    return {
+        "ssl_servers": f"127.0.0.1:{ports['SSL']}", "mtls_servers": f"127.0.0.1:{ports['MTLS']}",
+        "sasl_ssl_servers": f"127.0.0.1:{ports['SASL_SSL']}", "wrong_host_servers": f"127.0.0.1:{ports['WRONGHOST']}",
+        "ca_file": str(tls.ca_file), "client_cert_file": str(tls.client_cert_file),
+        "client_key_file": str(tls.client_key_file), "client_key_password": tls.client_key_password,
+        "sasl_username": tls_listeners.SASL_USER, "sasl_password": tls.sasl_password,
+    }
 
 
 def min_heap(heap: str) -> str:
@@ -251,16 +296,20 @@ def quiet_logger(name: str) -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _server_properties(port: int, controller_port: int, data_dir: Path) -> str:
+def _server_properties(port: int, controller_port: int, data_dir: Path,
+                       secure_ports: dict[str, int] | None = None) -> str:
+    secure = secure_ports or {}
+    listeners = "".join(f",{name}://127.0.0.1:{p}" for name, p in secure.items())
+    protocols = "".join(f",{name}:{tls_listeners.LISTENERS[name]}" for name in secure)
     return f"""\
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:{controller_port}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://127.0.0.1:{port}{listeners},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}{listeners}
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT{protocols}
 log.dirs={data_dir}
 num.partitions=3
 auto.create.topics.enable=true
