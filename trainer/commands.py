@@ -26,7 +26,13 @@ log = logging.getLogger(__name__)
 
 def _table(args: argparse.Namespace, flags: LayoutFlags) -> tuple[pd.DataFrame, TableLayout]:
     frame = read_table(args.data)
-    return frame, resolve_layout(list(map(str, frame.columns)), flags)
+    return frame, resolve_layout(frame, flags)
+
+
+def layout_flags(args: argparse.Namespace) -> LayoutFlags:
+    """The layout-related flags of parsed arguments."""
+    return LayoutFlags(args.layout, args.features, args.label_column, args.time_column, args.id_column,
+                       args.customer_column, args.time_unit, args.log_features)
 
 
 def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:

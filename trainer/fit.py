@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -13,14 +14,15 @@ import pandas as pd
 import torch
 
 from pipeline.artifact import ModelArtifact, load_artifact, publish_current, save_artifact
-from pipeline.errors import InputDataError
+from pipeline.errors import ConfigError, InputDataError
 from pipeline.features import TableLayout
-from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model
+from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model, default_bottleneck
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer, resolve_device, score_frame
 from trainer import calibrate, evaluate
 from trainer.data import check_features, check_labels, event_times
 from trainer.report import write_report
+from trainer.options import DEFAULT_TEST_FRACTION
 from trainer.split import Split, SplitSpec, time_split
 from trainer.train import History, TrainConfig, fit, seed_everything
 
@@ -69,16 +71,39 @@ def _masks(split: Split, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndar
     return train, val_normal
 
 
+def resolve_split(spec: SplitSpec, labelled: bool) -> SplitSpec:
+    """An unset test fraction: 0.2 on a labelled table, none on an unlabelled one (nothing to test)."""
+    if spec.test_fraction is not None:
+        return spec
+    test_fraction = DEFAULT_TEST_FRACTION if labelled else 0.0
+    if not labelled and not (spec.val_start or spec.test_start):
+        log.info("unlabelled table: no test rows set aside; %.0f %% of the rows (the last) validate",
+                 100 * spec.val_fraction)
+    return dataclasses.replace(spec, test_fraction=test_fraction)
+
+
+def model_config(name: str, n_features: int, params: dict[str, Any]) -> ModelConfig:
+    """The model's config for this many features: the bottleneck, unless given, derived from the
+    feature count (``default_bottleneck``); one that does not compress the input is refused."""
+    bottleneck = params.get("bottleneck") or default_bottleneck(n_features)
+    if bottleneck >= n_features and n_features > 1:
+        raise ConfigError(f"--bottleneck {bottleneck} must be below the number of features ({n_features}), "
+                          "or the model can learn to copy its input")
+    return ModelConfig(**{**params, "n_features": n_features, "bottleneck": bottleneck})
+
+
 def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> FitResult:
     """Train on the split's normal rows, calibrate on validation, export, evaluate on test, publish."""
     x = check_features(frame, layout.features)  # (rows, features) raw
     labels = check_labels(frame, layout)
+    config = model_config(options.model, len(layout.features), options.model_params)
+    options = dataclasses.replace(options, split=resolve_split(options.split, labels is not None))
     split = time_split(event_times(frame, layout), options.split, n_rows=len(frame))
     train, val_normal = _masks(split, labels)
     prep = Preprocessing.fit(x[train], layout.features, layout.log_features)
     device = resolve_device(options.device)
     seed_everything(options.train.seed)  # weight initialisation is part of what the seed fixes
-    model = build_model(options.model, ModelConfig(n_features=len(layout.features), **options.model_params))
+    model = build_model(options.model, config)
     train_x = prep.transform(x[train])
     history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
     val_labels = labels[split.val] if labels is not None else None
@@ -90,6 +115,7 @@ def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> Fi
     fields["metrics"]["training"] = {
         "train_loss": history.train_loss, "val_loss": history.val_loss, "best_epoch": history.best_epoch + 1,
         "seconds": history.seconds, "peak_rss_mb": evaluate.peak_rss_mb(), "device": str(device),
+        "epoch_cap": history.epoch_cap, "stopped_early": history.stopped_early,
     }
     version_dir = save_artifact(options.output, model.cpu(), fields)
     result = FitResult(version_dir, load_artifact(version_dir), history)

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Optimiser and stopping settings."""
 
-    epochs: int = 30
+    epochs: int | None = None  # most epochs; None: auto_epochs(training rows, batch_size)
     batch_size: int = 512
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
@@ -31,6 +31,25 @@ class TrainConfig:
     threads: int = 1  # CPU intra-op threads while training; small dense nets run fastest on one
 
 
+# Auto epoch cap: at least this many epochs, and enough for this many mini-batch steps on small tables.
+MIN_EPOCHS = 30
+MIN_STEPS = 3000
+MAX_AUTO_EPOCHS = 1000
+
+
+def auto_epochs(n_rows: int, batch_size: int) -> int:
+    """The epoch cap when none is given: 30 on large tables, more on small ones, so that training
+    runs at least MIN_STEPS mini-batch steps (early stopping usually ends it sooner).
+
+    >>> auto_epochs(500_000, 512), auto_epochs(1_000, 512), auto_epochs(10, 512)
+    (30, 1000, 1000)
+    >>> auto_epochs(20_000, 512)
+    75
+    """
+    steps_per_epoch = max(1, -(-n_rows // batch_size))
+    return max(MIN_EPOCHS, min(MAX_AUTO_EPOCHS, -(-MIN_STEPS // steps_per_epoch)))
+
+
 @dataclass
 class History:
     """Per-epoch mean losses and the epoch whose weights were kept."""
@@ -39,6 +58,8 @@ class History:
     val_loss: list[float] = field(default_factory=list)
     best_epoch: int = -1
     seconds: float = 0.0
+    epoch_cap: int = 0
+    stopped_early: bool = False  # False: the epoch cap ended training while the validation loss still fell
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -64,7 +85,7 @@ def _epoch(model: Autoencoder, optimiser: torch.optim.Optimizer, x: torch.Tensor
     model.train()
     order = torch.randperm(len(x), generator=generator).to(x.device)
     losses = []
-    bar = tqdm(range(0, len(x), config.batch_size), desc=f"epoch {epoch + 1}/{config.epochs}",
+    bar = tqdm(range(0, len(x), config.batch_size), desc=f"epoch {epoch + 1}",
                unit="batch", disable=None if config.progress else True, leave=False)  # None: off when not a TTY
     for start in bar:
         batch = x[order[start : start + config.batch_size]]
@@ -99,9 +120,10 @@ def _fit(model: Autoencoder, train_x: np.ndarray, val_x: np.ndarray, config: Tra
     train_t = torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)).to(device)
     val_t = torch.from_numpy(np.ascontiguousarray(val_x, dtype=np.float32)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    history, best_state, best_val, waited = History(), None, np.inf, 0
+    cap = config.epochs or auto_epochs(len(train_x), config.batch_size)
+    history, best_state, best_val, waited = History(epoch_cap=cap), None, np.inf, 0
     started = time.perf_counter()
-    for epoch in range(config.epochs):
+    for epoch in range(cap):
         history.train_loss.append(_epoch(model, optimiser, train_t, config, generator, epoch))
         history.val_loss.append(validation_loss(model, val_t))
         log.info("epoch %d: train %.5f val %.5f", epoch + 1, history.train_loss[-1], history.val_loss[-1])
@@ -111,8 +133,12 @@ def _fit(model: Autoencoder, train_x: np.ndarray, val_x: np.ndarray, config: Tra
         else:
             waited += 1
             if waited >= config.patience:
+                history.stopped_early = True
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
     history.seconds = time.perf_counter() - started
+    if not history.stopped_early:
+        log.warning("training stopped at the epoch cap (%d) with the validation loss still improving "
+                    "(best epoch %d, %.5g); a larger --epochs may fit better", cap, history.best_epoch + 1, best_val)
     return history
