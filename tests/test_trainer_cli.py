@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from pipeline.artifact import load_artifact
 from pipeline.models import MODELS
+from trainer import hybrid
 from trainer.cli import build_parser, run
-from trainer.options import MODEL_CHOICES
+from trainer.options import MODEL_CHOICES, SCORE_CHOICES
 
 HEAVY = ("torch", "sklearn", "pandas")
 FAST = ["--quiet", "--device", "cpu"]
@@ -153,8 +154,9 @@ def test_quiet_and_device_work_before_or_after_the_subcommand(where: str) -> Non
     assert plain.quiet is False and plain.device is None
 
 
-def test_model_choices_match_the_registry() -> None:
+def test_choices_match_the_registries() -> None:
     assert set(MODEL_CHOICES) == set(MODELS)
+    assert SCORE_CHOICES == hybrid.SCORE_CHOICES
 
 
 def _generic(n: int = 1200, seed: int = 3, labelled: bool = True) -> pd.DataFrame:

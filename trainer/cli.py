@@ -73,17 +73,22 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model root: a new version folder goes here [env FRAUD_MODEL_DIR; default models]")
     parser.add_argument("--model", default=opt.DEFAULT_MODEL, choices=opt.MODEL_CHOICES,
                         help="model type (default %(default)s)")
+    parser.add_argument("--score", default="auto", choices=opt.SCORE_CHOICES,
+                        help="reconstruction: the reconstruction error; hybrid: plus the distance to the 5 "
+                             "nearest normal training rows; auto (default): the one with the higher average "
+                             "precision on labelled validation rows, else hybrid")
     parser.add_argument("--hidden", type=opt.widths, help="encoder layer widths, e.g. 64,32 (decoder mirrors them)")
     parser.add_argument("--bottleneck", type=opt.positive_int,
                         help="code size, below the feature count (default: derived from the feature count)")
     parser.add_argument("--epochs", type=opt.positive_int,
-                        help="most epochs (default: 30, more on small tables so that training takes at least "
-                             "3000 mini-batch steps)")
-    parser.add_argument("--batch-size", type=opt.positive_int, default=512, help="mini-batch rows (default %(default)s)")
+                        help="most epochs (default: 30, more on small tables, up to 6000 mini-batch steps)")
+    parser.add_argument("--batch-size", type=opt.positive_int,
+                        help="mini-batch rows (default: 512, a sixteenth of a small table, at least 32)")
     parser.add_argument("--learning-rate", type=opt.positive_float, default=1e-3,
                         help="Adam step size (default %(default)s)")
-    parser.add_argument("--patience", type=opt.positive_int, default=4,
-                        help="early stopping: epochs without a validation improvement (default %(default)s)")
+    parser.add_argument("--patience", type=opt.positive_int,
+                        help="early stopping: epochs without a validation improvement (default: 4, or about "
+                             "300 mini-batch steps on small tables)")
     parser.add_argument("--seed", type=opt.non_negative_int, default=0,
                         help="seed for initialisation, shuffling and noise")
     parser.add_argument("--alert-rate", type=opt.unit_rate, default=opt.DEFAULT_ALERT_RATE,

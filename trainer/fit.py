@@ -19,10 +19,10 @@ from pipeline.features import TableLayout
 from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model, default_bottleneck
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer, resolve_device, score_frame
-from trainer import calibrate, evaluate
+from trainer import calibrate, evaluate, hybrid
 from trainer.data import check_features, check_labels, event_times
-from trainer.report import write_report
 from trainer.options import DEFAULT_TEST_FRACTION
+from trainer.report import write_report
 from trainer.split import Split, SplitSpec, time_split
 from trainer.train import History, TrainConfig, fit, seed_everything
 
@@ -42,6 +42,7 @@ class FitOptions:
     device: str = "auto"
     baselines: bool = True
     publish: bool = True
+    score: str = "auto"  # auto, hybrid or reconstruction (trainer.hybrid)
 
 
 @dataclass
@@ -96,21 +97,37 @@ def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> Fi
     """Train on the split's normal rows, calibrate on validation, export, evaluate on test, publish."""
     x = check_features(frame, layout.features)  # (rows, features) raw
     labels = check_labels(frame, layout)
-    config = model_config(options.model, len(layout.features), options.model_params)
+    model_config(options.model, len(layout.features), options.model_params)  # refuse a bad bottleneck first
     options = dataclasses.replace(options, split=resolve_split(options.split, labels is not None))
     split = time_split(event_times(frame, layout), options.split, n_rows=len(frame))
+    result = fit_split(x, labels, split, layout, options)
+    if labels is not None and split.test.any():
+        train_x = result.artifact.preprocessing.transform(x[_masks(split, labels)[0]])
+        result.report = evaluate_split(result.artifact, frame, layout, split, labels, options, result.history,
+                                       train_x)
+    if options.publish:
+        publish_current(options.output, result.version_dir)
+    return result
+
+
+def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: TableLayout,
+              options: FitOptions) -> FitResult:
+    """Train on the normal train rows of raw x (rows, features), calibrate and choose the scoring on
+    the validation rows, export the version (unpublished); the test rows are not looked at."""
     train, val_normal = _masks(split, labels)
+    config = model_config(options.model, len(layout.features), options.model_params)
     prep = Preprocessing.fit(x[train], layout.features, layout.log_features)
     device = resolve_device(options.device)
     seed_everything(options.train.seed)  # weight initialisation is part of what the seed fixes
     model = build_model(options.model, config)
     train_x = prep.transform(x[train])
     history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
+    bank = hybrid.sample_bank(train_x, seed=options.train.seed) if options.score != "reconstruction" else None
     val_labels = labels[split.val] if labels is not None else None
-    fields = _calibration(model, prep, x[split.val], val_labels, prep.transform(x[val_normal]), options, device)
+    fields = _calibration(model, prep, bank, x[split.val], val_labels, x[val_normal], options, device)
     fields["training_data"] = {
         "rows": int(train.sum()), "fingerprint_sha256": fingerprint(x[train]), "layout": layout.name,
-        "split": vars(options.split), "train_config": vars(options.train),
+        "split": vars(options.split), "train_config": vars(history.config or options.train),
     }
     fields["metrics"]["training"] = {
         "train_loss": history.train_loss, "val_loss": history.val_loss, "best_epoch": history.best_epoch + 1,
@@ -118,31 +135,32 @@ def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> Fi
         "epoch_cap": history.epoch_cap, "stopped_early": history.stopped_early,
     }
     version_dir = save_artifact(options.output, model.cpu(), fields)
-    result = FitResult(version_dir, load_artifact(version_dir), history)
-    if labels is not None and split.test.any():
-        result.report = evaluate_split(result.artifact, frame, layout, split, labels, options, history, train_x)
-    if options.publish:
-        publish_current(options.output, version_dir)
-    return result
+    return FitResult(version_dir, load_artifact(version_dir), history)
 
 
-def _calibration(model: Autoencoder, prep: Preprocessing, val_raw: np.ndarray, val_labels: np.ndarray | None,
-                 val_normal_x: np.ndarray, options: FitOptions, device: torch.device) -> dict[str, Any]:
-    """Manifest fields computed on validation rows: threshold, explanation, histogram, metrics."""
-    errors = calibrate.feature_errors(model, val_normal_x, device)  # (rows, features)
-    scores = errors.mean(axis=1)
+def _calibration(model: Autoencoder, prep: Preprocessing, bank: np.ndarray | None, val_raw: np.ndarray,
+                 val_labels: np.ndarray | None, val_normal_raw: np.ndarray, options: FitOptions,
+                 device: torch.device) -> dict[str, Any]:
+    """Manifest fields computed on validation rows: scoring, threshold, explanation, histogram, metrics."""
+    normal = hybrid.score_parts(model, prep.transform(val_normal_raw), bank, device)
+    rows = hybrid.score_parts(model, prep.transform(val_raw), bank, device) if val_labels is not None else None
+    spec, candidates = hybrid.choose(options.score, normal, rows, val_labels)
+    scores = spec.combine(normal.mse, normal.distance)
     threshold = calibrate.threshold_for(scores, options.alert_rate)
-    metrics: dict[str, Any] = {"validation": {"normal_rows": len(scores), "threshold": threshold}}
-    if val_labels is not None:
-        all_scores = calibrate.feature_errors(model, prep.transform(val_raw), device).mean(axis=1)
-        labelled = calibrate.labelled_calibration(all_scores, val_labels, threshold)
+    metrics: dict[str, Any] = {"validation": {"normal_rows": len(scores), "threshold": threshold,
+                                              "scoring": options.score, "candidates_ap": candidates}}
+    if rows is not None:
+        labelled = calibrate.labelled_calibration(spec.combine(rows.mse, rows.distance), val_labels, threshold)
         if labelled is not None:
             metrics["validation"].update(labelled.to_dict())
-    return {
+    fields = {
         "feature_names": prep.feature_names, "preprocessing": prep, "threshold": threshold,
-        "alert_rate": options.alert_rate, "explanation": calibrate.explanation_stats(errors),
-        "score_histogram": calibrate.score_histogram(scores), "metrics": metrics,
+        "alert_rate": options.alert_rate, "explanation": calibrate.explanation_stats(normal.errors),
+        "score_histogram": calibrate.score_histogram(scores), "metrics": metrics, "scoring": spec,
     }
+    if spec.uses_bank:
+        fields["bank"] = bank
+    return fields
 
 
 def evaluate_split(artifact: ModelArtifact, frame: pd.DataFrame, layout: TableLayout, split: Split,

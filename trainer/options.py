@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import itertools
 import math
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ from pipeline.errors import ConfigError
 MODEL_CHOICES = ("autoencoder", "denoising", "memae")
 DEFAULT_MODEL = "autoencoder"
 DEFAULT_ALERT_RATE = 0.005
+SCORE_CHOICES = ("auto", "hybrid", "reconstruction")  # trainer.hybrid.SCORE_CHOICES, without scikit-learn
 DEFAULT_TEST_FRACTION = 0.2  # only for labelled tables: an unlabelled one has nothing to test on
 
 
@@ -101,7 +103,7 @@ def check_dates(start: str | None, val_start: str | None, test_start: str | None
         raise ConfigError("give both --val-start and --test-start, or neither (fractions are used then)")
     given = [(flag, dt.datetime.fromisoformat(v)) for flag, v in
              (("--start", start), ("--val-start", val_start), ("--test-start", test_start), ("--end", end)) if v]
-    for (flag_a, a), (flag_b, b) in zip(given, given[1:], strict=False):
+    for (flag_a, a), (flag_b, b) in itertools.pairwise(given):
         if a > b or (flag_b == "--end" and a == b):
             raise ConfigError(f"{flag_a} {a.date()} must come before {flag_b} {b.date()}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -20,34 +21,67 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Optimiser and stopping settings."""
 
-    epochs: int | None = None  # most epochs; None: auto_epochs(training rows, batch_size)
-    batch_size: int = 512
+    epochs: int | None = None  # most epochs; None: auto_epochs(training rows, batch size)
+    batch_size: int | None = None  # None: auto_batch_size(training rows)
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
-    patience: int = 4  # epochs without a validation improvement before stopping
+    patience: int | None = None  # epochs without a validation improvement before stopping; None: auto_patience
     min_delta: float = 1e-5  # smallest validation-loss drop that counts as an improvement
     seed: int = 0
     progress: bool = True  # tqdm bar per epoch
     threads: int = 1  # CPU intra-op threads while training; small dense nets run fastest on one
 
 
-# Auto epoch cap: at least this many epochs, and enough for this many mini-batch steps on small tables.
+# The automatic schedule: large tables (the handbook's 500k rows) get the original 512-row batches,
+# 30 epochs and patience 4; small ones smaller batches, and as many epochs as it takes to run at least
+# MIN_STEPS mini-batch steps, with a patience of about PATIENCE_STEPS steps.
+MAX_BATCH = 512
+MIN_BATCH = 32
 MIN_EPOCHS = 30
-MIN_STEPS = 3000
+MIN_STEPS = 6000
 MAX_AUTO_EPOCHS = 1000
+MIN_PATIENCE = 4
+PATIENCE_STEPS = 300
+
+
+def _steps_per_epoch(n_rows: int, batch_size: int) -> int:
+    return max(1, -(-n_rows // batch_size))
+
+
+def auto_batch_size(n_rows: int) -> int:
+    """512 rows, or a sixteenth of a small table (at least 32).
+
+    >>> auto_batch_size(500_000), auto_batch_size(2_000), auto_batch_size(100)
+    (512, 125, 32)
+    """
+    return max(MIN_BATCH, min(MAX_BATCH, n_rows // 16))
 
 
 def auto_epochs(n_rows: int, batch_size: int) -> int:
     """The epoch cap when none is given: 30 on large tables, more on small ones, so that training
-    runs at least MIN_STEPS mini-batch steps (early stopping usually ends it sooner).
+    may run at least MIN_STEPS mini-batch steps (early stopping usually ends it sooner).
 
-    >>> auto_epochs(500_000, 512), auto_epochs(1_000, 512), auto_epochs(10, 512)
-    (30, 1000, 1000)
-    >>> auto_epochs(20_000, 512)
-    75
+    >>> auto_epochs(500_000, 512), auto_epochs(20_000, 512), auto_epochs(2_000, 125), auto_epochs(10, 32)
+    (30, 154, 375, 1000)
     """
-    steps_per_epoch = max(1, -(-n_rows // batch_size))
-    return max(MIN_EPOCHS, min(MAX_AUTO_EPOCHS, -(-MIN_STEPS // steps_per_epoch)))
+    return max(MIN_EPOCHS, min(MAX_AUTO_EPOCHS, -(-MIN_STEPS // _steps_per_epoch(n_rows, batch_size))))
+
+
+def auto_patience(n_rows: int, batch_size: int) -> int:
+    """Epochs without improvement before stopping: 4, or about PATIENCE_STEPS steps on small tables.
+
+    >>> auto_patience(500_000, 512), auto_patience(2_000, 125)
+    (4, 19)
+    """
+    return max(MIN_PATIENCE, -(-PATIENCE_STEPS // _steps_per_epoch(n_rows, batch_size)))
+
+
+def resolve_schedule(config: TrainConfig, n_rows: int) -> TrainConfig:
+    """config with its automatic (None) batch size, epoch cap and patience filled in for n_rows."""
+    batch_size = config.batch_size or auto_batch_size(n_rows)
+    return dataclasses.replace(config, batch_size=batch_size,
+                               epochs=config.epochs or auto_epochs(n_rows, batch_size),
+                               patience=config.patience or auto_patience(n_rows, batch_size))
 
 
 @dataclass
@@ -59,6 +93,7 @@ class History:
     best_epoch: int = -1
     seconds: float = 0.0
     epoch_cap: int = 0
+    config: TrainConfig | None = None  # the schedule actually used (automatic values filled in)
     stopped_early: bool = False  # False: the epoch cap ended training while the validation loss still fell
 
 
@@ -120,8 +155,9 @@ def _fit(model: Autoencoder, train_x: np.ndarray, val_x: np.ndarray, config: Tra
     train_t = torch.from_numpy(np.ascontiguousarray(train_x, dtype=np.float32)).to(device)
     val_t = torch.from_numpy(np.ascontiguousarray(val_x, dtype=np.float32)).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    cap = config.epochs or auto_epochs(len(train_x), config.batch_size)
-    history, best_state, best_val, waited = History(epoch_cap=cap), None, np.inf, 0
+    config = resolve_schedule(config, len(train_x))
+    cap = config.epochs
+    history, best_state, best_val, waited = History(epoch_cap=cap, config=config), None, np.inf, 0
     started = time.perf_counter()
     for epoch in range(cap):
         history.train_loss.append(_epoch(model, optimiser, train_t, config, generator, epoch))
