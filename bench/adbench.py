@@ -71,14 +71,15 @@ def ours(train: np.ndarray, test: np.ndarray, names: tuple[str, ...], root: Path
     layout = TableLayout("generic", None, "", None, None, names)
     params = {"bottleneck": args.bottleneck} if args.bottleneck else {}
     options = FitOptions(output=root, device="cpu", baselines=False, publish=False, score=args.score,
-                         model=args.model, model_params=params, train=TrainConfig(progress=False, seed=args.seed))
+                         model=args.model, model_params=params,
+                         train=TrainConfig(progress=False, seed=args.seed, epochs=args.epochs))
     started = time.perf_counter()
     result = fit_split(x, None, split, layout, options)
     artifact = load_artifact(result.version_dir)
     scores = Scorer(artifact, device="cpu").score(test.astype(np.float32)).scores
-    training = artifact.manifest["metrics"]["training"]
+    training, validation = artifact.manifest["metrics"]["training"], artifact.manifest["metrics"]["validation"]
     return {"scores": scores, "seconds": time.perf_counter() - started, "epochs": len(training["val_loss"]),
-            "stopped_early": training["stopped_early"], "scoring": artifact.scoring.method,
+            "stopped_early": training["stopped_early"], "scoring": validation["scoring"],
             "bottleneck": artifact.manifest["hyperparameters"]["bottleneck"]}
 
 
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--model", default="autoencoder")
     parser.add_argument("--bottleneck", type=int)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="epoch cap (default: the trainer's automatic one)")
     args = parser.parse_args()
     import torch
 

@@ -22,14 +22,24 @@ METHODS = ("reconstruction", "hybrid")
 BLOCK_ENTRIES = 16 * 1024 * 1024
 
 
-def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
-    """Mean Euclidean distance of each row of x (rows, features) to its k nearest bank rows -> (rows,)."""
+def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int, in_bank: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean Euclidean distance of each row of x (rows, features) to its k nearest bank rows -> (rows,).
+
+    ``in_bank`` (rows,) bool marks rows of x that are themselves bank rows: their own zero
+    distance is left out (leave-one-out), so they score like rows the bank has never seen.
+    """
     k = min(k, bank.shape[0])
     rows = max(1, BLOCK_ENTRIES // max(1, bank.shape[0]))
     parts = []
     for start in range(0, x.shape[0], rows):
         block = torch.cdist(x[start : start + rows], bank, compute_mode="donot_use_mm_for_euclid_dist")
-        parts.append(torch.topk(block, k, dim=1, largest=False).values.mean(dim=1))  # (block rows,)
+        if in_bank is None:
+            parts.append(torch.topk(block, k, dim=1, largest=False).values.mean(dim=1))  # (block rows,)
+            continue
+        nearest = torch.topk(block, min(k + 1, bank.shape[0]), dim=1, largest=False, sorted=True).values
+        own = in_bank[start : start + rows]
+        skip_self = nearest[:, 1 : k + 1].mean(dim=1) if nearest.shape[1] > 1 else nearest[:, 0]
+        parts.append(torch.where(own, skip_self, nearest[:, :k].mean(dim=1)))
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 
@@ -37,20 +47,29 @@ def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
 class ScoreSpec:
     """How a version scores: the mean squared reconstruction error alone, or (hybrid) that error
     plus the mean distance to the k nearest of the bank's normal training rows, each divided by
-    its scale (its mean on normal validation rows) so that neither dominates by its units."""
+    its scale (its spread on normal validation rows) so that neither dominates by its units, the
+    distance weighted by ``distance_weight``. The distance is taken between standardized rows
+    clipped to ±``clip``, so that one heavy-tailed column cannot swamp it; the reconstruction
+    error keeps the unclipped values."""
 
     method: str = "reconstruction"
     k: int = 5
     reconstruction_scale: float = 1.0
     distance_scale: float = 1.0
+    distance_weight: float = 1.0
+    clip: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"scoring method {self.method!r}: use one of {', '.join(METHODS)}")
-        if self.k < 1 or not (self.reconstruction_scale > 0 and self.distance_scale > 0):
-            raise ValueError("scoring needs k >= 1 and positive, finite scales")
-        if not (np.isfinite(self.reconstruction_scale) and np.isfinite(self.distance_scale)):
-            raise ValueError("scoring scales must be finite")
+        numbers = (self.reconstruction_scale, self.distance_scale, self.distance_weight, self.clip or 1.0)
+        if self.k < 1 or not all(np.isfinite(v) and v > 0 for v in numbers):
+            raise ValueError("scoring needs k >= 1 and positive, finite scales, weight and clip")
+
+    def distance_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardized rows (rows, features) as the distance sees them: clipped to ±clip."""
+        x = torch.nan_to_num(x, nan=0.0)
+        return x if self.clip is None else torch.clamp(x, -self.clip, self.clip)
 
     @property
     def uses_bank(self) -> bool:
@@ -61,15 +80,18 @@ class ScoreSpec:
         """The anomaly score from its parts (rows,); distance is ignored without a bank."""
         if not self.uses_bank:
             return mse
-        return mse / self.reconstruction_scale + distance / self.distance_scale
+        return mse / self.reconstruction_scale + self.distance_weight * distance / self.distance_scale
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form for the manifest."""
         return {"method": self.method, "k": self.k, "reconstruction_scale": float(self.reconstruction_scale),
-                "distance_scale": float(self.distance_scale)}
+                "distance_scale": float(self.distance_scale), "distance_weight": float(self.distance_weight),
+                "clip": None if self.clip is None else float(self.clip)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ScoreSpec:
         """Inverse of ``to_dict``; ValueError on unknown methods or bad numbers."""
+        clip = data.get("clip")
         return cls(str(data["method"]), int(data["k"]), float(data["reconstruction_scale"]),
-                   float(data["distance_scale"]))
+                   float(data["distance_scale"]), float(data.get("distance_weight", 1.0)),
+                   None if clip is None else float(clip))

@@ -160,8 +160,8 @@ class Scorer:
                 batch = torch.from_numpy(chunk)
             distance = None
             if self._bank is not None:
-                finite = torch.nan_to_num(batch, nan=0.0, posinf=3e38, neginf=-3e38)  # overflowed inputs stay far
-                distance = knn_distance(finite, self._bank, self.artifact.scoring.k).float().cpu().numpy()
+                spec = self.artifact.scoring
+                distance = knn_distance(spec.distance_space(batch), self._bank, spec.k).float().cpu().numpy()
             # .cpu() waits, so staging is free again
             return self._model(batch).float().cpu().numpy(), distance
 

@@ -50,12 +50,13 @@ def test_score_batch_shapes_and_meaning(data: pd.DataFrame, artifact: ModelArtif
     mse = batch.feature_errors.mean(axis=1)
     if artifact.scoring.method == "reconstruction":
         np.testing.assert_allclose(mse, batch.scores, rtol=1e-6)
-    else:  # hybrid: plus the mean distance to the 5 nearest bank rows, each part over its scale
-        x = artifact.preprocessing.transform(raw)
-        bank = artifact.bank.numpy()
-        knn = NearestNeighbors(n_neighbors=5).fit(bank).kneighbors(x)[0].mean(axis=1)  # an independent kNN
+    else:  # hybrid: plus the weighted mean distance to the 5 nearest (clipped) bank rows, each part over its scale
         spec = artifact.scoring
-        expected = mse / spec.reconstruction_scale + knn / spec.distance_scale
+        x = np.clip(artifact.preprocessing.transform(raw), -spec.clip, spec.clip)
+        bank = artifact.bank.numpy()
+        assert np.abs(bank).max() <= spec.clip
+        knn = NearestNeighbors(n_neighbors=5).fit(bank).kneighbors(x)[0].mean(axis=1)  # an independent kNN
+        expected = mse / spec.reconstruction_scale + spec.distance_weight * knn / spec.distance_scale
         np.testing.assert_allclose(batch.scores, expected, rtol=1e-4, atol=1e-5)
         assert artifact.manifest["format_version"] == 2 and bank.shape[1] == f
     standardized = artifact.preprocessing.transform(batch.reconstruction)

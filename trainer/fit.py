@@ -122,7 +122,9 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
     model = build_model(options.model, config)
     train_x = prep.transform(x[train])
     history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
-    bank = hybrid.sample_bank(train_x, seed=options.train.seed) if options.score != "reconstruction" else None
+    bank = None
+    if options.score != "reconstruction":
+        bank = hybrid.build_bank(train_x, prep.transform(x[val_normal]), seed=options.train.seed)
     val_labels = labels[split.val] if labels is not None else None
     fields = _calibration(model, prep, bank, x[split.val], val_labels, x[val_normal], options, device)
     fields["training_data"] = {
@@ -138,29 +140,50 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
     return FitResult(version_dir, load_artifact(version_dir), history)
 
 
-def _calibration(model: Autoencoder, prep: Preprocessing, bank: np.ndarray | None, val_raw: np.ndarray,
+def _calibration(model: Autoencoder, prep: Preprocessing, bank: hybrid.Bank | None, val_raw: np.ndarray,
                  val_labels: np.ndarray | None, val_normal_raw: np.ndarray, options: FitOptions,
                  device: torch.device) -> dict[str, Any]:
     """Manifest fields computed on validation rows: scoring, threshold, explanation, histogram, metrics."""
-    normal = hybrid.score_parts(model, prep.transform(val_normal_raw), bank, device)
-    rows = hybrid.score_parts(model, prep.transform(val_raw), bank, device) if val_labels is not None else None
-    spec, candidates = hybrid.choose(options.score, normal, rows, val_labels)
-    scores = spec.combine(normal.mse, normal.distance)
+    normal, rows = _validation_parts(model, prep, bank, val_raw, val_labels, val_normal_raw, options, device)
+    choice = hybrid.choose(options.score, normal, rows, val_labels)
+    scores = choice.scores(normal)
     threshold = calibrate.threshold_for(scores, options.alert_rate)
-    metrics: dict[str, Any] = {"validation": {"normal_rows": len(scores), "threshold": threshold,
-                                              "scoring": options.score, "candidates_ap": candidates}}
+    metrics: dict[str, Any] = {"validation": {
+        "normal_rows": len(scores), "threshold": threshold, "score_option": options.score, "scoring": choice.name,
+        "candidates_average_precision": choice.validation_ap}}
     if rows is not None:
-        labelled = calibrate.labelled_calibration(spec.combine(rows.mse, rows.distance), val_labels, threshold)
+        labelled = calibrate.labelled_calibration(choice.scores(rows), val_labels, threshold)
         if labelled is not None:
             metrics["validation"].update(labelled.to_dict())
     fields = {
         "feature_names": prep.feature_names, "preprocessing": prep, "threshold": threshold,
         "alert_rate": options.alert_rate, "explanation": calibrate.explanation_stats(normal.errors),
-        "score_histogram": calibrate.score_histogram(scores), "metrics": metrics, "scoring": spec,
+        "score_histogram": calibrate.score_histogram(scores), "metrics": metrics, "scoring": choice.spec,
     }
-    if spec.uses_bank:
-        fields["bank"] = bank
+    if choice.spec.uses_bank and bank is not None:
+        fields["bank"] = bank.rows
     return fields
+
+
+def _validation_parts(model: Autoencoder, prep: Preprocessing, bank: hybrid.Bank | None, val_raw: np.ndarray,
+                      val_labels: np.ndarray | None, val_normal_raw: np.ndarray, options: FitOptions,
+                      device: torch.device) -> tuple[hybrid.ScoreParts, hybrid.ScoreParts | None]:
+    """Score parts of the normal validation rows and (when labelled) of all validation rows; bank
+    members among them are scored leave-one-out."""
+    labelled = val_labels is not None and 0 < int(val_labels.sum()) < len(val_labels)
+    candidates = hybrid.candidates_for(options.score, labelled)
+    rows_of_bank = None if bank is None else bank.rows
+    in_bank = None if bank is None else bank.val_in_bank  # (normal validation rows,)
+    normal = hybrid.score_parts(model, prep.transform(val_normal_raw), rows_of_bank, device, candidates,
+                                in_bank=in_bank)
+    if val_labels is None:
+        return normal, None
+    all_in_bank = None
+    if in_bank is not None:
+        all_in_bank = np.zeros(len(val_labels), bool)
+        all_in_bank[val_labels == 0] = in_bank
+    return normal, hybrid.score_parts(model, prep.transform(val_raw), rows_of_bank, device, candidates,
+                                      in_bank=all_in_bank)
 
 
 def evaluate_split(artifact: ModelArtifact, frame: pd.DataFrame, layout: TableLayout, split: Split,

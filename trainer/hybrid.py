@@ -1,14 +1,18 @@
-"""How a new version scores: the reconstruction error alone or the hybrid, chosen on validation rows.
+"""How a new version scores: the reconstruction error alone or a hybrid, chosen on validation rows.
 
-The hybrid adds the mean distance to the k nearest normal training rows (a bank of at most
-``BANK_ROWS`` of them, standardized) to the reconstruction error, each divided by its mean on
-the normal validation rows. ``auto`` keeps the one with the higher average precision on
-labelled validation rows; without labelled frauds there it takes the hybrid, which ranks
-better on ADBench's twelve tables (docs/model-quality.md).
+A hybrid adds ``DISTANCE_WEIGHT`` times the mean distance to the k nearest normal rows (a bank of
+at most ``BANK_ROWS`` training and validation rows, standardized) to the reconstruction error,
+each divided by its standard deviation on the normal validation rows. ``hybrid`` measures the
+distance between rows clipped to ±``CLIP`` (one heavy-tailed column cannot swamp it);
+``hybrid-unclipped`` between the rows as they are. ``auto`` keeps, of the reconstruction error
+and both hybrids, the one with the highest average precision on labelled validation rows;
+without labelled frauds there it takes ``hybrid``, which ranks best on ADBench's twelve
+development tables (docs/model-quality.md).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -25,14 +29,17 @@ log = logging.getLogger(__name__)
 SCORE_CHOICES = ("auto", "hybrid", "reconstruction")
 DEFAULT_K = 5
 BANK_ROWS = 16384  # bounds the serving cost: (batch x bank) distances per micro-batch
+DISTANCE_WEIGHT = 2.0
+CLIP = 3.0
+HYBRIDS = {"hybrid": CLIP, "hybrid-unclipped": None}  # candidate name -> clip
 
 
 @dataclass(frozen=True)
 class ScoreParts:
-    """Per-row parts of the score of some rows: per-feature squared errors and bank distances."""
+    """Per-row parts of the score of some rows: squared errors, and distances per hybrid candidate."""
 
     errors: np.ndarray  # (rows, features) squared reconstruction error, standardized space
-    distance: np.ndarray | None  # (rows,) mean distance to the k nearest bank rows; None without a bank
+    distances: dict[str, np.ndarray]  # candidate name -> (rows,) mean distance to the k nearest bank rows
 
     @property
     def mse(self) -> np.ndarray:
@@ -40,51 +47,95 @@ class ScoreParts:
         return self.errors.mean(axis=1)
 
 
-def sample_bank(train_x: np.ndarray, rows: int = BANK_ROWS, seed: int = 0) -> np.ndarray:
-    """Standardized training rows kept for the distance: all, or a seeded sample in row order."""
-    if len(train_x) <= rows:
-        return np.ascontiguousarray(train_x, dtype=np.float32)
-    keep = np.sort(np.random.default_rng(seed).choice(len(train_x), rows, replace=False))
-    return np.ascontiguousarray(train_x[keep], dtype=np.float32)
+@dataclass(frozen=True)
+class Bank:
+    """The normal rows the distance is measured to, and which normal validation rows are among them."""
+
+    rows: np.ndarray  # (bank rows, features) float32, standardized (clipped when scoring, as the spec says)
+    val_in_bank: np.ndarray  # (normal validation rows,) bool
+
+
+def build_bank(train_x: np.ndarray, val_normal_x: np.ndarray, rows: int = BANK_ROWS, seed: int = 0) -> Bank:
+    """The bank: the normal training and validation rows (standardized), all or a seeded sample in order.
+
+    Validation rows in the bank are scored leave-one-out (``score_parts``), so the threshold and
+    the scales still come from distances the bank did not make small by containing the row.
+    """
+    pool = np.concatenate([train_x, val_normal_x]).astype(np.float32)
+    keep = np.arange(len(pool))
+    if len(pool) > rows:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pool), rows, replace=False))
+    member = np.zeros(len(pool), bool)
+    member[keep] = True
+    return Bank(np.ascontiguousarray(pool[keep]), member[len(train_x):])
+
+
+def unscaled(name: str, k: int = DEFAULT_K) -> ScoreSpec:
+    """A hybrid candidate before its scales are known."""
+    return ScoreSpec("hybrid", k, distance_weight=DISTANCE_WEIGHT, clip=HYBRIDS[name])
 
 
 def score_parts(model: Autoencoder, x: np.ndarray, bank: np.ndarray | None, device: torch.device,
-                k: int = DEFAULT_K) -> ScoreParts:
-    """Reconstruction errors of standardized rows x (rows, features) and, given a bank, distances."""
+                candidates: tuple[str, ...] = (), k: int = DEFAULT_K, in_bank: np.ndarray | None = None
+                ) -> ScoreParts:
+    """Reconstruction errors of standardized rows x (rows, features) and each candidate's distances
+    to the bank (leave-one-out for the rows marked ``in_bank``)."""
     errors = feature_errors(model, x, device)
-    if bank is None:
-        return ScoreParts(errors, None)
+    distances = {}
     with torch.inference_mode():
-        distance = knn_distance(torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device),
-                                torch.from_numpy(bank).to(device), k)
-    return ScoreParts(errors, distance.cpu().numpy())
+        query = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(device)
+        own = None if in_bank is None else torch.from_numpy(in_bank).to(device)
+        for name in candidates if bank is not None else ():
+            space = unscaled(name, k).distance_space
+            found = knn_distance(space(query), space(torch.from_numpy(bank).to(device)), k, own)
+            distances[name] = found.cpu().numpy()
+    return ScoreParts(errors, distances)
 
 
-def hybrid_spec(normal: ScoreParts, k: int = DEFAULT_K) -> ScoreSpec:
-    """The hybrid's scales: each part's mean on normal validation rows."""
-    assert normal.distance is not None
-    return ScoreSpec("hybrid", k, _positive(float(normal.mse.mean())), _positive(float(normal.distance.mean())))
+def candidates_for(option: str, labelled: bool) -> tuple[str, ...]:
+    """The hybrid candidates whose distances the choice needs."""
+    if option == "reconstruction":
+        return ()
+    return tuple(HYBRIDS) if option == "auto" and labelled else ("hybrid",)
+
+
+def scaled(name: str, normal: ScoreParts, k: int = DEFAULT_K) -> ScoreSpec:
+    """A hybrid candidate with its scales: each part's standard deviation on normal validation rows."""
+    return dataclasses.replace(unscaled(name, k), reconstruction_scale=_positive(float(normal.mse.std())),
+                               distance_scale=_positive(float(normal.distances[name].std())))
 
 
 def _positive(scale: float) -> float:
     return scale if np.isfinite(scale) and scale > 1e-12 else 1.0
 
 
+@dataclass(frozen=True)
+class Choice:
+    """The candidate a new version scores with, and what the choice rested on."""
+
+    name: str  # "reconstruction" or a HYBRIDS key
+    spec: ScoreSpec
+    validation_ap: dict[str, float]  # auto on labelled validation rows: each candidate's average precision
+
+    def scores(self, parts: ScoreParts) -> np.ndarray:
+        """The chosen score of rows (rows,) from their parts."""
+        return self.spec.combine(parts.mse, parts.distances.get(self.name))
+
+
 def choose(option: str, normal: ScoreParts, rows: ScoreParts | None, labels: np.ndarray | None,
-           k: int = DEFAULT_K) -> tuple[ScoreSpec, dict[str, float]]:
-    """The scoring of the new version and, for ``auto`` on labelled validation rows, each
-    candidate's validation average precision (what the choice rested on)."""
+           k: int = DEFAULT_K) -> Choice:
+    """The scoring of the new version: as asked, or for ``auto`` the candidate with the highest
+    average precision on labelled validation rows (``hybrid`` when there are none)."""
     if option == "reconstruction":
-        return ScoreSpec(), {}
-    candidates = {"reconstruction": ScoreSpec(), "hybrid": hybrid_spec(normal, k)}
-    if option == "hybrid":
-        return candidates["hybrid"], {}
-    if rows is None or labels is None or not 0 < int(labels.sum()) < len(labels):
-        log.info("scoring: hybrid (auto; no labelled frauds among the validation rows to choose by)")
-        return candidates["hybrid"], {}
-    ap = {name: float(average_precision_score(labels, spec.combine(rows.mse, rows.distance)))
-          for name, spec in candidates.items()}
+        return Choice("reconstruction", ScoreSpec(), {})
+    if option == "hybrid" or rows is None or labels is None or not 0 < int(labels.sum()) < len(labels):
+        if option == "auto":
+            log.info("scoring: hybrid (auto; no labelled frauds among the validation rows to choose by)")
+        return Choice("hybrid", scaled("hybrid", normal, k), {})
+    specs = {"reconstruction": ScoreSpec(), **{name: scaled(name, normal, k) for name in normal.distances}}
+    ap = {name: float(average_precision_score(labels, spec.combine(rows.mse, rows.distances.get(name))))
+          for name, spec in specs.items()}
     best = max(ap, key=lambda name: ap[name])
     log.info("scoring: %s (auto; validation average precision %s)", best,
              ", ".join(f"{name} {value:.3f}" for name, value in ap.items()))
-    return candidates[best], ap
+    return Choice(best, specs[best], ap)

@@ -1,0 +1,107 @@
+"""Hybrid scoring: the distance part, the bank, and the validation-only choice of ``--score auto``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pipeline.neighbours import ScoreSpec, knn_distance
+from trainer import hybrid
+from trainer.hybrid import ScoreParts, choose, sample_bank
+
+finite = st.floats(-100, 100, allow_nan=False, width=32)
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 30), st.just(3)), elements=finite),
+       arrays(np.float32, st.tuples(st.integers(1, 20), st.just(3)), elements=finite),
+       st.integers(1, 7))
+def test_knn_distance_is_the_brute_force_mean_of_the_k_smallest(x: np.ndarray, bank: np.ndarray, k: int) -> None:
+    expected = np.sort(np.linalg.norm(x[:, None, :].astype(np.float64) - bank[None, :, :], axis=2), axis=1)
+    expected = expected[:, : min(k, len(bank))].mean(axis=1)
+    got = knn_distance(torch.from_numpy(x), torch.from_numpy(bank), k).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_knn_distance_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    x, bank = torch.from_numpy(rng.normal(size=(50, 4))), torch.from_numpy(rng.normal(size=(30, 4)))
+    whole = knn_distance(x, bank, 5)
+    monkeypatch.setattr("pipeline.neighbours.BLOCK_ENTRIES", 60)  # two query rows per block
+    torch.testing.assert_close(knn_distance(x, bank, 5), whole)
+
+
+def test_bank_is_every_row_or_a_seeded_sample_in_order_clipped() -> None:
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    np.testing.assert_array_equal(sample_bank(x, rows=50, clip=None), x)
+    np.testing.assert_array_equal(sample_bank(x - 20, rows=50, clip=3.0), np.clip(x - 20, -3, 3))
+    sample = sample_bank(x, rows=5, seed=3, clip=None)
+    assert sample.shape == (5, 2) and np.all(np.diff(sample[:, 0]) > 0)
+    np.testing.assert_array_equal(sample, sample_bank(x, rows=5, seed=3, clip=None))
+
+
+def _parts(mse: list[float], distance: list[float]) -> ScoreParts:
+    return ScoreParts(np.repeat(np.array(mse, np.float32)[:, None], 2, axis=1), np.array(distance, np.float32))
+
+
+def test_auto_keeps_the_candidate_with_the_higher_validation_ap() -> None:
+    normal = _parts([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])  # standard deviations sqrt(2/3) and 2 sqrt(2/3)
+    labels = np.array([0, 0, 0, 1])
+    # The reconstruction error misses the fraud, the distance finds it.
+    rows = _parts([1.0, 2.0, 3.0, 1.5], [1.0, 1.0, 1.0, 30.0])
+    spec, ap = choose("auto", normal, rows, labels)
+    assert spec.method == "hybrid" and ap["hybrid"] > ap["reconstruction"]
+    assert spec.reconstruction_scale == pytest.approx(np.sqrt(2 / 3), rel=1e-6)
+    assert spec.distance_scale == pytest.approx(2 * np.sqrt(2 / 3), rel=1e-6)
+    assert (spec.distance_weight, spec.clip) == (hybrid.DISTANCE_WEIGHT, hybrid.CLIP)
+    # The reconstruction error finds it alone, the distance only adds noise.
+    rows = _parts([1.0, 1.1, 1.2, 9.0], [1.0, 50.0, 1.0, 1.0])
+    spec, ap = choose("auto", normal, rows, labels)
+    assert spec == ScoreSpec() and ap["reconstruction"] == 1.0
+
+
+def test_auto_without_labelled_frauds_takes_the_hybrid_and_explicit_choices_are_kept() -> None:
+    normal = _parts([1.0, 3.0], [2.0, 2.0])
+    assert choose("auto", normal, None, None)[0].method == "hybrid"
+    assert choose("auto", normal, normal, np.array([0, 0]))[0].method == "hybrid"
+    assert choose("reconstruction", normal, None, None) == (ScoreSpec(), {})
+    spec, _ = choose("hybrid", normal, None, None)
+    # std 1.0 for the error; 0 for the constant distance, which falls back to 1.0
+    assert (spec.method, spec.k, spec.reconstruction_scale, spec.distance_scale) == ("hybrid", hybrid.DEFAULT_K,
+                                                                                      1.0, 1.0)
+
+
+def test_score_spec_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="scoring method 'vote'"):
+        ScoreSpec("vote")
+    with pytest.raises(ValueError, match="positive"):
+        ScoreSpec("hybrid", k=5, reconstruction_scale=0.0)
+    with pytest.raises(ValueError, match="positive"):
+        ScoreSpec("hybrid", k=5, clip=-1.0)
+    spec = ScoreSpec("hybrid", 3, 2.0, 4.0, distance_weight=2.0, clip=3.0)
+    assert ScoreSpec.from_dict(spec.to_dict()) == spec
+    old = {"method": "hybrid", "k": 3, "reconstruction_scale": 2.0, "distance_scale": 4.0}  # no weight, no clip
+    assert ScoreSpec.from_dict(old) == ScoreSpec("hybrid", 3, 2.0, 4.0)
+    x = torch.tensor([[-7.0, 0.5, float("nan")]])
+    assert spec.distance_space(x).tolist() == [[-3.0, 0.5, 0.0]]
+
+
+def test_rows_in_the_bank_are_scored_leave_one_out() -> None:
+    bank = torch.tensor([[0.0], [1.0], [3.0], [10.0]])
+    x = torch.tensor([[1.0], [1.0]])
+    plain = knn_distance(x, bank, 2)
+    loo = knn_distance(x, bank, 2, in_bank=torch.tensor([False, True]))
+    assert plain.tolist() == [0.5, 0.5]  # itself (0) and 0.0 (1)
+    assert loo.tolist() == [0.5, 1.5]  # the second row is bank row 1: its own zero is left out -> 1 and 2
+
+
+def test_bank_holds_training_and_validation_rows_and_knows_which() -> None:
+    train, val = np.zeros((6, 2), np.float32), np.ones((4, 2), np.float32)
+    bank = hybrid.build_bank(train, val, rows=100, clip=None)
+    assert bank.rows.shape == (10, 2) and bank.val_in_bank.tolist() == [True] * 4
+    sampled = hybrid.build_bank(train, val, rows=5, seed=1, clip=None)
+    assert len(sampled.rows) == 5 and sampled.rows.sum() == sampled.val_in_bank.sum() * 2
