@@ -71,7 +71,7 @@ def ours(train: np.ndarray, test: np.ndarray, names: tuple[str, ...], root: Path
     layout = TableLayout("generic", None, "", None, None, names)
     params = {"bottleneck": args.bottleneck} if args.bottleneck else {}
     options = FitOptions(output=root, device="cpu", baselines=False, publish=False, score=args.score,
-                         model=args.model, model_params=params,
+                         bank_rows=args.bank_rows, model=args.model, model_params=params,
                          train=TrainConfig(progress=False, seed=args.seed, epochs=args.epochs))
     started = time.perf_counter()
     result = fit_split(x, None, split, layout, options)
@@ -141,6 +141,7 @@ def main() -> None:
     parser.add_argument("--score", default="auto", choices=("auto", "hybrid", "reconstruction"))
     parser.add_argument("--model", default="autoencoder")
     parser.add_argument("--bottleneck", type=int)
+    parser.add_argument("--bank-rows", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, help="epoch cap (default: the trainer's automatic one)")
     args = parser.parse_args()
@@ -167,8 +168,8 @@ def main() -> None:
 def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
     """The generated block: protocol, table, command."""
     flags = "".join(f" --{k} {v}" for k, v in (("score", args.score), ("model", args.model),
-                                                ("bottleneck", args.bottleneck))
-                    if v not in (None, "auto", "autoencoder"))
+                                                ("bottleneck", args.bottleneck), ("bank-rows", args.bank_rows))
+                    if v not in (None, "auto", "autoencoder", 2048))
     return "\n".join([
         "ROC-AUC / average precision on the test rows of each set (protocol above); ours: `fraud-train`'s "
         "defaults (autoencoder, automatic schedule and bottleneck, `auto` scoring, which is the hybrid here: "

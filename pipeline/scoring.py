@@ -114,7 +114,9 @@ class Scorer:
         self.max_batch = max_batch
         self._model = artifact.build_model().to(self.device).float()
         self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only), reused
-        self._bank = None if artifact.bank is None else artifact.bank.to(self.device).float()  # (rows, f)
+        self._bank = None  # (bank rows, f) as the distance sees them (clipped when the spec says so)
+        if artifact.bank is not None:
+            self._bank = artifact.scoring.distance_space(artifact.bank.to(self.device).float())
         if self.device.type == "cpu":
             wanted = min(threads or torch.get_num_threads(), available_cpus())
             if torch.get_num_threads() != wanted:  # avoid oversubscribing a CPU-limited container

@@ -11,9 +11,11 @@ from hypothesis.extra.numpy import arrays
 
 from pipeline.neighbours import ScoreSpec, knn_distance
 from trainer import hybrid
-from trainer.hybrid import ScoreParts, choose, sample_bank
+from trainer.hybrid import ScoreParts, build_bank, choose
 
-finite = st.floats(-100, 100, allow_nan=False, width=32)
+# Standardized (and, for the hybrid, clipped) values: the squared-distance expansion in float32 is
+# exact to about 1e-6 of |x|², so distances near 0 may differ by a few thousandths.
+finite = st.floats(-10, 10, allow_nan=False, width=32)
 
 
 @settings(max_examples=40, deadline=None)
@@ -24,7 +26,7 @@ def test_knn_distance_is_the_brute_force_mean_of_the_k_smallest(x: np.ndarray, b
     expected = np.sort(np.linalg.norm(x[:, None, :].astype(np.float64) - bank[None, :, :], axis=2), axis=1)
     expected = expected[:, : min(k, len(bank))].mean(axis=1)
     got = knn_distance(torch.from_numpy(x), torch.from_numpy(bank), k).numpy()
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=5e-3)
 
 
 def test_knn_distance_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -35,41 +37,50 @@ def test_knn_distance_in_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch
     torch.testing.assert_close(knn_distance(x, bank, 5), whole)
 
 
-def test_bank_is_every_row_or_a_seeded_sample_in_order_clipped() -> None:
+def test_bank_is_every_row_or_a_seeded_sample_in_order() -> None:
     x = np.arange(40, dtype=np.float32).reshape(20, 2)
-    np.testing.assert_array_equal(sample_bank(x, rows=50, clip=None), x)
-    np.testing.assert_array_equal(sample_bank(x - 20, rows=50, clip=3.0), np.clip(x - 20, -3, 3))
-    sample = sample_bank(x, rows=5, seed=3, clip=None)
+    np.testing.assert_array_equal(build_bank(x, x[:0], rows=50).rows, x)
+    sample = build_bank(x, x[:0], rows=5, seed=3).rows
     assert sample.shape == (5, 2) and np.all(np.diff(sample[:, 0]) > 0)
-    np.testing.assert_array_equal(sample, sample_bank(x, rows=5, seed=3, clip=None))
+    np.testing.assert_array_equal(sample, build_bank(x, x[:0], rows=5, seed=3).rows)
 
 
-def _parts(mse: list[float], distance: list[float]) -> ScoreParts:
-    return ScoreParts(np.repeat(np.array(mse, np.float32)[:, None], 2, axis=1), np.array(distance, np.float32))
+def _parts(mse: list[float], distance: list[float], unclipped: list[float] | None = None) -> ScoreParts:
+    distances = {"hybrid": np.array(distance, np.float32)}
+    if unclipped is not None:
+        distances["hybrid-unclipped"] = np.array(unclipped, np.float32)
+    return ScoreParts(np.repeat(np.array(mse, np.float32)[:, None], 2, axis=1), distances)
 
 
-def test_auto_keeps_the_candidate_with_the_higher_validation_ap() -> None:
-    normal = _parts([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])  # standard deviations sqrt(2/3) and 2 sqrt(2/3)
+def test_auto_keeps_the_candidate_with_the_highest_validation_ap() -> None:
+    normal = _parts([1.0, 2.0, 3.0], [2.0, 4.0, 6.0], [2.0, 4.0, 6.0])  # stds sqrt(2/3) and 2 sqrt(2/3)
     labels = np.array([0, 0, 0, 1])
-    # The reconstruction error misses the fraud, the distance finds it.
-    rows = _parts([1.0, 2.0, 3.0, 1.5], [1.0, 1.0, 1.0, 30.0])
-    spec, ap = choose("auto", normal, rows, labels)
-    assert spec.method == "hybrid" and ap["hybrid"] > ap["reconstruction"]
+    # The reconstruction error misses the fraud, the clipped distance finds it.
+    rows = _parts([1.0, 2.0, 3.0, 1.5], [1.0, 1.0, 1.0, 30.0], [1.0, 1.0, 40.0, 2.0])
+    choice = choose("auto", normal, rows, labels)
+    assert choice.name == "hybrid" and choice.validation_ap["hybrid"] == 1.0
+    assert set(choice.validation_ap) == {"reconstruction", "hybrid", "hybrid-unclipped"}
+    spec = choice.spec
     assert spec.reconstruction_scale == pytest.approx(np.sqrt(2 / 3), rel=1e-6)
     assert spec.distance_scale == pytest.approx(2 * np.sqrt(2 / 3), rel=1e-6)
     assert (spec.distance_weight, spec.clip) == (hybrid.DISTANCE_WEIGHT, hybrid.CLIP)
-    # The reconstruction error finds it alone, the distance only adds noise.
-    rows = _parts([1.0, 1.1, 1.2, 9.0], [1.0, 50.0, 1.0, 1.0])
-    spec, ap = choose("auto", normal, rows, labels)
-    assert spec == ScoreSpec() and ap["reconstruction"] == 1.0
+    np.testing.assert_allclose(choice.scores(rows), spec.combine(rows.mse, rows.distances["hybrid"]))
+    # Only the unclipped distance finds it.
+    rows = _parts([1.0, 2.0, 3.0, 1.5], [1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 40.0])
+    choice = choose("auto", normal, rows, labels)
+    assert choice.name == "hybrid-unclipped" and choice.spec.clip is None
+    # The reconstruction error finds it alone, the distances only add noise.
+    rows = _parts([1.0, 1.1, 1.2, 9.0], [1.0, 50.0, 1.0, 1.0], [1.0, 50.0, 1.0, 1.0])
+    choice = choose("auto", normal, rows, labels)
+    assert choice.spec == ScoreSpec() and choice.validation_ap["reconstruction"] == 1.0
 
 
 def test_auto_without_labelled_frauds_takes_the_hybrid_and_explicit_choices_are_kept() -> None:
     normal = _parts([1.0, 3.0], [2.0, 2.0])
-    assert choose("auto", normal, None, None)[0].method == "hybrid"
-    assert choose("auto", normal, normal, np.array([0, 0]))[0].method == "hybrid"
-    assert choose("reconstruction", normal, None, None) == (ScoreSpec(), {})
-    spec, _ = choose("hybrid", normal, None, None)
+    assert choose("auto", normal, None, None).name == "hybrid"
+    assert choose("auto", normal, normal, np.array([0, 0])).name == "hybrid"
+    assert choose("reconstruction", normal, None, None).spec == ScoreSpec()
+    spec = choose("hybrid", normal, None, None).spec
     # std 1.0 for the error; 0 for the constant distance, which falls back to 1.0
     assert (spec.method, spec.k, spec.reconstruction_scale, spec.distance_scale) == ("hybrid", hybrid.DEFAULT_K,
                                                                                       1.0, 1.0)
@@ -101,7 +112,7 @@ def test_rows_in_the_bank_are_scored_leave_one_out() -> None:
 
 def test_bank_holds_training_and_validation_rows_and_knows_which() -> None:
     train, val = np.zeros((6, 2), np.float32), np.ones((4, 2), np.float32)
-    bank = hybrid.build_bank(train, val, rows=100, clip=None)
+    bank = hybrid.build_bank(train, val, rows=100)
     assert bank.rows.shape == (10, 2) and bank.val_in_bank.tolist() == [True] * 4
-    sampled = hybrid.build_bank(train, val, rows=5, seed=1, clip=None)
+    sampled = hybrid.build_bank(train, val, rows=5, seed=1)
     assert len(sampled.rows) == 5 and sampled.rows.sum() == sampled.val_in_bank.sum() * 2

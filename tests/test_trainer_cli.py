@@ -20,7 +20,7 @@ from pipeline.artifact import load_artifact
 from pipeline.models import MODELS
 from trainer import hybrid
 from trainer.cli import build_parser, run
-from trainer.options import MODEL_CHOICES, SCORE_CHOICES
+from trainer.options import BANK_ROWS, MODEL_CHOICES, SCORE_CHOICES
 
 HEAVY = ("torch", "sklearn", "pandas")
 FAST = ["--quiet", "--device", "cpu"]
@@ -86,6 +86,8 @@ def test_bad_flag_stops_before_reading_or_training(tmp_path: Path) -> None:
         (["fit", "--learning-rate", "inf"], "argument --learning-rate: expected a number > 0"),
         (["fit", "--patience", "x"], "argument --patience"),
         (["fit", "--bottleneck", "0"], "argument --bottleneck"),
+        (["fit", "--bank-rows", "0"], "argument --bank-rows"),
+        (["fit", "--score", "vote"], "argument --score: invalid choice"),
         (["fit", "--hidden", "64,0"], "argument --hidden: expected comma-separated integers >= 1"),
         (["fit", "--seed", "-1"], "argument --seed"),
         (["fit", "--val-fraction", "1"], "argument --val-fraction: expected a fraction in [0, 1)"),
@@ -156,7 +158,7 @@ def test_quiet_and_device_work_before_or_after_the_subcommand(where: str) -> Non
 
 def test_choices_match_the_registries() -> None:
     assert set(MODEL_CHOICES) == set(MODELS)
-    assert SCORE_CHOICES == hybrid.SCORE_CHOICES
+    assert SCORE_CHOICES == hybrid.SCORE_CHOICES and BANK_ROWS == hybrid.BANK_ROWS
 
 
 def _generic(n: int = 1200, seed: int = 3, labelled: bool = True) -> pd.DataFrame:

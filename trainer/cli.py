@@ -77,6 +77,9 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reconstruction: the reconstruction error; hybrid: plus the distance to the 5 "
                              "nearest normal training rows; auto (default): the one with the higher average "
                              "precision on labelled validation rows, else hybrid")
+    parser.add_argument("--bank-rows", type=opt.positive_int, default=opt.BANK_ROWS,
+                        help="hybrid: most normal rows kept for the distance; serving cost grows with it "
+                             "(default %(default)s)")
     parser.add_argument("--hidden", type=opt.widths, help="encoder layer widths, e.g. 64,32 (decoder mirrors them)")
     parser.add_argument("--bottleneck", type=opt.positive_int,
                         help="code size, below the feature count (default: derived from the feature count)")

@@ -43,6 +43,7 @@ class FitOptions:
     baselines: bool = True
     publish: bool = True
     score: str = "auto"  # auto, hybrid or reconstruction (trainer.hybrid)
+    bank_rows: int = hybrid.BANK_ROWS  # most rows kept for the hybrid's distance
 
 
 @dataclass
@@ -124,7 +125,7 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
     history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
     bank = None
     if options.score != "reconstruction":
-        bank = hybrid.build_bank(train_x, prep.transform(x[val_normal]), seed=options.train.seed)
+        bank = hybrid.build_bank(train_x, prep.transform(x[val_normal]), options.bank_rows, options.train.seed)
     val_labels = labels[split.val] if labels is not None else None
     fields = _calibration(model, prep, bank, x[split.val], val_labels, x[val_normal], options, device)
     fields["training_data"] = {

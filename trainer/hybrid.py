@@ -1,7 +1,7 @@
 """How a new version scores: the reconstruction error alone or a hybrid, chosen on validation rows.
 
 A hybrid adds ``DISTANCE_WEIGHT`` times the mean distance to the k nearest normal rows (a bank of
-at most ``BANK_ROWS`` training and validation rows, standardized) to the reconstruction error,
+at most ``BANK_ROWS`` training and validation rows, standardized; ``fit --bank-rows``) to the reconstruction error,
 each divided by its standard deviation on the normal validation rows. ``hybrid`` measures the
 distance between rows clipped to ±``CLIP`` (one heavy-tailed column cannot swamp it);
 ``hybrid-unclipped`` between the rows as they are. ``auto`` keeps, of the reconstruction error
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 SCORE_CHOICES = ("auto", "hybrid", "reconstruction")
 DEFAULT_K = 5
-BANK_ROWS = 16384  # bounds the serving cost: (batch x bank) distances per micro-batch
+BANK_ROWS = 2048  # bounds the serving cost: one (batch x bank) distance block per micro-batch
 DISTANCE_WEIGHT = 2.0
 CLIP = 3.0
 HYBRIDS = {"hybrid": CLIP, "hybrid-unclipped": None}  # candidate name -> clip

@@ -26,6 +26,7 @@ MODEL_CHOICES = ("autoencoder", "denoising", "memae")
 DEFAULT_MODEL = "autoencoder"
 DEFAULT_ALERT_RATE = 0.005
 SCORE_CHOICES = ("auto", "hybrid", "reconstruction")  # trainer.hybrid.SCORE_CHOICES, without scikit-learn
+BANK_ROWS = 2048  # trainer.hybrid.BANK_ROWS
 DEFAULT_TEST_FRACTION = 0.2  # only for labelled tables: an unlabelled one has nothing to test on
 
 
