@@ -20,6 +20,7 @@ import torch
 METHODS = ("reconstruction", "hybrid")
 # Rows of a distance block (queries x bank) computed at once: about 64 MB of float32.
 BLOCK_ENTRIES = 16 * 1024 * 1024
+FAR = 1e15  # |value| cap of unclipped distances: squared sums of 15 features stay finite in float32
 
 
 def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int, in_bank: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,23 +28,25 @@ def knn_distance(x: torch.Tensor, bank: torch.Tensor, k: int, in_bank: torch.Ten
 
     ``in_bank`` (rows,) bool marks rows of x that are themselves bank rows: their own (zero)
     distance is left out (leave-one-out), so they score like rows the bank has never seen.
-    Squared distances come from one matrix product per block (|x|² - 2 x·b + |b|²), the fast
-    way on CPU and GPU; their float32 rounding is far below the gaps that rank rows.
+    The nearest rows are found with one matrix product per block (|x|² - 2 x·b + |b|², the fast
+    way on CPU and GPU); their distances are then computed exactly.
     """
     k = min(k, bank.shape[0])
+    wanted = k if in_bank is None else min(k + 1, bank.shape[0])
     rows = max(1, BLOCK_ENTRIES // max(1, bank.shape[0]))
     bank_sq = torch.square(bank).sum(dim=1)  # (bank rows,)
     parts = []
     for start in range(0, x.shape[0], rows):
         block = x[start : start + rows]
         sq = torch.square(block).sum(dim=1, keepdim=True) - 2 * block @ bank.T + bank_sq  # (block rows, bank rows)
-        wanted = k if in_bank is None else min(k + 1, bank.shape[0])
-        nearest = torch.topk(sq, wanted, dim=1, largest=False, sorted=True).values.clamp_min(0).sqrt()
+        nearest = torch.topk(sq, wanted, dim=1, largest=False).indices  # (block rows, wanted)
+        exact = torch.linalg.vector_norm(block[:, None, :] - bank[nearest], dim=2)  # (block rows, wanted)
+        exact = torch.sort(exact, dim=1).values
         if in_bank is None:
-            parts.append(nearest.mean(dim=1))
+            parts.append(exact.mean(dim=1))
             continue
-        skip_self = nearest[:, 1 : k + 1].mean(dim=1) if nearest.shape[1] > 1 else nearest[:, 0]
-        parts.append(torch.where(in_bank[start : start + rows], skip_self, nearest[:, :k].mean(dim=1)))
+        skip_self = exact[:, 1 : k + 1].mean(dim=1) if exact.shape[1] > 1 else exact[:, 0]
+        parts.append(torch.where(in_bank[start : start + rows], skip_self, exact[:, :k].mean(dim=1)))
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 
@@ -71,9 +74,10 @@ class ScoreSpec:
             raise ValueError("scoring needs k >= 1 and positive, finite scales, weight and clip")
 
     def distance_space(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardized rows (rows, features) as the distance sees them: clipped to ±clip."""
-        x = torch.nan_to_num(x, nan=0.0)
-        return x if self.clip is None else torch.clamp(x, -self.clip, self.clip)
+        """Standardized rows (rows, features) as the distance sees them: clipped to ±clip, or (no
+        clip) to ±FAR, so that an overflowing input still lies far away instead of at NaN."""
+        bound = FAR if self.clip is None else self.clip
+        return torch.clamp(torch.nan_to_num(x, nan=0.0), -bound, bound)
 
     @property
     def uses_bank(self) -> bool:
