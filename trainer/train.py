@@ -62,7 +62,7 @@ def auto_epochs(n_rows: int, batch_size: int) -> int:
     may run at least MIN_STEPS mini-batch steps (early stopping usually ends it sooner).
 
     >>> auto_epochs(500_000, 512), auto_epochs(20_000, 512), auto_epochs(2_000, 125), auto_epochs(10, 32)
-    (30, 154, 375, 1000)
+    (30, 150, 375, 1000)
     """
     return max(MIN_EPOCHS, min(MAX_AUTO_EPOCHS, -(-MIN_STEPS // _steps_per_epoch(n_rows, batch_size))))
 
