@@ -16,7 +16,7 @@ import json
 import os
 import secrets
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ModelArtifactError
 from pipeline.models import MODELS, Autoencoder, ModelConfig, build_model
+from pipeline.neighbours import ScoreSpec
 from pipeline.preprocess import Preprocessing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # reconstruction-only versions: what every reader of this format understands
+HYBRID_FORMAT_VERSION = 2  # versions with a "scoring" section and a bank of training rows
+READABLE_FORMATS = (FORMAT_VERSION, HYBRID_FORMAT_VERSION)
+BANK_KEY = "scoring.bank"  # the bank's tensor in weights.safetensors, beside the model's state dict
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 CURRENT = "current"
@@ -80,6 +84,8 @@ class ModelArtifact:
     preprocessing: Preprocessing
     explanation: Explanation
     score_histogram: ScoreHistogram
+    scoring: ScoreSpec = field(default_factory=ScoreSpec)  # format 1: the reconstruction error alone
+    bank: torch.Tensor | None = None  # (rows, features) standardized normal training rows, hybrid scoring only
 
     @property
     def version(self) -> str:
@@ -130,7 +136,8 @@ def save_artifact(root: str | Path, model: Autoencoder, fields: dict[str, Any], 
 
     ``fields`` holds the manifest entries the trainer computes: feature_names, preprocessing
     (a Preprocessing), threshold, alert_rate, explanation (an Explanation), score_histogram
-    (a ScoreHistogram), training_data and metrics (JSON-ready dicts).
+    (a ScoreHistogram), training_data and metrics (JSON-ready dicts); for hybrid scoring also
+    scoring (a ScoreSpec) and bank ((rows, features) float32 standardized training rows).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -138,7 +145,10 @@ def save_artifact(root: str | Path, model: Autoencoder, fields: dict[str, Any], 
     version = version or new_version(model.name, created)
     manifest = _manifest(model, fields, version, created)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=root))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / WEIGHTS))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if manifest.get("scoring", {}).get("method", "reconstruction") != "reconstruction":
+        tensors[BANK_KEY] = torch.as_tensor(np.ascontiguousarray(fields["bank"], dtype=np.float32))
+    save_file(tensors, str(tmp / WEIGHTS))
     manifest[HASH_KEY] = content_hash((tmp / WEIGHTS).read_bytes(), manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
     for name in (WEIGHTS, MANIFEST):
@@ -155,8 +165,11 @@ def save_artifact(root: str | Path, model: Autoencoder, fields: dict[str, Any], 
 def _manifest(model: Autoencoder, fields: dict[str, Any], version: str, created: dt.datetime) -> dict[str, Any]:
     explanation: Explanation = fields["explanation"]
     histogram: ScoreHistogram = fields["score_histogram"]
+    scoring: ScoreSpec = fields.get("scoring", ScoreSpec())
+    extra = {"scoring": scoring.to_dict()} if scoring.uses_bank else {}
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": HYBRID_FORMAT_VERSION if scoring.uses_bank else FORMAT_VERSION,
+        **extra,
         "model_version": version,
         "created_utc": created.isoformat(),
         "model_class": model.name,
@@ -241,11 +254,14 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         raise ModelArtifactError(f"{path}: not valid JSON ({err})") from err
     if not isinstance(manifest, dict):
         raise ModelArtifactError(f"{path}: top level must be a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMATS:
         raise ModelArtifactError(
             f"{MANIFEST}: format_version {manifest.get('format_version')!r} is not supported "
-            f"(this code reads {FORMAT_VERSION}); re-export the model with this version of fraud-train"
+            f"(this code reads {', '.join(map(str, READABLE_FORMATS))}); re-export the model with this version "
+            "of fraud-train"
         )
+    if manifest["format_version"] == HYBRID_FORMAT_VERSION and not isinstance(manifest.get("scoring"), dict):
+        raise ModelArtifactError(f"{MANIFEST}: format_version 2 needs a 'scoring' object")
     for key, kind in REQUIRED.items():
         if key not in manifest:
             raise ModelArtifactError(f"{MANIFEST}: missing key {key!r}")
@@ -263,6 +279,12 @@ def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Ten
     config = ModelConfig.from_dict(manifest["hyperparameters"])
     if config.n_features != n:
         raise ValueError(f"hyperparameters.n_features={config.n_features} but {n} feature names")
+    scoring = ScoreSpec.from_dict(manifest["scoring"]) if "scoring" in manifest else ScoreSpec()
+    state = dict(state)
+    bank = state.pop(BANK_KEY, None)
+    if scoring.uses_bank and (bank is None or bank.ndim != 2 or bank.shape[1] != n or bank.shape[0] < 1
+                              or not bool(torch.isfinite(bank).all())):
+        raise ValueError(f"hybrid scoring needs a finite (rows, {n}) {BANK_KEY} tensor")
     build_model(manifest["model_class"], config).load_state_dict(state, strict=True)  # shapes vs features
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
     if preprocessing.feature_names != tuple(manifest["feature_names"]):
@@ -276,5 +298,6 @@ def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Ten
     if edges.ndim != 1 or counts.shape != (edges.size - 1,) or np.any(np.diff(edges) <= 0):
         raise ValueError("score_histogram needs increasing edges and one count fewer than edges")
     return ModelArtifact(
-        folder, manifest, state, preprocessing, Explanation(means, stds), ScoreHistogram(edges, counts)
+        folder, manifest, state, preprocessing, Explanation(means, stds), ScoreHistogram(edges, counts),
+        scoring, bank if scoring.uses_bank else None,
     )

@@ -1,8 +1,10 @@
 """The one scoring code path, shared by the streaming worker and ``fraud-train score``.
 
-A score is the mean squared reconstruction error of a transaction in standardized space:
-higher = more anomalous; scores above the artifact's threshold are flagged. The per-feature
-errors, compared with their spread on normal validation data, explain each alert.
+A score is the mean squared reconstruction error of a transaction in standardized space, or,
+for a hybrid version (``artifact.scoring``), that error plus the mean distance to the nearest
+normal training rows, each divided by its scale on normal validation rows: higher = more
+anomalous either way; scores above the artifact's threshold are flagged. The per-feature
+reconstruction errors, compared with their spread on normal validation data, explain each alert.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from pipeline.artifact import ModelArtifact
 from pipeline.errors import ConfigError, InputDataError
+from pipeline.neighbours import knn_distance
 
 if TYPE_CHECKING:  # pandas costs ~0.8 s to import; only offline scoring needs it
     import pandas as pd
@@ -27,7 +30,7 @@ if TYPE_CHECKING:  # pandas costs ~0.8 s to import; only offline scoring needs i
 class ScoreBatch:
     """Scores, flags and explanations of one batch of transactions."""
 
-    scores: np.ndarray  # (n,) float32, higher = more anomalous (mean squared error in standardized space)
+    scores: np.ndarray  # (n,) float32, higher = more anomalous (see the module docstring)
     flags: np.ndarray  # (n,) bool, scores > artifact.threshold
     feature_errors: np.ndarray  # (n, f) float32 squared error per feature, standardized space
     reconstruction: np.ndarray  # (n, f) float32 in raw units (inverse preprocessing)
@@ -111,6 +114,9 @@ class Scorer:
         self.max_batch = max_batch
         self._model = artifact.build_model().to(self.device).float()
         self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only), reused
+        self._bank = None  # (bank rows, f) as the distance sees them (clipped when the spec says so)
+        if artifact.bank is not None:
+            self._bank = artifact.scoring.distance_space(artifact.bank.to(self.device).float())
         if self.device.type == "cpu":
             wanted = min(threads or torch.get_num_threads(), available_cpus())
             if torch.get_num_threads() != wanted:  # avoid oversubscribing a CPU-limited container
@@ -125,12 +131,16 @@ class Scorer:
         with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, scored as out of range
             x = self.artifact.preprocessing.transform(raw)  # (n, f) standardized
         recon = np.empty_like(x)
+        distance = np.zeros(len(x), np.float32) if self._bank is not None else None  # (n,)
         for start in range(0, x.shape[0], self.max_batch):
             chunk = x[start : start + self.max_batch]
-            recon[start : start + len(chunk)] = self._reconstruct(chunk)
-        with np.errstate(over="ignore"):  # a huge input errs to inf; alerts clip the score
+            recon[start : start + len(chunk)], chunk_distance = self._reconstruct(chunk)
+            if distance is not None:
+                distance[start : start + len(chunk)] = chunk_distance
+        with np.errstate(over="ignore", invalid="ignore"):  # a huge input errs to inf; alerts clip the score
             errors = np.square(recon - x, dtype=np.float32)  # (n, f)
-        scores = errors.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(0, np.float32)
+            mse = errors.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(0, np.float32)
+            scores = np.asarray(self.artifact.scoring.combine(mse, distance), dtype=np.float32)
         return ScoreBatch(
             scores=scores,
             flags=scores > self.artifact.threshold,
@@ -141,8 +151,9 @@ class Scorer:
             error_stds=self.artifact.explanation.stds,
         )
 
-    def _reconstruct(self, chunk: np.ndarray) -> np.ndarray:
-        """Model reconstruction of one standardized chunk (m, f), m <= max_batch."""
+    def _reconstruct(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Model reconstruction (m, f) of one standardized chunk (m, f), m <= max_batch, and for a
+        hybrid version the chunk's mean distance to its k nearest bank rows (m,)."""
         with torch.inference_mode():
             if self.device.type == "cuda":
                 staging = self._staging_buffer(chunk.shape[1])[: len(chunk)]
@@ -150,7 +161,12 @@ class Scorer:
                 batch = staging.to(self.device, non_blocking=True)
             else:
                 batch = torch.from_numpy(chunk)
-            return self._model(batch).float().cpu().numpy()  # .cpu() waits, so staging is free again
+            distance = None
+            if self._bank is not None:
+                spec = self.artifact.scoring
+                distance = knn_distance(spec.distance_space(batch), self._bank, spec.k).float().cpu().numpy()
+            # .cpu() waits, so staging is free again
+            return self._model(batch).float().cpu().numpy(), distance
 
     def _staging_buffer(self, n_features: int) -> torch.Tensor:
         if self._staging is None:

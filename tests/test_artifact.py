@@ -23,14 +23,16 @@ from pipeline.artifact import (
 )
 from pipeline.errors import ModelArtifactError
 from pipeline.models import ModelConfig, build_model
+from pipeline.neighbours import ScoreSpec
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer
 
 NAMES = ("amount", "count", "flag")
 
 
-def export(root: Path, model_name: str = "autoencoder", seed: int = 0) -> Path:
-    """A small untrained model version with real preprocessing and calibration fields."""
+def export(root: Path, model_name: str = "autoencoder", seed: int = 0, hybrid: bool = False) -> Path:
+    """A small untrained model version with real preprocessing and calibration fields (and, for a
+    hybrid, a bank of 40 standardized rows)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x = np.column_stack([rng.lognormal(3, 1, 500), rng.poisson(4, 500), rng.integers(0, 2, 500)]).astype(np.float32)
@@ -43,6 +45,9 @@ def export(root: Path, model_name: str = "autoencoder", seed: int = 0) -> Path:
         "score_histogram": ScoreHistogram(np.array([0.0, 0.5, 1.0, 3.0]), np.array([10, 5, 1])),
         "training_data": {"rows": 500, "fingerprint_sha256": "ab" * 32}, "metrics": {"auc": float("nan")},
     }
+    if hybrid:
+        fields["scoring"] = ScoreSpec("hybrid", k=3, reconstruction_scale=2.0, distance_scale=0.5)
+        fields["bank"] = fields["preprocessing"].transform(x[:40])
     return save_artifact(root, model, fields)
 
 
@@ -75,6 +80,44 @@ def test_round_trip_is_exact(version: Path) -> None:
     raw = np.array([[20.0, 3, 1], [5000.0, 40, 0]], np.float32)
     first = Scorer(artifact, device="cpu").score(raw).scores
     np.testing.assert_array_equal(first, Scorer(load_artifact(version), device="cpu").score(raw).scores)
+
+
+def test_reconstruction_versions_keep_format_1(version: Path) -> None:
+    manifest = json.loads((version / MANIFEST).read_text())
+    assert manifest["format_version"] == 1 and "scoring" not in manifest  # readable by every older worker
+    artifact = load_artifact(version)
+    assert artifact.scoring.method == "reconstruction" and artifact.bank is None
+
+
+def test_hybrid_version_round_trips_and_scores_with_its_bank(tmp_path: Path) -> None:
+    version = export(tmp_path, hybrid=True)
+    artifact = load_artifact(version)
+    assert artifact.manifest["format_version"] == 2
+    assert artifact.scoring == ScoreSpec("hybrid", k=3, reconstruction_scale=2.0, distance_scale=0.5)
+    assert artifact.bank is not None and tuple(artifact.bank.shape) == (40, 3)
+    assert "scoring.bank" not in artifact.state_dict  # the model's weights load strictly without it
+    raw = np.array([[20.0, 3, 1], [5000.0, 40, 0]], np.float32)
+    batch = Scorer(artifact, device="cpu").score(raw)
+    x = torch.from_numpy(artifact.preprocessing.transform(raw))
+    knn = torch.cdist(x, artifact.bank).topk(3, largest=False).values.mean(dim=1).numpy()
+    np.testing.assert_allclose(batch.scores, batch.feature_errors.mean(axis=1) / 2.0 + knn / 0.5, rtol=1e-5)
+    assert batch.scores[1] > batch.scores[0]
+
+
+def test_hybrid_version_without_its_bank_is_refused(tmp_path: Path) -> None:
+    version = export(tmp_path, hybrid=True)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(version / WEIGHTS))
+    tensors.pop("scoring.bank")
+    save_file(tensors, str(version / WEIGHTS))
+    rewrite_manifest(version, lambda m: None, rehash=True)
+    with pytest.raises(ModelArtifactError, match=r"hybrid scoring needs a finite \(rows, 3\) scoring.bank"):
+        load_artifact(version)
+    rewrite_manifest(version, lambda m: m.update(scoring={"method": "magic", "k": 5, "reconstruction_scale": 1,
+                                                          "distance_scale": 1}), rehash=True)
+    with pytest.raises(ModelArtifactError, match="scoring method 'magic'"):
+        load_artifact(version)
 
 
 def test_preprocessing_round_trips_through_json(version: Path) -> None:

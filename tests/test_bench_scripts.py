@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from producer.simulator import SimulatorConfig, simulate
@@ -33,6 +34,26 @@ def test_quality_baselines_on_simulated_april_to_july(tmp_path: Path) -> None:
     for metrics in results.values():
         assert 0.5 < metrics["roc_auc"] <= 1.0  # the simulator's frauds are findable
         assert 0.0 <= metrics["average_precision"] <= 1.0
+
+
+def test_adbench_protocol_on_two_generated_sets(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(("blobs", "shifted")):
+        normal = rng.normal(size=(300, 4 + i))
+        anomalies = rng.normal(loc=4.0, size=(30, 4 + i))
+        np.savez(tmp_path / f"{i + 1}_{name}.npz", X=np.concatenate([normal, anomalies]),
+                 y=np.r_[np.zeros(300), np.ones(30)])
+    doc = tmp_path / "quality.md"
+    doc.write_text("# Model quality\n\nkept\n")
+    out = run_script("bench/adbench.py", "--data-dir", tmp_path, "--out", doc, "--epochs", "3")
+    results = json.loads((tmp_path / "adbench.json").read_text())
+    assert list(results) == ["blobs", "shifted"]
+    for entry in results.values():
+        assert entry["train_rows"] == 180 and entry["test_rows"] == 150 and entry["test_anomalies"] == 30
+        assert entry["knn5"]["roc_auc"] > 0.95 and 0 <= entry["ours"]["average_precision"] <= 1
+        assert entry["scoring"] == "hybrid"  # auto without labelled validation rows
+    text = doc.read_text()
+    assert "kept" in text and "| **mean** |" in text and "bench/adbench.py" in text and "| blobs | 4 |" in out
 
 
 def test_gpu_scoring_reports_every_size_on_cpu(tmp_path: Path) -> None:

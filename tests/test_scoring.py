@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.neighbors import NearestNeighbors
 
 from pipeline.artifact import ModelArtifact
 from pipeline.errors import ConfigError, InputDataError
@@ -24,10 +25,13 @@ def data() -> pd.DataFrame:
     return simulate(SimulatorConfig(n_customers=200, n_terminals=400, n_days=50, seed=5))
 
 
-@pytest.fixture(scope="module")
-def artifact(data: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> ModelArtifact:
+@pytest.fixture(scope="module", params=["reconstruction", "hybrid"])
+def artifact(data: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+             ) -> ModelArtifact:
+    """A version of each scoring method: every test here holds for both."""
     options = FitOptions(output=tmp_path_factory.mktemp("models"), baselines=False, device="cpu",
-                         train=TrainConfig(epochs=5, progress=False), split=SplitSpec(start="2018-04-15"))
+                         train=TrainConfig(epochs=5, progress=False), split=SplitSpec(start="2018-04-15"),
+                         score=request.param)
     return run_fit(data, HANDBOOK, options).artifact
 
 
@@ -43,7 +47,17 @@ def test_score_batch_shapes_and_meaning(data: pd.DataFrame, artifact: ModelArtif
     assert batch.flags.dtype == bool and batch.feature_errors.shape == (n, f)
     assert batch.reconstruction.shape == (n, f) and batch.reconstruction.dtype == np.float32
     np.testing.assert_array_equal(batch.flags, batch.scores > artifact.threshold)
-    np.testing.assert_allclose(batch.feature_errors.mean(axis=1), batch.scores, rtol=1e-6)
+    mse = batch.feature_errors.mean(axis=1)
+    if artifact.scoring.method == "reconstruction":
+        np.testing.assert_allclose(mse, batch.scores, rtol=1e-6)
+    else:  # hybrid: plus the weighted mean distance to the 5 nearest (clipped) bank rows, each part over its scale
+        spec = artifact.scoring
+        x = np.clip(artifact.preprocessing.transform(raw), -spec.clip, spec.clip)
+        bank = np.clip(artifact.bank.numpy(), -spec.clip, spec.clip)  # stored as is, clipped when scoring
+        knn = NearestNeighbors(n_neighbors=5).fit(bank).kneighbors(x)[0].mean(axis=1)  # an independent kNN
+        expected = mse / spec.reconstruction_scale + spec.distance_weight * knn / spec.distance_scale
+        np.testing.assert_allclose(batch.scores, expected, rtol=1e-4, atol=1e-5)
+        assert artifact.manifest["format_version"] == 2 and bank.shape[1] == f
     standardized = artifact.preprocessing.transform(batch.reconstruction)
     np.testing.assert_allclose(np.square(standardized - artifact.preprocessing.transform(raw)),
                                batch.feature_errors, rtol=1e-3, atol=1e-3)

@@ -1,6 +1,8 @@
 """``fraud-train``: fit, evaluate and score with the autoencoder the worker serves.
 
-Errors the user can fix print one ``error: ...`` line on stderr and exit with status 2.
+Errors the user can fix print one ``error: ...`` line on stderr and exit with status 2. Flags
+are parsed and checked with the standard library only; torch, scikit-learn and pandas are
+imported by the subcommand that runs, so ``--help`` and a bad flag answer at once.
 """
 
 from __future__ import annotations
@@ -9,48 +11,59 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline.config import TrainerSettings
-from pipeline.errors import FraudPipelineError
-from pipeline.models import DEFAULT_MODEL, MODELS
-from trainer import commands
-from trainer.calibrate import DEFAULT_ALERT_RATE
-from trainer.data import LayoutFlags
+from pipeline.errors import ConfigError, FraudPipelineError
+from pipeline.features import LAYOUTS
+from trainer import options as opt
 
 EXIT_USAGE = 2
 MODEL_HELP = "model version folder or model root [env FRAUD_MODEL_DIR; default models]"
 
 
-def _csv(value: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in value.split(",") if v.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("expected a comma-separated list of column names")
-    return names
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one ``error: ...`` line and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _ints(value: str) -> tuple[int, ...]:
+def _version() -> str:
     try:
-        return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from err
+        return metadata.version("fraud-pipeline")
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        from pipeline import __version__
+
+        return __version__
 
 
-def _log_features(value: str) -> str | tuple[str, ...]:
-    return value if value == "layout" else _csv(value)
+def _common_arguments(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--device and --quiet, accepted before and after the subcommand."""
+    default = None if top else argparse.SUPPRESS  # a subcommand's absent flag keeps the top-level value
+    parser.add_argument("--device", default=default, help="auto (CUDA when present), cpu, cuda or cuda:N "
+                                                          "[env FRAUD_DEVICE; default auto]")
+    parser.add_argument("--quiet", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="no progress bars, warnings only")
 
 
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input table")
     group.add_argument("--data", required=True, type=Path, help="CSV (optionally .gz) or Parquet file")
-    group.add_argument("--layout", help="handbook or creditcard; default: detected from the columns")
-    group.add_argument("--features", type=_csv, help="generic table: comma-separated numeric feature columns")
-    group.add_argument("--label-column", help="0/1 fraud label column (generic tables)")
+    group.add_argument("--layout", help=f"{' or '.join(LAYOUTS)}; default: detected from the columns, "
+                                        "else a generic table")
+    group.add_argument("--features", type=opt.names,
+                       help="comma-separated numeric feature columns (default for a generic table: every "
+                            "numeric column but the label, time, id and customer columns)")
+    group.add_argument("--label-column", help="0/1 fraud label column (default for a generic table: one named "
+                                              "label, class, y, is_fraud, fraud, target or outlier, if 0/1)")
     group.add_argument("--time-column", help="event time column; without one, row order is time order")
     group.add_argument("--time-unit", choices=("s", "ms"), help="unit of a numeric time column")
     group.add_argument("--id-column", help="transaction id column, copied into score output")
     group.add_argument("--customer-column", help="customer/card id column, for card precision@100 per day")
-    group.add_argument("--log-features", nargs="?", const="layout", type=_log_features, metavar="COLS",
+    group.add_argument("--log-features", nargs="?", const="layout", type=opt.log_features, metavar="COLS",
                        help="signed log1p before standardising: alone, the layout's heavy-tailed columns; "
                             "or a comma-separated list (default: none)")
 
@@ -58,55 +71,83 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
 def _fit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path,
                         help="model root: a new version folder goes here [env FRAUD_MODEL_DIR; default models]")
-    parser.add_argument("--model", default=DEFAULT_MODEL, choices=tuple(MODELS),
+    parser.add_argument("--model", default=opt.DEFAULT_MODEL, choices=opt.MODEL_CHOICES,
                         help="model type (default %(default)s)")
-    parser.add_argument("--hidden", type=_ints, help="encoder layer widths, e.g. 64,32 (decoder mirrors them)")
-    parser.add_argument("--bottleneck", type=int, help="code size")
-    parser.add_argument("--epochs", type=int, default=30, help="most epochs (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=512, help="mini-batch rows (default %(default)s)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="Adam step size (default %(default)s)")
-    parser.add_argument("--patience", type=int, default=4, help="early-stopping patience in epochs")
-    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation, shuffling and noise")
-    parser.add_argument("--alert-rate", type=float, default=DEFAULT_ALERT_RATE,
+    parser.add_argument("--score", default="auto", choices=opt.SCORE_CHOICES,
+                        help="reconstruction: the reconstruction error; hybrid: plus the distance to the 5 "
+                             "nearest normal training rows; auto (default): the one with the higher average "
+                             "precision on labelled validation rows, else hybrid")
+    parser.add_argument("--bank-rows", type=opt.positive_int, default=opt.BANK_ROWS,
+                        help="hybrid: most normal rows kept for the distance; serving cost grows with it "
+                             "(default %(default)s)")
+    parser.add_argument("--hidden", type=opt.widths, help="encoder layer widths, e.g. 64,32 (decoder mirrors them)")
+    parser.add_argument("--bottleneck", type=opt.positive_int,
+                        help="code size, below the feature count (default: derived from the feature count)")
+    parser.add_argument("--epochs", type=opt.positive_int,
+                        help="most epochs (default: 30, more on small tables, up to 6000 mini-batch steps)")
+    parser.add_argument("--batch-size", type=opt.positive_int,
+                        help="mini-batch rows (default: 512, a sixteenth of a small table, at least 32)")
+    parser.add_argument("--learning-rate", type=opt.positive_float, default=1e-3,
+                        help="Adam step size (default %(default)s)")
+    parser.add_argument("--patience", type=opt.positive_int,
+                        help="early stopping: epochs without a validation improvement (default: 4, or about "
+                             "300 mini-batch steps on small tables)")
+    parser.add_argument("--seed", type=opt.non_negative_int, default=0,
+                        help="seed for initialisation, shuffling and noise")
+    parser.add_argument("--alert-rate", type=opt.unit_rate, default=opt.DEFAULT_ALERT_RATE,
                         help="share of normal validation rows above the threshold (default %(default)s)")
-    parser.add_argument("--start", help="drop rows before this date (feature warm-up), YYYY-MM-DD")
-    parser.add_argument("--val-start", help="validation starts at this date (with --test-start)")
-    parser.add_argument("--test-start", help="test starts at this date (with --val-start)")
-    parser.add_argument("--end", help="drop rows from this date on")
-    parser.add_argument("--val-fraction", type=float, default=0.15, help="without dates: validation share of rows")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="without dates: test share of rows")
+    parser.add_argument("--start", type=opt.date, help="drop rows before this date (feature warm-up), YYYY-MM-DD")
+    parser.add_argument("--val-start", type=opt.date, help="validation starts at this date (with --test-start)")
+    parser.add_argument("--test-start", type=opt.date, help="test starts at this date (with --val-start)")
+    parser.add_argument("--end", type=opt.date, help="drop rows from this date on")
+    parser.add_argument("--val-fraction", type=opt.fraction, default=0.15,
+                        help="without dates: validation share of rows (default %(default)s)")
+    parser.add_argument("--test-fraction", type=opt.fraction,
+                        help=f"without dates: test share of rows (default {opt.DEFAULT_TEST_FRACTION} on a "
+                             "labelled table, 0 on an unlabelled one)")
     parser.add_argument("--no-baselines", action="store_true", help="skip Isolation Forest and PCA in the report")
     parser.add_argument("--no-publish", action="store_true", help="do not switch the root's `current` link")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fraud-train`` argument parser with its fit, evaluate and score subcommands."""
-    parser = argparse.ArgumentParser(prog="fraud-train", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", help="auto (CUDA when present), cpu, cuda or cuda:N [env FRAUD_DEVICE; "
-                                         "default auto]")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fraud-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _common_arguments(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,evaluate,score}")
     fit = sub.add_parser("fit", help="train a new model version, calibrate it, export it, publish it")
     _data_arguments(fit)
     _fit_arguments(fit)
     evaluate = sub.add_parser("evaluate", help="metrics and plots of a model on a labelled table")
     evaluate.add_argument("--model", type=Path, help=MODEL_HELP)
     evaluate.add_argument("--report", type=Path, help="report folder (default: evaluation-<version> here)")
-    evaluate.add_argument("--start", help="only rows from this date on, YYYY-MM-DD")
-    evaluate.add_argument("--end", help="only rows before this date")
+    evaluate.add_argument("--start", type=opt.date, help="only rows from this date on, YYYY-MM-DD")
+    evaluate.add_argument("--end", type=opt.date, help="only rows before this date")
     _data_arguments(evaluate)
     score = sub.add_parser("score", help="score a table; write scores, flags and top features")
     score.add_argument("--model", type=Path, help=MODEL_HELP)
     score.add_argument("--output", required=True, type=Path, help="output .csv or .parquet")
-    score.add_argument("--top-features", type=int, default=3, help="features listed per flagged row")
+    score.add_argument("--top-features", type=opt.non_negative_int, default=3, help="features listed per flagged row")
     _data_arguments(score)
+    for subparser in (fit, evaluate, score):
+        _common_arguments(subparser, top=False)
     return parser
 
 
-def layout_flags(args: argparse.Namespace) -> LayoutFlags:
-    """The layout-related flags of parsed arguments."""
-    return LayoutFlags(args.layout, args.features, args.label_column, args.time_column, args.id_column,
-                       args.customer_column, args.time_unit, args.log_features)
+def check_arguments(args: argparse.Namespace) -> None:
+    """Cross-flag checks that need no data; ConfigError says which flags disagree."""
+    if args.layout is not None and args.layout not in LAYOUTS:
+        raise ConfigError(f"unknown layout {args.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
+    if args.command == "fit":
+        opt.check_dates(args.start, args.val_start, args.test_start, args.end)
+        if args.val_start is None:
+            opt.check_fractions(args.val_fraction, args.test_fraction)
+    elif args.command == "evaluate":
+        opt.check_dates(args.start, None, None, args.end)
+    features, logged = args.features, args.log_features
+    if features and isinstance(logged, tuple) and not set(logged) <= set(features):
+        unknown = next(n for n in logged if n not in features)
+        raise ConfigError(f"--log-features column {unknown!r} is not one of the features")
 
 
 def apply_settings(args: argparse.Namespace) -> argparse.Namespace:
@@ -121,14 +162,24 @@ def apply_settings(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _dispatch(args: argparse.Namespace) -> int:
+    from trainer import commands  # torch, scikit-learn and pandas: only once the flags are known to be good
+
+    handlers = {"fit": commands.fit, "evaluate": commands.evaluate, "score": commands.score}
+    return handlers[args.command](args, commands.layout_flags(args))
+
+
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse argv, run the subcommand, and return the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    handlers = {"fit": commands.fit, "evaluate": commands.evaluate, "score": commands.score}
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, --version or a usage error (already printed)
+        return stop.code if isinstance(stop.code, int) else EXIT_USAGE
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        check_arguments(args)
         apply_settings(args)
-        return handlers[args.command](args, layout_flags(args))
+        return _dispatch(args)
     except FraudPipelineError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

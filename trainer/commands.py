@@ -26,7 +26,13 @@ log = logging.getLogger(__name__)
 
 def _table(args: argparse.Namespace, flags: LayoutFlags) -> tuple[pd.DataFrame, TableLayout]:
     frame = read_table(args.data)
-    return frame, resolve_layout(list(map(str, frame.columns)), flags)
+    return frame, resolve_layout(frame, flags)
+
+
+def layout_flags(args: argparse.Namespace) -> LayoutFlags:
+    """The layout-related flags of parsed arguments."""
+    return LayoutFlags(args.layout, args.features, args.label_column, args.time_column, args.id_column,
+                       args.customer_column, args.time_unit, args.log_features)
 
 
 def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:
@@ -39,6 +45,7 @@ def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:
                           patience=args.patience, seed=args.seed, progress=not args.quiet),
         split=SplitSpec(args.start, args.val_start, args.test_start, args.end, args.val_fraction, args.test_fraction),
         alert_rate=args.alert_rate, baselines=not args.no_baselines, publish=not args.no_publish,
+        score=args.score, bank_rows=args.bank_rows,
     )
     result = run_fit(frame, layout, options)
     print(f"model {result.artifact.version} written to {result.version_dir}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,8 @@ import pandas as pd
 
 from pipeline.errors import InputDataError
 from pipeline.features import LAYOUTS, TableLayout, detect_layout
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,11 +30,13 @@ class LayoutFlags:
     log_features: str | tuple[str, ...] | None = None
 
 
-def resolve_layout(columns: list[str], flags: LayoutFlags) -> TableLayout:
-    """The layout named, given by --features, or detected from the columns; flags override it.
+def resolve_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
+    """The layout named, given by --features, detected from the columns, or else a generic one
+    (every numeric column but the label, time, id and customer ones); flags override it.
 
     Log transforms are opt-in: on the reference data they lower every detector's ranking quality.
     """
+    columns = list(map(str, frame.columns))
     if flags.features:
         base = TableLayout("generic", None, flags.time_column or "", None, None, tuple(flags.features))
     elif flags.layout:
@@ -39,13 +44,7 @@ def resolve_layout(columns: list[str], flags: LayoutFlags) -> TableLayout:
             raise InputDataError(f"unknown layout {flags.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
         base = LAYOUTS[flags.layout]
     else:
-        detected = detect_layout(columns)
-        if detected is None:
-            raise InputDataError(
-                "cannot tell the table layout from its columns; pass --layout "
-                f"({', '.join(LAYOUTS)}) or --features a,b,c with --time-column and --label-column"
-            )
-        base = detected
+        base = detect_layout(columns) or generic_layout(frame, flags)
     changes = {
         "label_column": flags.label_column, "time_column": flags.time_column, "id_column": flags.id_column,
         "key_column": flags.customer_column, "time_unit": flags.time_unit,
@@ -58,6 +57,45 @@ def resolve_layout(columns: list[str], flags: LayoutFlags) -> TableLayout:
     if unknown:
         raise InputDataError(f"--log-features column {unknown[0]!r} is not one of the features")
     return dataclasses.replace(layout, log_features=log_features)
+
+
+# Column names (lower case) a generic table's label is recognised by when no --label-column is given.
+LABEL_NAMES = ("label", "class", "y", "is_fraud", "fraud", "target", "outlier", "anomaly", "is_anomaly")
+# Never features by default: identifiers and times under their usual names.
+ID_OR_TIME_NAMES = ("id", "index", "unnamed: 0", "transaction_id", "time", "timestamp", "event_time", "datetime")
+
+
+def _is_binary(column: pd.Series) -> bool:
+    values = pd.to_numeric(column, errors="coerce")
+    return bool(values.notna().all() and values.isin([0, 1]).all())
+
+
+def generic_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
+    """Features: every numeric column but the label, time, id and customer columns.
+
+    The label is --label-column, or else a 0/1 column with a usual label name (none: unlabelled).
+    """
+    label = flags.label_column or next(
+        (str(c) for c in frame.columns if str(c).lower() in LABEL_NAMES and _is_binary(frame[c])), None)
+    roles = {label, flags.time_column, flags.id_column, flags.customer_column} - {None}
+    features, skipped = [], []
+    for name in map(str, frame.columns):
+        if name in roles:
+            continue
+        numeric = pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])
+        if numeric and name.lower() not in ID_OR_TIME_NAMES:
+            features.append(name)
+        else:
+            skipped.append(name)
+    if not features:
+        raise InputDataError("the table has no numeric feature columns; pass --features a,b,c")
+    log.info("generic table: %d feature columns (%s), label %s; not used as features: %s", len(features),
+             _shorten(features), repr(label) if label else "none (unlabelled)", _shorten(skipped) or "none")
+    return TableLayout("generic", None, flags.time_column or "", label, None, tuple(features))
+
+
+def _shorten(names: list[str], most: int = 8) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def check_features(frame: pd.DataFrame, features: tuple[str, ...]) -> np.ndarray:

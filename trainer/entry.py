@@ -17,10 +17,11 @@ def main() -> None:
     """Run ``trainer.cli``, or explain the missing ``[train]`` extra."""
     try:
         from trainer import cli
+
+        cli.main()  # the extra's packages load in the subcommand, after the arguments are parsed
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in TRAIN_EXTRA:
             raise
         print(f"error: fraud-train needs the [train] extra ({err.name} is missing): "
               "pip install 'fraud-pipeline[train]'", file=sys.stderr)
         sys.exit(EXIT_USAGE)
-    cli.main()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -13,13 +14,14 @@ import pandas as pd
 import torch
 
 from pipeline.artifact import ModelArtifact, load_artifact, publish_current, save_artifact
-from pipeline.errors import InputDataError
+from pipeline.errors import ConfigError, InputDataError
 from pipeline.features import TableLayout
-from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model
+from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model, default_bottleneck
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer, resolve_device, score_frame
-from trainer import calibrate, evaluate
+from trainer import calibrate, evaluate, hybrid
 from trainer.data import check_features, check_labels, event_times
+from trainer.options import DEFAULT_TEST_FRACTION
 from trainer.report import write_report
 from trainer.split import Split, SplitSpec, time_split
 from trainer.train import History, TrainConfig, fit, seed_everything
@@ -40,6 +42,8 @@ class FitOptions:
     device: str = "auto"
     baselines: bool = True
     publish: bool = True
+    score: str = "auto"  # auto, hybrid or reconstruction (trainer.hybrid)
+    bank_rows: int = hybrid.BANK_ROWS  # most rows kept for the hybrid's distance
 
 
 @dataclass
@@ -69,54 +73,118 @@ def _masks(split: Split, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndar
     return train, val_normal
 
 
+def resolve_split(spec: SplitSpec, labelled: bool) -> SplitSpec:
+    """An unset test fraction: 0.2 on a labelled table, none on an unlabelled one (nothing to test)."""
+    if spec.test_fraction is not None:
+        return spec
+    test_fraction = DEFAULT_TEST_FRACTION if labelled else 0.0
+    if not labelled and not (spec.val_start or spec.test_start):
+        log.info("unlabelled table: no test rows set aside; %.0f %% of the rows (the last) validate",
+                 100 * spec.val_fraction)
+    return dataclasses.replace(spec, test_fraction=test_fraction)
+
+
+def model_config(name: str, n_features: int, params: dict[str, Any]) -> ModelConfig:
+    """The model's config for this many features: the bottleneck, unless given, derived from the
+    feature count (``default_bottleneck``); one that does not compress the input is refused."""
+    bottleneck = params.get("bottleneck") or default_bottleneck(n_features)
+    if bottleneck >= n_features and n_features > 1:
+        raise ConfigError(f"--bottleneck {bottleneck} must be below the number of features ({n_features}), "
+                          "or the model can learn to copy its input")
+    return ModelConfig(**{**params, "n_features": n_features, "bottleneck": bottleneck})
+
+
 def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> FitResult:
     """Train on the split's normal rows, calibrate on validation, export, evaluate on test, publish."""
     x = check_features(frame, layout.features)  # (rows, features) raw
     labels = check_labels(frame, layout)
+    model_config(options.model, len(layout.features), options.model_params)  # refuse a bad bottleneck first
+    options = dataclasses.replace(options, split=resolve_split(options.split, labels is not None))
     split = time_split(event_times(frame, layout), options.split, n_rows=len(frame))
+    result = fit_split(x, labels, split, layout, options)
+    if labels is not None and split.test.any():
+        train_x = result.artifact.preprocessing.transform(x[_masks(split, labels)[0]])
+        result.report = evaluate_split(result.artifact, frame, layout, split, labels, options, result.history,
+                                       train_x)
+    if options.publish:
+        publish_current(options.output, result.version_dir)
+    return result
+
+
+def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: TableLayout,
+              options: FitOptions) -> FitResult:
+    """Train on the normal train rows of raw x (rows, features), calibrate and choose the scoring on
+    the validation rows, export the version (unpublished); the test rows are not looked at."""
     train, val_normal = _masks(split, labels)
+    config = model_config(options.model, len(layout.features), options.model_params)
     prep = Preprocessing.fit(x[train], layout.features, layout.log_features)
     device = resolve_device(options.device)
     seed_everything(options.train.seed)  # weight initialisation is part of what the seed fixes
-    model = build_model(options.model, ModelConfig(n_features=len(layout.features), **options.model_params))
+    model = build_model(options.model, config)
     train_x = prep.transform(x[train])
     history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
+    bank = None
+    if options.score != "reconstruction":
+        bank = hybrid.build_bank(train_x, prep.transform(x[val_normal]), options.bank_rows, options.train.seed)
     val_labels = labels[split.val] if labels is not None else None
-    fields = _calibration(model, prep, x[split.val], val_labels, prep.transform(x[val_normal]), options, device)
+    fields = _calibration(model, prep, bank, x[split.val], val_labels, x[val_normal], options, device)
     fields["training_data"] = {
         "rows": int(train.sum()), "fingerprint_sha256": fingerprint(x[train]), "layout": layout.name,
-        "split": vars(options.split), "train_config": vars(options.train),
+        "split": vars(options.split), "train_config": vars(history.config or options.train),
     }
     fields["metrics"]["training"] = {
         "train_loss": history.train_loss, "val_loss": history.val_loss, "best_epoch": history.best_epoch + 1,
         "seconds": history.seconds, "peak_rss_mb": evaluate.peak_rss_mb(), "device": str(device),
+        "epoch_cap": history.epoch_cap, "stopped_early": history.stopped_early,
     }
     version_dir = save_artifact(options.output, model.cpu(), fields)
-    result = FitResult(version_dir, load_artifact(version_dir), history)
-    if labels is not None and split.test.any():
-        result.report = evaluate_split(result.artifact, frame, layout, split, labels, options, history, train_x)
-    if options.publish:
-        publish_current(options.output, version_dir)
-    return result
+    return FitResult(version_dir, load_artifact(version_dir), history)
 
 
-def _calibration(model: Autoencoder, prep: Preprocessing, val_raw: np.ndarray, val_labels: np.ndarray | None,
-                 val_normal_x: np.ndarray, options: FitOptions, device: torch.device) -> dict[str, Any]:
-    """Manifest fields computed on validation rows: threshold, explanation, histogram, metrics."""
-    errors = calibrate.feature_errors(model, val_normal_x, device)  # (rows, features)
-    scores = errors.mean(axis=1)
+def _calibration(model: Autoencoder, prep: Preprocessing, bank: hybrid.Bank | None, val_raw: np.ndarray,
+                 val_labels: np.ndarray | None, val_normal_raw: np.ndarray, options: FitOptions,
+                 device: torch.device) -> dict[str, Any]:
+    """Manifest fields computed on validation rows: scoring, threshold, explanation, histogram, metrics."""
+    normal, rows = _validation_parts(model, prep, bank, val_raw, val_labels, val_normal_raw, options, device)
+    choice = hybrid.choose(options.score, normal, rows, val_labels)
+    scores = choice.scores(normal)
     threshold = calibrate.threshold_for(scores, options.alert_rate)
-    metrics: dict[str, Any] = {"validation": {"normal_rows": len(scores), "threshold": threshold}}
-    if val_labels is not None:
-        all_scores = calibrate.feature_errors(model, prep.transform(val_raw), device).mean(axis=1)
-        labelled = calibrate.labelled_calibration(all_scores, val_labels, threshold)
+    metrics: dict[str, Any] = {"validation": {
+        "normal_rows": len(scores), "threshold": threshold, "score_option": options.score, "scoring": choice.name,
+        "candidates_average_precision": choice.validation_ap}}
+    if rows is not None:
+        labelled = calibrate.labelled_calibration(choice.scores(rows), val_labels, threshold)
         if labelled is not None:
             metrics["validation"].update(labelled.to_dict())
-    return {
+    fields = {
         "feature_names": prep.feature_names, "preprocessing": prep, "threshold": threshold,
-        "alert_rate": options.alert_rate, "explanation": calibrate.explanation_stats(errors),
-        "score_histogram": calibrate.score_histogram(scores), "metrics": metrics,
+        "alert_rate": options.alert_rate, "explanation": calibrate.explanation_stats(normal.errors),
+        "score_histogram": calibrate.score_histogram(scores), "metrics": metrics, "scoring": choice.spec,
     }
+    if choice.spec.uses_bank and bank is not None:
+        fields["bank"] = bank.rows
+    return fields
+
+
+def _validation_parts(model: Autoencoder, prep: Preprocessing, bank: hybrid.Bank | None, val_raw: np.ndarray,
+                      val_labels: np.ndarray | None, val_normal_raw: np.ndarray, options: FitOptions,
+                      device: torch.device) -> tuple[hybrid.ScoreParts, hybrid.ScoreParts | None]:
+    """Score parts of the normal validation rows and (when labelled) of all validation rows; bank
+    members among them are scored leave-one-out."""
+    labelled = val_labels is not None and 0 < int(val_labels.sum()) < len(val_labels)
+    candidates = hybrid.candidates_for(options.score, labelled)
+    rows_of_bank = None if bank is None else bank.rows
+    in_bank = None if bank is None else bank.val_in_bank  # (normal validation rows,)
+    normal = hybrid.score_parts(model, prep.transform(val_normal_raw), rows_of_bank, device, candidates,
+                                in_bank=in_bank)
+    if val_labels is None:
+        return normal, None
+    all_in_bank = None
+    if in_bank is not None:
+        all_in_bank = np.zeros(len(val_labels), bool)
+        all_in_bank[val_labels == 0] = in_bank
+    return normal, hybrid.score_parts(model, prep.transform(val_raw), rows_of_bank, device, candidates,
+                                      in_bank=all_in_bank)
 
 
 def evaluate_split(artifact: ModelArtifact, frame: pd.DataFrame, layout: TableLayout, split: Split,

@@ -25,10 +25,10 @@ class SplitSpec:
     test_start: str | None = None
     end: str | None = None  # rows from here on are dropped
     val_fraction: float = 0.15
-    test_fraction: float = 0.2
+    test_fraction: float | None = 0.2  # None: decided by the caller (fraud-train fit: 0 without labels)
 
     def __post_init__(self) -> None:
-        fractions = (self.val_fraction, self.test_fraction)
+        fractions = (self.val_fraction, self.test_fraction or 0.0)
         if any(not 0 <= f < 1 for f in fractions) or sum(fractions) >= 1:
             raise InputDataError(f"val and test fractions {fractions} must be in [0, 1) and sum below 1")
 
@@ -81,6 +81,7 @@ def _fraction_split(key: np.ndarray, keep: np.ndarray, spec: SplitSpec) -> Split
     n = len(kept_keys)
     if n == 0:
         return Split(keep.copy(), keep.copy(), keep.copy())
-    val_at = kept_keys[min(n - 1, int(n * (1 - spec.val_fraction - spec.test_fraction)))]
-    test_at = kept_keys[min(n - 1, int(n * (1 - spec.test_fraction)))] if spec.test_fraction else np.inf
+    test_fraction = spec.test_fraction or 0.0
+    val_at = kept_keys[min(n - 1, int(n * (1 - spec.val_fraction - test_fraction)))]
+    test_at = kept_keys[min(n - 1, int(n * (1 - test_fraction)))] if test_fraction else np.inf
     return Split(keep & (key < val_at), keep & (key >= val_at) & (key < test_at), keep & (key >= test_at))

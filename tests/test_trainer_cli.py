@@ -1,0 +1,213 @@
+"""``fraud-train``'s command line: fast help and version, flags checked before any I/O, generic tables."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from pipeline.artifact import load_artifact
+from pipeline.models import MODELS
+from trainer import hybrid
+from trainer.cli import build_parser, run
+from trainer.options import BANK_ROWS, MODEL_CHOICES, SCORE_CHOICES
+
+HEAVY = ("torch", "sklearn", "pandas")
+FAST = ["--quiet", "--device", "cpu"]
+
+
+def fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI expecting exit 2 and exactly one 'error:' line on stderr; returns it."""
+    assert run(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    return err.strip()
+
+
+def cli(*argv: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "trainer", *argv], capture_output=True, text=True, timeout=60)
+    return done, time.perf_counter() - started
+
+
+def test_help_and_usage_errors_import_no_heavy_library() -> None:
+    code = ("import sys; from trainer.cli import run\n"
+            "for argv in (['--help'], ['fit', '--help'], ['fit', '--data', 'x.csv', '--alert-rate', '2']):\n"
+            "    assert run(argv) in (0, 2)\n"
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_help_answers_in_under_a_second() -> None:
+    timings = []
+    for _ in range(3):  # the best of three: a loaded machine can stall any single start
+        done, seconds = cli("fit", "--help")
+        assert done.returncode == 0 and "--alert-rate" in done.stdout
+        timings.append(seconds)
+    assert min(timings) < 1.0, timings
+
+
+def test_version_prints_the_package_version() -> None:
+    done, _ = cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"fraud-train {metadata.version('fraud-pipeline')}"
+
+
+def test_bad_flag_stops_before_reading_or_training(tmp_path: Path) -> None:
+    data = tmp_path / "t.csv"
+    pd.DataFrame({"a": np.arange(5000.0), "b": np.ones(5000)}).to_csv(data, index=False)
+    done, seconds = cli("fit", "--data", str(data), "--output", str(tmp_path / "m"), "--alert-rate", "2")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        "error: argument --alert-rate: expected a number strictly between 0 and 1, got '2' "
+        "(see fraud-train fit --help)"]
+    assert not (tmp_path / "m").exists() and seconds < 5
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["fit", "--alert-rate", "0"], "argument --alert-rate: expected a number strictly between 0 and 1"),
+        (["fit", "--alert-rate", "nan"], "argument --alert-rate"),
+        (["fit", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
+        (["fit", "--batch-size", "-5"], "argument --batch-size"),
+        (["fit", "--learning-rate", "inf"], "argument --learning-rate: expected a number > 0"),
+        (["fit", "--patience", "x"], "argument --patience"),
+        (["fit", "--bottleneck", "0"], "argument --bottleneck"),
+        (["fit", "--bank-rows", "0"], "argument --bank-rows"),
+        (["fit", "--score", "vote"], "argument --score: invalid choice"),
+        (["fit", "--hidden", "64,0"], "argument --hidden: expected comma-separated integers >= 1"),
+        (["fit", "--seed", "-1"], "argument --seed"),
+        (["fit", "--val-fraction", "1"], "argument --val-fraction: expected a fraction in [0, 1)"),
+        (["fit", "--val-fraction", "0.5", "--test-fraction", "0.5"], "must sum below 1"),
+        (["fit", "--val-fraction", "0"], "--val-fraction must be > 0"),
+        (["fit", "--start", "May 1st"], "argument --start: expected a date such as 2018-05-01"),
+        (["fit", "--val-start", "2018-06-01"], "give both --val-start and --test-start"),
+        (["fit", "--val-start", "2018-07-01", "--test-start", "2018-06-01"], "--val-start 2018-07-01 must come "
+                                                                             "before --test-start 2018-06-01"),
+        (["fit", "--model", "gan"], "argument --model: invalid choice: 'gan'"),
+        (["fit", "--layout", "martian"], "unknown layout 'martian'"),
+        (["fit", "--features", "a,b", "--log-features", "c"], "--log-features column 'c' is not one of the features"),
+        (["fit", "--device", "tpu"], "device='tpu': use auto, cpu, cuda or cuda:N"),
+        (["fit", "--time-unit", "h"], "argument --time-unit: invalid choice"),
+        (["score", "--output", "o.csv", "--top-features", "-1"], "argument --top-features"),
+        (["evaluate", "--start", "2018-07-01", "--end", "2018-06-01"], "--start 2018-07-01 must come before --end"),
+        (["fit", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+        (["train"], "invalid choice: 'train'"),
+    ],
+)
+def test_bad_flags_get_one_line_and_exit_2_before_any_io(argv: list[str], expected: str, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "no-such-table.csv"  # never opened: the flags are refused first
+    extra = ["--data", str(missing)] if argv[0] in {"fit", "evaluate", "score"} else []
+    out = ["--output", str(tmp_path / "m")] if argv[0] == "fit" else []
+    assert expected in fail([*argv, *extra, *out], capsys)
+    assert not (tmp_path / "m").exists()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_alert_rate_is_accepted_exactly_inside_0_1(rate: float) -> None:
+    parser = build_parser()
+    argv = ["fit", "--data", "t.csv", "--alert-rate", repr(rate)]
+    if 0 < rate < 1:
+        assert parser.parse_args(argv).alert_rate == rate
+    else:
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(argv)
+        assert stop.value.code == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet="0123456789-.,e x", max_size=8))
+def test_integer_flags_refuse_anything_but_positive_integers(text: str) -> None:
+    assume(text != "--")  # argparse drops a bare "--" value (its end-of-options marker) before any type check
+    parser = build_parser()
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    argv = ["fit", "--data", "t.csv", f"--epochs={text}"]
+    if value is not None and value >= 1:
+        assert parser.parse_args(argv).epochs == value
+    else:
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_quiet_and_device_work_before_or_after_the_subcommand(where: str) -> None:
+    flags = ["--quiet", "--device", "cpu"]
+    argv = [*flags, "fit", "--data", "t.csv"] if where == "before" else ["fit", "--data", "t.csv", *flags]
+    args = build_parser().parse_args(argv)
+    assert args.quiet is True and args.device == "cpu"
+    plain = build_parser().parse_args(["score", "--data", "t.csv", "--output", "o.csv"])
+    assert plain.quiet is False and plain.device is None
+
+
+def test_choices_match_the_registries() -> None:
+    assert set(MODEL_CHOICES) == set(MODELS)
+    assert SCORE_CHOICES == hybrid.SCORE_CHOICES and BANK_ROWS == hybrid.BANK_ROWS
+
+
+def _generic(n: int = 1200, seed: int = 3, labelled: bool = True) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    frame = pd.DataFrame({f"x{i}": rng.normal(size=n) for i in range(5)})
+    frame.insert(0, "id", np.arange(n))
+    frame["note"] = "text"
+    if labelled:
+        frame["label"] = (rng.random(n) < 0.03).astype(int)
+        frame.loc[frame["label"] == 1, "x0"] += 8
+    return frame
+
+
+def test_generic_table_needs_no_column_flags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _generic().to_csv(tmp_path / "g.csv", index=False)
+    with caplog.at_level(logging.INFO):
+        assert run(["--device", "cpu", "fit", "--data", str(tmp_path / "g.csv"), "--output", str(tmp_path / "m"),
+                    "--epochs", "2", "--no-baselines"]) == 0
+    artifact = load_artifact(tmp_path / "m")
+    assert artifact.feature_names == ("x0", "x1", "x2", "x3", "x4")  # not id, note or label
+    assert artifact.manifest["hyperparameters"]["bottleneck"] == 2  # derived from 5 features
+    metrics = json.loads((artifact.path / "metrics.json").read_text())
+    assert metrics["context"]["test_frauds"] > 0  # the label was found: a test report exists
+    assert "label 'label'" in caplog.text
+
+
+def test_unlabelled_table_keeps_every_row_for_training_and_validation(tmp_path: Path) -> None:
+    _generic(labelled=False).to_csv(tmp_path / "u.csv", index=False)
+    assert run([*FAST, "fit", "--data", str(tmp_path / "u.csv"), "--output", str(tmp_path / "m"),
+                "--epochs", "2"]) == 0
+    manifest = load_artifact(tmp_path / "m").manifest
+    assert manifest["training_data"]["split"]["test_fraction"] == 0.0
+    assert manifest["training_data"]["rows"] + manifest["metrics"]["validation"]["normal_rows"] == 1200
+
+
+def test_a_bottleneck_that_does_not_compress_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _generic().to_csv(tmp_path / "g.csv", index=False)
+    err = fail([*FAST, "fit", "--data", str(tmp_path / "g.csv"), "--output", str(tmp_path / "m"),
+                "--bottleneck", "6"], capsys)
+    assert "--bottleneck 6 must be below the number of features (5)" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_hitting_the_epoch_cap_is_reported(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _generic().to_csv(tmp_path / "g.csv", index=False)
+    with caplog.at_level(logging.WARNING):
+        assert run([*FAST, "fit", "--data", str(tmp_path / "g.csv"), "--output", str(tmp_path / "m"),
+                    "--epochs", "2", "--no-baselines"]) == 0
+    assert "training stopped at the epoch cap (2) with the validation loss still improving" in caplog.text
+    training = load_artifact(tmp_path / "m").manifest["metrics"]["training"]
+    assert training["epoch_cap"] == 2 and training["stopped_early"] is False
