@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-days", type=int, default=7, help="training window after the warm-up")
     p.add_argument("--stream-days", type=int, default=14, help="days after the training window, streamed")
     p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--score", default="reconstruction", choices=("reconstruction", "hybrid", "auto"),
+                   help="the model's score (fit --score); reconstruction keeps the figures comparable with "
+                        "earlier runs, hybrid adds a kNN distance that costs CPU per record")
     p.add_argument("--naive-records", type=int, default=20000, help="prefix the naive consumer reads")
     p.add_argument("--rates", default="1000,10000", help="input rates (tx/s) for the latency runs")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="feeding time per latency run")
@@ -121,11 +124,12 @@ def simulate_and_train(args: argparse.Namespace, root: Path) -> tuple[pd.DataFra
     stream = frame[days >= start_stream].reset_index(drop=True)
     options = FitOptions(output=root, train=TrainConfig(epochs=args.epochs, seed=0, progress=False),
                          split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
-                         baselines=False, publish=False)
+                         baselines=False, publish=False, score=args.score)
     t0 = time.perf_counter()
     version = run_fit(history, HANDBOOK, options).version_dir
     info = {"simulated_rows": len(frame), "simulate_s": sim_s, "train_rows": len(history),
-            "train_s": time.perf_counter() - t0, "stream_rows": len(stream), "epochs": args.epochs}
+            "train_s": time.perf_counter() - t0, "stream_rows": len(stream), "epochs": args.epochs,
+            "score": args.score}
     return stream, version, info
 
 

@@ -295,10 +295,13 @@ def test_fraud_train_without_the_train_extra_says_how_to_get_it() -> None:
         "from trainer.entry import main\n"
         "main()\n"
     )
-    done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120,
-                          cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", code, "fit", "--data", "table.csv"], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "pip install 'fraud-pipeline[train]'" in done.stderr and "Traceback" not in done.stderr
+    helped = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120,
+                            cwd=REPO)
+    assert helped.returncode == 0 and "fit" in helped.stdout  # help needs no extra
 
 
 def test_worker_and_producer_import_no_trainer_only_package() -> None:

@@ -7,14 +7,31 @@ of an import traceback.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 TRAIN_EXTRA = {"sklearn", "scipy", "matplotlib"}  # import names of the [train] extra and its SciPy
 EXIT_USAGE = 2
 
 
+def missing_extra() -> str | None:
+    """The first package of the ``[train]`` extra that cannot be imported, without importing any."""
+    for name in ("sklearn", "matplotlib"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):  # blocked (None in sys.modules) or broken
+            return name
+    return None
+
+
 def main() -> None:
-    """Run ``trainer.cli``, or explain the missing ``[train]`` extra."""
+    """Run ``trainer.cli``, or explain the missing ``[train]`` extra (``--help`` and ``--version`` need none)."""
+    missing = missing_extra()
+    if missing and not {"-h", "--help", "--version"} & set(sys.argv[1:]):
+        print(f"error: fraud-train needs the [train] extra ({missing} is missing): "
+              "pip install 'fraud-pipeline[train]'", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
     try:
         from trainer import cli
 
