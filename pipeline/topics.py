@@ -24,6 +24,7 @@ def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threadin
     none does, keep trying for ``connect_timeout_s``, then raise BrokerError (no client: no library noise).
     With TLS or SASL, a refused certificate or login then raises ConfigError (``pipeline.security``)."""
     servers = [s.strip().rpartition(":") for s in settings.bootstrap_servers.split(",")]
+    stop = stop or threading.Event()
     deadline = time.monotonic() + settings.connect_timeout_s
     said = False
     while True:
@@ -45,7 +46,7 @@ def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threadin
             log.warning("cannot reach Kafka at %s (%s); trying again for %.0fs", settings.bootstrap_servers,
                         reason, settings.connect_timeout_s)
             said = True
-        if (stop or threading.Event()).wait(every_s):
+        if stop.wait(every_s):
             return
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.errors import CorruptRecordError, KafkaError
 
 from pipeline.config import KafkaSettings, WorkerSettings
@@ -27,7 +27,7 @@ from pipeline.errors import FraudPipelineError
 from pipeline.schema import RecordError
 from pipeline.scoring import Scorer
 from pipeline.worker import corrupt
-from pipeline.worker.delivery import AtLeastOnce, Delivery, StopWithoutCommit, offsets_after
+from pipeline.worker.delivery import AtLeastOnce, Delivery, StopWithoutCommit, first_offsets, offsets_after
 from pipeline.worker.ledger import Ledger, WorkerStats
 from pipeline.worker.liveness import StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics
@@ -204,9 +204,10 @@ class Worker:
         letter = self.processor.dead_letter(found, error)
         log.warning("%s[%d]@%d cannot be parsed (%s); dead-lettered, resuming at offset %d", found.topic,
                     found.partition, found.offset, err, found.next_offset)
-        if self.delivery.deliver([letter], {found.topic_partition: found.next_offset}):
+        offsets = {found.topic_partition: found.next_offset}
+        if self.delivery.deliver([letter], offsets):
             outcome = BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1))
-            self.ledger.committed(1, outcome, {found.topic_partition: found.next_offset}, self.consumer)
+            self.ledger.committed(1, outcome, offsets, self.consumer)
             self.consumer.seek(found.topic_partition, found.next_offset)
 
     def _process_pending(self) -> None:
@@ -227,11 +228,7 @@ class Worker:
     def _rewind(self, records: Sequence[Any]) -> None:
         """After an aborted transaction: read the batch again where this worker still owns it."""
         assert self.consumer is not None
-        first: dict[TopicPartition, int] = {}
-        for r in records:
-            tp = TopicPartition(r.topic, r.partition)
-            first[tp] = min(first.get(tp, r.offset), r.offset)
-        for tp, offset in first.items():
+        for tp, offset in first_offsets(records).items():
             with contextlib.suppress(ValueError, KafkaError):  # no longer ours: the new owner reads it again
                 self.consumer.seek(tp, offset)
 

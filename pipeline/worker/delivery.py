@@ -128,6 +128,20 @@ def offsets_after(records: Any) -> dict[TopicPartition, int]:
     return offsets
 
 
+def first_offsets(records: Any) -> dict[TopicPartition, int]:
+    """The first offset of the records per partition: where to read them again."""
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    return first
+
+
+def to_commit(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """Offsets as the consumer's commit and the transactional producer take them."""
+    return {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+
+
 class Delivery:
     """Sends outputs with a producer the subclass owns; ``deliver`` is the one entry point."""
 
@@ -141,9 +155,10 @@ class Delivery:
         """Publish ``outputs`` and commit ``offsets``; False when the group moved on (nothing committed)."""
         raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close the producer (``timeout_s`` to flush what is in flight; 0 to drop it)."""
         if self.producer is not None:
-            self.producer.close(timeout=10)
+            self.producer.close(timeout=timeout_s)
             self.producer = None
 
     def _backoff(self, what: str, kind: str) -> Backoff:
@@ -228,7 +243,7 @@ class AtLeastOnce(Delivery):
         backoff = self._backoff("committing offsets", "commit_retry")
         while True:
             try:
-                self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+                self.consumer.commit(to_commit(offsets))
                 backoff.done()
                 return True
             except REBALANCED as err:
@@ -237,6 +252,6 @@ class AtLeastOnce(Delivery):
                             "again", type(err).__name__)
                 return False
             except KafkaError as err:
-                if classify(err) == "fatal" or not getattr(err, "retriable", False):
+                if not getattr(err, "retriable", False):  # the fatal ones included
                     raise DeliveryError(f"committing offsets failed: {type(err).__name__}: {err}") from err
                 backoff.wait(err)

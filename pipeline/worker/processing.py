@@ -24,7 +24,14 @@ import numpy as np
 from pipeline.schema import RecordError
 from pipeline.scoring import ScoreBatch, Scorer
 from pipeline.worker.batch import decode_batch
-from pipeline.worker.outputs import Output, alert_output, alert_value, dead_letter, processing_error
+from pipeline.worker.outputs import (
+    MAX_MESSAGE_CHARS,
+    Output,
+    alert_output,
+    alert_value,
+    dead_letter,
+    processing_error,
+)
 
 
 @dataclass
@@ -124,7 +131,7 @@ class BatchProcessor:
             fallback = RecordError(error.reason, error.field, f"{error.detail}; copy failed: {err!r}")
             return Output(self.topics.dead_letters, None, b"", [
                 ("dlq.error.reason", error.reason.encode()),
-                ("dlq.error.message", str(fallback)[:1000].encode("utf-8", "replace")),
+                ("dlq.error.message", str(fallback)[:MAX_MESSAGE_CHARS].encode("utf-8", "replace")),
                 ("dlq.worker", self.worker_id.encode())])
 
 

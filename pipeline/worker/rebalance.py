@@ -21,6 +21,8 @@ from typing import Any
 
 from kafka import AsyncConsumerRebalanceListener, TopicPartition
 
+from pipeline.worker.delivery import first_offsets
+
 log = logging.getLogger(__name__)
 
 
@@ -45,17 +47,11 @@ class PendingRecords:
 
     def release(self, partitions: set[TopicPartition]) -> tuple[dict[TopicPartition, int], int]:
         """Drop the records of ``partitions``: the first offset dropped per partition, and how many."""
-        first: dict[TopicPartition, int] = {}
         with self._lock:
-            kept = []
-            for r in self.records:
-                tp = TopicPartition(r.topic, r.partition)
-                if tp in partitions:
-                    first[tp] = min(first.get(tp, r.offset), r.offset)
-                else:
-                    kept.append(r)
-            dropped, self.records = len(self.records) - len(kept), kept
-        return first, dropped
+            dropped = [r for r in self.records if TopicPartition(r.topic, r.partition) in partitions]
+            if dropped:
+                self.records = [r for r in self.records if TopicPartition(r.topic, r.partition) not in partitions]
+        return first_offsets(dropped), len(dropped)
 
 
 class ReleaseOnRevoke(AsyncConsumerRebalanceListener):

@@ -33,7 +33,6 @@ from typing import Any, TypeVar
 
 from kafka import KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from pipeline.worker.delivery import (
     FENCED,
@@ -44,6 +43,7 @@ from pipeline.worker.delivery import (
     StopWithoutCommit,
     classify,
     classify_in_transaction,
+    to_commit,
 )
 from pipeline.worker.outputs import Output
 
@@ -62,7 +62,7 @@ class ExactlyOnce(Delivery):
     def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
         backoff = self._backoff("the transaction", "transaction_retry")
         pending = outputs
-        meta = {tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()}
+        meta = to_commit(offsets)
         while True:
             producer = self._ready_producer()
             try:
@@ -89,10 +89,10 @@ class ExactlyOnce(Delivery):
             except FENCED as err:
                 self.metrics.errors.labels("producer_fenced").inc()
                 log.warning("producer fenced (%s); starting a new one and retrying the batch", type(err).__name__)
-                self._discard_producer()
+                self.close(timeout_s=0)
             except KafkaError as err:
                 if classify(err) != "retry":
-                    self._discard_producer()
+                    self.close(timeout_s=0)
                     raise DeliveryError(f"transaction failed: {type(err).__name__}: {err}") from err
                 self._abort()
                 backoff.wait(err)
@@ -123,12 +123,7 @@ class ExactlyOnce(Delivery):
             raise
         except Exception as err:  # fenced or in a fatal state: the coordinator aborts it on its own
             log.info("could not abort the transaction (%s: %s); replacing the producer", type(err).__name__, err)
-            self._discard_producer()
-
-    def _discard_producer(self) -> None:
-        if self.producer is not None:
-            self.producer.close(timeout=0)
-            self.producer = None
+            self.close(timeout_s=0)
 
     def _bounded(self, call: Callable[[], T]) -> T:
         """Run a blocking transactional call (kafka-python gives them no timeout) so that a worker
