@@ -25,7 +25,7 @@ original headers dropped, then with ``dlq.*`` headers alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -127,7 +127,6 @@ def dead_letter(topic: str, record: Any, error: RecordError, worker_id: str, fai
     dlq = [(k, v.encode("utf-8", "replace")) for k, v in added]
     value = bytes(record.value or b"")
     key = bytes(record.key) if record.key is not None else None
-    full = Output(topic, key, value, [*original, *dlq])
 
     def headers_only() -> Output:
         note = f"value of {len(value)} bytes and {len(original)} original headers dropped"
@@ -142,7 +141,7 @@ def dead_letter(topic: str, record: Any, error: RecordError, worker_id: str, fai
         return Output(topic, short_key, value[:TRUNCATED_VALUE_BYTES], [*dlq, ("dlq.truncated", note.encode())],
                       smaller=headers_only)
 
-    return replace(full, smaller=truncated)
+    return Output(topic, key, value, [*original, *dlq], smaller=truncated)
 
 
 @dataclass(frozen=True, slots=True)
