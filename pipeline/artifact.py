@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ModelArtifactError
+from pipeline.features import HANDBOOK_FEATURES
 from pipeline.models import MODELS, Autoencoder, ModelConfig, build_model
 from pipeline.neighbours import ScoreSpec
 from pipeline.preprocess import Preprocessing
@@ -38,6 +39,7 @@ WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 CURRENT = "current"
 HASH_KEY = "content_hash"
+INPUT_FORMS = ("features", "raw")
 
 # Required manifest keys and their JSON types.
 REQUIRED: dict[str, type | tuple[type, ...]] = {
@@ -108,6 +110,17 @@ class ModelArtifact:
         return float(self.manifest["alert_rate"])
 
     @property
+    def input_form(self) -> str:
+        """What the input topic carries: ``features`` (each record the model's features) or ``raw``
+        (id, time, customer, terminal, amount: the worker computes the handbook features itself)."""
+        return str(self.manifest.get("input", {}).get("form", "features"))
+
+    @property
+    def feature_delay_days(self) -> int:
+        """Raw input: the label delay, in days, of the terminal-risk features the model was trained on."""
+        return int(self.manifest.get("input", {}).get("feature_delay_days", 7))
+
+    @property
     def model_class(self) -> str:
         """Registry name of the model type."""
         return str(self.manifest["model_class"])
@@ -167,6 +180,8 @@ def _manifest(model: Autoencoder, fields: dict[str, Any], version: str, created:
     histogram: ScoreHistogram = fields["score_histogram"]
     scoring: ScoreSpec = fields.get("scoring", ScoreSpec())
     extra = {"scoring": scoring.to_dict()} if scoring.uses_bank else {}
+    if "input" in fields:  # absent: records carry the features (the only form before raw input existed)
+        extra["input"] = dict(fields["input"])
     return {
         "format_version": HYBRID_FORMAT_VERSION if scoring.uses_bank else FORMAT_VERSION,
         **extra,
@@ -268,9 +283,26 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         value = manifest[key]
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ModelArtifactError(f"{MANIFEST}: key {key!r} has type {type(value).__name__}, expected {kind}")
+    _check_input(manifest)
     if manifest["model_class"] not in MODELS:
         raise ModelArtifactError(f"{MANIFEST}: unknown model_class {manifest['model_class']!r}; known: {list(MODELS)}")
     return manifest
+
+
+def _check_input(manifest: dict[str, Any]) -> None:
+    """The optional ``input`` section: which form the worker's input records take."""
+    if "input" not in manifest:
+        return
+    section = manifest["input"]
+    if not isinstance(section, dict) or section.get("form") not in INPUT_FORMS:
+        raise ModelArtifactError(f"{MANIFEST}: 'input' must be an object with 'form' one of {list(INPUT_FORMS)}")
+    if section["form"] == "raw":
+        if tuple(manifest.get("feature_names", ())) != HANDBOOK_FEATURES:
+            raise ModelArtifactError(f"{MANIFEST}: raw input needs the handbook's 15 features, in their order")
+        delay = section.get("feature_delay_days", 7)
+        if not isinstance(delay, int) or isinstance(delay, bool) or not 1 <= delay <= 365:
+            raise ModelArtifactError(f"{MANIFEST}: input.feature_delay_days must be a whole number of days, "
+                                     f"1 to 365, got {delay!r}")
 
 
 def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelArtifact:

@@ -168,6 +168,10 @@ class KafkaSettings(SettingsBase):
     input_topic: str = setting("transactions", "topic the producer writes and the worker reads")
     alerts_topic: str = setting("fraud-alerts", "topic the worker publishes alerts to")
     dead_letter_topic: str = setting("transactions-dlq", "topic for records that cannot be scored")
+    features_topic: str | None = setting(None, "if set, the worker also publishes every scored record with its "
+                                         "features and score here (audit, retraining on streamed features)")
+    labels_topic: str = setting("fraud-labels", "topic of fraud labels (chargebacks) keyed by terminal: "
+                                "the terminal-risk features of raw input learn from it")
     client_id: str = setting("fraud-pipeline", "Kafka client id prefix")
     security_protocol: str = setting(
         "PLAINTEXT", "Kafka security protocol",
@@ -201,9 +205,10 @@ class KafkaSettings(SettingsBase):
         if not self.bootstrap_servers.strip():
             raise ConfigError("bootstrap_servers is empty; set --bootstrap-servers or "
                               f"{env_name('bootstrap_servers')} to host:port")
-        topics = [self.input_topic, self.alerts_topic, self.dead_letter_topic]
-        if len(set(topics)) != 3:
-            raise ConfigError(f"input, alerts and dead-letter topics must differ, got {topics}")
+        topics = [self.input_topic, self.alerts_topic, self.dead_letter_topic, self.labels_topic,
+                  *([self.features_topic] if self.features_topic else [])]
+        if len(set(topics)) != len(topics):
+            raise ConfigError(f"input, alerts, dead-letter, labels and features topics must differ, got {topics}")
         self._validate_tls()
         self._validate_sasl()
         if not 0 < self.request_timeout_ms <= 2_147_483_647:

@@ -50,19 +50,41 @@ def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threadin
             return
 
 
-def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: int = 3) -> None:
-    """Create each missing topic with ``partitions`` partitions; existing ones are left alone."""
+def _admin(settings: KafkaSettings) -> KafkaAdminClient:
     try:
-        admin = KafkaAdminClient(**settings.client_options(),
-                                 client_id=f"{settings.client_id}-admin")
+        return KafkaAdminClient(**settings.client_options(), client_id=f"{settings.client_id}-admin")
     except KafkaError as err:
         raise BrokerError(f"cannot reach Kafka at {settings.bootstrap_servers}: {err}") from err
+
+
+def partition_counts(settings: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
+    """The partition count of each topic (0 for a topic that does not exist)."""
+    admin = _admin(settings)
+    try:
+        wanted = list(dict.fromkeys(topics))
+        existing = set(admin.list_topics())
+        described = admin.describe_topics([t for t in wanted if t in existing]) if existing & set(wanted) else []
+        counts = {d["name"]: len(d["partitions"]) for d in described}
+        return {t: counts.get(t, 0) for t in wanted}
+    except KafkaError as err:
+        raise BrokerError(f"cannot describe topics {wanted}: {err}") from err
+    finally:
+        admin.close()
+
+
+def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: int = 3,
+                  configs: dict[str, dict[str, str]] | None = None) -> None:
+    """Create each missing topic with ``partitions`` partitions (and ``configs[topic]``, e.g. compaction);
+    existing ones are left alone."""
+    admin = _admin(settings)
+    configs = configs or {}
     try:
         existing = set(admin.list_topics())
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
         if not missing:
             return
-        new = [NewTopic(t, num_partitions=partitions, replication_factor=-1) for t in missing]
+        new = [NewTopic(t, num_partitions=partitions, replication_factor=-1, topic_configs=configs.get(t, {}))
+               for t in missing]
         try:
             admin.create_topics(new)
             log.info("created topics %s with %d partitions", missing, partitions)

@@ -16,7 +16,7 @@ from pipeline.cliargs import OneLineParser, VersionAction
 from pipeline.config import KafkaSettings
 from pipeline.errors import FraudPipelineError
 from producer.argparsing import iso_day, number, report
-from producer.options import INT32_MAX, LAYOUT_NAMES, MIN_RATE, Options, check
+from producer.options import INT32_MAX, LAYOUT_NAMES, MAX_LABEL_DELAY_DAYS, MIN_RATE, Options, check
 
 EPILOG = "A misuse (bad flag, missing file, unknown column) stops with one line on stderr and exit code 2."
 
@@ -36,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--restamp", action="store_true", default=None,
                         help="set event_time to the send time (live traffic, real latency); the table's "
                              "own time travels as source_event_time")
+    stream.add_argument("--raw", action="store_true", default=None,
+                        help="send raw transactions (transaction_id, event_time, CUSTOMER_ID, TERMINAL_ID, "
+                             "TX_AMOUNT) keyed by customer, for a model trained with fraud-train fit --input raw; "
+                             "and each fraud's label to the labels topic (FRAUD_LABELS_TOPIC), keyed by terminal, "
+                             "--label-delay-days after it")
+    stream.add_argument("--label-delay-days", type=number(float, 0, "must be a number of days, at least 0",
+                                                          high=MAX_LABEL_DELAY_DAYS),
+                        help="with --raw: simulated days between a fraud and its label (default: 7, the handbook's)")
     stream.add_argument("--partitions", type=number(int, 1, f"must be a whole number from 1 to {INT32_MAX}",
                                                     high=INT32_MAX),
                         help="partitions of the input topic when it has to be created (default: 3)")

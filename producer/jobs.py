@@ -33,6 +33,12 @@ def execute(options: Options) -> int:
             return 0
         return stream_table(frame, resolve_spec(frame, "handbook"), options.settings, options.stream)
     check_header(job)
+    if options.stream.raw:
+        from producer.rawfeed import check_raw_columns
+
+        columns = read_columns(job.file)
+        if columns is not None:
+            check_raw_columns(columns)
     reach_kafka(options.settings)
     frame, spec = load_table(job)
     return stream_table(frame, spec, options.settings, options.stream)
@@ -96,15 +102,25 @@ def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings,
     if stream.limit is not None:
         frame = frame.iloc[: stream.limit]
     rate = stream.rate or 0.0
-    ensure_topics(settings, [settings.input_topic], stream.partitions)
+    topics = [settings.input_topic, settings.labels_topic] if stream.raw else [settings.input_topic]
+    ensure_topics(settings, topics, stream.partitions)
     producer = make_producer(settings)
     try:
-        records = iter_records(frame, spec, drop_label=stream.drop_label, restamp_rate=rate if stream.restamp else None)
+        if stream.raw:
+            from producer.rawfeed import raw_messages
+
+            records = raw_messages(frame, spec, settings.input_topic, settings.labels_topic,
+                                   stream.label_delay_days)
+        else:
+            records = iter_records(frame, spec, drop_label=stream.drop_label,
+                                   restamp_rate=rate if stream.restamp else None)
         report = send_records(records, settings.input_topic, producer, rate=rate, total=len(frame),
                               progress=stream.progress)
     finally:
         producer.close()
-    print(f"sent {report.sent} transactions to '{settings.input_topic}' at "
+    what = "raw transactions and fraud labels" if stream.raw else "transactions"
+    names = "', '".join(topics)
+    print(f"sent {report.sent} {what} to '{names}' at "
           f"{settings.bootstrap_servers}: {report.acked} acknowledged, {report.failed} failed, "
           f"{report.seconds:.1f}s ({report.rate:,.0f} tx/s)")
     if report.acked != report.sent:

@@ -21,7 +21,8 @@ LAYOUT_NAMES = ("auto", "handbook", "creditcard", "generic")
 INT32_MAX = 2**31 - 1  # Kafka's partition count and request timeout are int32 on the wire
 MIN_RATE = 0.001  # one transaction per 1,000 s: a floor that keeps the pacer's sleeps finite
 TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
-STREAM_ONLY = ("rate", "limit", "partitions", "drop_label", "restamp")
+STREAM_ONLY = ("rate", "limit", "partitions", "drop_label", "restamp", "raw", "label_delay_days")
+MAX_LABEL_DELAY_DAYS = 365
 
 
 class UsageError(ConfigError):
@@ -38,6 +39,8 @@ class StreamOptions:
     drop_label: bool = False
     restamp: bool = False
     progress: bool | None = None
+    raw: bool = False  # raw transactions keyed by customer, and fraud labels to the labels topic
+    label_delay_days: float = 7.0  # how long after a transaction its fraud label is sent (simulated time)
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,17 @@ def check(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Op
         job: SimulateJob | ReplayJob = check_simulate(args)
     else:
         job = check_replay(args)
+    if args.label_delay_days is not None and not args.raw:
+        raise UsageError("--label-delay-days applies only with --raw (labels are sent only beside raw transactions)")
+    if args.raw and args.restamp:
+        raise UsageError("--raw and --restamp do not go together: the worker's windows use the table's event "
+                         "times, which --restamp would replace; leave --restamp out")
+    if args.raw:
+        check_topic(settings.labels_topic)
     stream = StreamOptions(rate=args.rate, limit=args.limit, partitions=args.partitions or 3,
-                           drop_label=bool(args.drop_label), restamp=bool(args.restamp), progress=args.progress)
+                           drop_label=bool(args.drop_label), restamp=bool(args.restamp), progress=args.progress,
+                           raw=bool(args.raw), label_delay_days=7.0 if args.label_delay_days is None
+                           else args.label_delay_days)
     return Options(settings=settings, stream=stream, job=job, verbose=args.verbose)
 
 

@@ -83,7 +83,7 @@ def make_producer(settings: KafkaSettings, **overrides: object) -> KafkaProducer
 
 
 def send_records(
-    records: Iterable[tuple[bytes | None, bytes]],
+    records: Iterable[tuple[bytes | None, bytes] | tuple[str, bytes | None, bytes]],
     topic: str,
     producer: KafkaProducer,
     *,
@@ -94,7 +94,8 @@ def send_records(
 ) -> SendReport:
     """Send every record, wait for all acknowledgements, and report counts.
 
-    ``progress=None`` shows the bar only on a terminal.
+    A record is ``(key, value)`` for ``topic``, or ``(topic, key, value)`` for another topic
+    (the labels beside raw transactions). ``progress=None`` shows the bar only on a terminal.
     """
     report = SendReport()
     pacer = Pacer(rate)
@@ -111,9 +112,10 @@ def send_records(
     bar = tqdm(total=total, unit="tx", disable=None if progress is None else not progress,
                smoothing=0.1, mininterval=0.5)
     with bar:
-        for index, (key, value) in enumerate(records):
+        for index, record in enumerate(records):
             pacer.wait(index)
-            future = producer.send(topic, key=key, value=value)
+            to, key, value = record if len(record) == 3 else (topic, *record)
+            future = producer.send(to, key=key, value=value)
             future.add_callback(on_ok).add_errback(on_err)
             report.sent += 1
             if index % 1000 == 999:

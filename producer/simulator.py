@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import ConfigError
+from pipeline.streamfeatures import feature_table
 from producer.simconfig import SimulatorConfig, start_day
-from producer.transform import DAY_SECONDS, add_features
 
 __all__ = ["SimulatorConfig", "simulate"]
 
@@ -27,6 +27,7 @@ CUSTOMER_COMPROMISE_DAYS = 14
 CUSTOMER_FRAUD_SHARE_DIVISOR = 3  # a third of a compromised customer's transactions
 CUSTOMER_FRAUD_AMOUNT_FACTOR = 5.0
 TIME_OF_DAY_STD_SECONDS = 20_000
+DAY_SECONDS = 86_400
 
 
 def simulate(config: SimulatorConfig) -> pd.DataFrame:
@@ -46,14 +47,14 @@ def simulate(config: SimulatorConfig) -> pd.DataFrame:
             "TX_DATETIME": start + tx["seconds"].astype("timedelta64[s]").astype("m8[ns]"),
             "CUSTOMER_ID": tx["customer"],
             "TERMINAL_ID": tx["terminal"],
-            "TX_AMOUNT": tx["amount"],
+            "TX_AMOUNT": np.round(tx["amount"], 2),  # cents, as on the wire
             "TX_TIME_SECONDS": tx["seconds"],
             "TX_TIME_DAYS": tx["day"].astype(np.int32),
             "TX_FRAUD": tx["fraud"].astype(np.int32),
             "TX_FRAUD_SCENARIO": tx["scenario"].astype(np.int32),
         }
     )
-    frame = add_features(frame)
+    frame = feature_table(frame)  # the code the worker runs on a raw stream
     frame["TX_AMOUNT"] = frame["TX_AMOUNT"].astype(np.float32)
     return frame
 

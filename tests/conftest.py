@@ -90,6 +90,7 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
         "input_topic": f"tx-{tag}",
         "alerts_topic": f"alerts-{tag}",
         "dead_letter_topic": f"dlq-{tag}",
+        "labels_topic": f"labels-{tag}",
         "client_id": f"test-{tag}",
     })
 
@@ -103,6 +104,7 @@ def kafka_env(kafka_settings: KafkaSettings) -> dict[str, str]:
         "FRAUD_INPUT_TOPIC": kafka_settings.input_topic,
         "FRAUD_ALERTS_TOPIC": kafka_settings.alerts_topic,
         "FRAUD_DEAD_LETTER_TOPIC": kafka_settings.dead_letter_topic,
+        "FRAUD_LABELS_TOPIC": kafka_settings.labels_topic,
         "PYTHONUNBUFFERED": "1",
     })
     return env
@@ -135,7 +137,7 @@ def stream_frame(simulated: pd.DataFrame) -> pd.DataFrame:
     return simulated[simulated["TX_TIME_DAYS"] >= HISTORY_DAYS].reset_index(drop=True)
 
 
-def _train(simulated: pd.DataFrame, root: Path, seed: int) -> Path:
+def _train(simulated: pd.DataFrame, root: Path, seed: int, input_form: str = "features") -> Path:
     from pipeline.features import HANDBOOK
     from trainer.fit import FitOptions, run_fit
     from trainer.split import SplitSpec
@@ -144,7 +146,7 @@ def _train(simulated: pd.DataFrame, root: Path, seed: int) -> Path:
     history = simulated[(simulated["TX_TIME_DAYS"] >= 20) & (simulated["TX_TIME_DAYS"] < HISTORY_DAYS)]
     options = FitOptions(output=root, train=TrainConfig(epochs=6, seed=seed, progress=False),
                          split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
-                         baselines=False, publish=False)
+                         baselines=False, publish=False, input_form=input_form)
     return run_fit(history.reset_index(drop=True), HANDBOOK, options).version_dir
 
 
@@ -152,6 +154,12 @@ def _train(simulated: pd.DataFrame, root: Path, seed: int) -> Path:
 def model_dir(simulated: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model version trained on the simulated history (one version folder)."""
     return _train(simulated, tmp_path_factory.mktemp("models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def raw_model_dir(simulated: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same model, exported for raw input: the worker computes the handbook features itself."""
+    return _train(simulated, tmp_path_factory.mktemp("raw-models"), seed=0, input_form="raw")
 
 
 @pytest.fixture(scope="session")

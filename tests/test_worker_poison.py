@@ -57,7 +57,7 @@ class StrictProducer:
     def __init__(self, max_bytes: int = 10**9, error: Exception | None = None) -> None:
         self.max_bytes, self.error, self.sent = max_bytes, error, []
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         out = Output(topic, key, value, headers)
         check_like_kafka_python(out)
         if self.error is not None:

@@ -79,7 +79,7 @@ class FlakyProducer:
     def __init__(self, failures: int) -> None:
         self.failures, self.sent = failures, []
 
-    def send(self, topic, key=None, value=None, headers=None):
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
         if self.failures > 0:
             self.failures -= 1
             raise KafkaTimeoutError("broker away")

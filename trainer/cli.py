@@ -77,6 +77,11 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reconstruction: the reconstruction error; hybrid: plus the distance to the 5 "
                              "nearest normal training rows; auto (default): the one with the higher average "
                              "precision on labelled validation rows, else hybrid")
+    parser.add_argument("--input", dest="input_form", default="features", choices=("features", "raw"),
+                        help="what the worker's input records carry: features (the model's features, as "
+                             "today) or raw (transaction_id, event_time, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT; "
+                             "the worker computes the handbook features in the stream); raw needs the "
+                             "handbook layout (default %(default)s)")
     parser.add_argument("--bank-rows", type=opt.positive_int, default=opt.BANK_ROWS,
                         help="hybrid: most normal rows kept for the distance; serving cost grows with it "
                              "(default %(default)s)")

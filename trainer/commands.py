@@ -45,7 +45,7 @@ def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:
                           patience=args.patience, seed=args.seed, progress=not args.quiet),
         split=SplitSpec(args.start, args.val_start, args.test_start, args.end, args.val_fraction, args.test_fraction),
         alert_rate=args.alert_rate, baselines=not args.no_baselines, publish=not args.no_publish,
-        score=args.score, bank_rows=args.bank_rows,
+        score=args.score, bank_rows=args.bank_rows, input_form=args.input_form,
     )
     result = run_fit(frame, layout, options)
     print(f"model {result.artifact.version} written to {result.version_dir}")

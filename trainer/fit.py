@@ -15,10 +15,11 @@ import torch
 
 from pipeline.artifact import ModelArtifact, load_artifact, publish_current, save_artifact
 from pipeline.errors import ConfigError, InputDataError
-from pipeline.features import TableLayout
+from pipeline.features import HANDBOOK_FEATURES, TableLayout
 from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model, default_bottleneck
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer, resolve_device, score_frame
+from pipeline.streamfeatures import DELAY_DAYS
 from trainer import calibrate, evaluate, hybrid
 from trainer.data import check_features, check_labels, event_times
 from trainer.options import DEFAULT_TEST_FRACTION
@@ -44,6 +45,7 @@ class FitOptions:
     publish: bool = True
     score: str = "auto"  # auto, hybrid or reconstruction (trainer.hybrid)
     bank_rows: int = hybrid.BANK_ROWS  # most rows kept for the hybrid's distance
+    input_form: str = "features"  # what the worker's input carries: features, or raw (features made in stream)
 
 
 @dataclass
@@ -96,6 +98,10 @@ def model_config(name: str, n_features: int, params: dict[str, Any]) -> ModelCon
 
 def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> FitResult:
     """Train on the split's normal rows, calibrate on validation, export, evaluate on test, publish."""
+    if options.input_form == "raw" and tuple(layout.features) != HANDBOOK_FEATURES:
+        raise ConfigError(f"--input raw: the worker computes the handbook's 15 features from raw transactions, "
+                          f"but this model's features are {', '.join(layout.features[:4])}...; use --input "
+                          "features, or train on a handbook table")
     x = check_features(frame, layout.features)  # (rows, features) raw
     labels = check_labels(frame, layout)
     model_config(options.model, len(layout.features), options.model_params)  # refuse a bad bottleneck first
@@ -137,6 +143,8 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
         "seconds": history.seconds, "peak_rss_mb": evaluate.peak_rss_mb(), "device": str(device),
         "epoch_cap": history.epoch_cap, "stopped_early": history.stopped_early,
     }
+    if options.input_form == "raw":
+        fields["input"] = {"form": "raw", "feature_delay_days": DELAY_DAYS}
     version_dir = save_artifact(options.output, model.cpu(), fields)
     return FitResult(version_dir, load_artifact(version_dir), history)
 

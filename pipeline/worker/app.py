@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.errors import CorruptRecordError, KafkaError
 
 from pipeline.config import KafkaSettings, WorkerSettings
@@ -33,6 +33,7 @@ from pipeline.worker.liveness import StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
+from pipeline.worker.stateful import FeatureStages, Restorer, prepare_topics
 from pipeline.worker.transactions import ExactlyOnce
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class Worker:
         self.failure: BaseException | None = None
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery | None = None
+        self.stages: FeatureStages | None = None  # raw input only
         self._use(scorer)
 
     # -- set-up -----------------------------------------------------------------------
@@ -75,7 +77,8 @@ class Worker:
         artifact = scorer.artifact
         self.scorer = scorer
         self.processor = BatchProcessor(
-            scorer, Topics(self.kafka.alerts_topic, self.kafka.dead_letter_topic), self.worker_id,
+            scorer, Topics(self.kafka.alerts_topic, self.kafka.dead_letter_topic, self.kafka.features_topic),
+            self.worker_id,
             max_record_bytes=self.settings.max_record_bytes, top_features=self.settings.top_features,
             clock=self.clock)
         self.ledger.use(scorer)
@@ -96,8 +99,9 @@ class Worker:
             fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=10_000, heartbeat_interval_ms=3000,
             metadata_max_age_ms=15_000,  # notice new partitions of the input topic within seconds
         )
-        listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self.metrics.forget_partitions)
-        self.consumer.subscribe([self.kafka.input_topic], listener=listener)
+        listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget)
+        topics = self.stages.topics.consumed if self.stages is not None else [self.kafka.input_topic]
+        self.consumer.subscribe(topics, listener=listener)
         self.ledger.assigned = set()
         if self.delivery is None:
             self.delivery = self._make_delivery(common)
@@ -115,6 +119,21 @@ class Worker:
             return ExactlyOnce(options, *args, transactional_prefix=f"{self.settings.consumer_group}-tx")
         return AtLeastOnce({**options, "retries": 5}, *args)
 
+    def _forget(self, partitions: set[TopicPartition]) -> None:
+        self.metrics.forget_partitions(partitions)
+        if self.stages is not None:
+            self.stages.forget(partitions)
+
+    def _stateful_stages(self) -> FeatureStages | None:
+        """Raw input: the feature stages, their topics made ready (see ``stateful``)."""
+        artifact = self.scorer.artifact
+        if artifact.input_form != "raw":
+            return None
+        topics = prepare_topics(self.kafka, self.settings.consumer_group)
+        restorer = Restorer(self.kafka, self.worker_id, {**self.kafka.client_options(), **RECONNECT})
+        return FeatureStages(topics, artifact.feature_delay_days, restorer, self.metrics,
+                             self.settings.max_record_bytes, self.stop)
+
     def _fail(self, err: BaseException) -> None:
         log.error("rebalance listener failed: %s: %s", type(err).__name__, err)
         self.failure = self.failure or err
@@ -130,6 +149,7 @@ class Worker:
         Raises WorkerFailed (nothing of the batch in hand committed) when a listener failed, and
         delivery's DeliveryError when Kafka refuses the outputs for good.
         """
+        self.stages = self._stateful_stages()
         self._connect()
         watchdog = StallWatchdog(self.settings.stall_timeout_s, self._unowned)
         last_record = time.monotonic()
@@ -146,6 +166,8 @@ class Worker:
                 self._check_failure()
                 self.ledger.track_assignment(self.consumer)
                 self._process_pending()
+                if self.stages is not None:
+                    self.stages.align(self.consumer)
                 if watchdog.check(len(self.ledger.assigned)):
                     self.metrics.errors.labels("stalled").inc()
                     self._rejoin()
@@ -218,12 +240,27 @@ class Worker:
     def process(self, records: Sequence[Any]) -> None:
         """Score one batch, deliver its outputs with its offsets, count it once committed."""
         assert self.delivery is not None
-        outcome = self.processor.process(records)
+        if self.stages is None:
+            outcome, consumed = self.processor.process(records), len(records)
+        else:
+            outcome, consumed = self._process_raw(self.stages, records)
         offsets = offsets_after(records)
         if self.delivery.deliver(outcome.outputs, offsets):
-            self.ledger.committed(len(records), outcome, offsets, self.consumer)
+            self.ledger.committed(consumed, outcome, offsets, self.consumer)
         elif self.settings.processing_guarantee == "exactly-once":
+            if self.stages is not None:
+                self.stages.discard(records)  # the aborted batch's state changes are gone with it
             self._rewind(records)
+
+    def _process_raw(self, stages: FeatureStages, records: Sequence[Any]) -> tuple[BatchOutcome, int]:
+        """Raw input: customer stage, labels, terminal stage and scoring, then the changed state."""
+        assert self.consumer is not None
+        stages.sync(self.consumer.assignment())
+        raw, labels, featured = stages.split(records)
+        staged = stages.stage(raw, labels)
+        outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed)
+        outcome.outputs += staged.outputs + stages.changelog()
+        return outcome, staged.raw_records
 
     def _rewind(self, records: Sequence[Any]) -> None:
         """After an aborted transaction: read the batch again where this worker still owns it."""
@@ -250,8 +287,15 @@ class Worker:
 
     def _swap_model_if_new(self) -> None:
         new = self.take_new_scorer()
-        if new is not None:
-            self._use(new)
+        if new is None:
+            return
+        if new.artifact.input_form != self.scorer.artifact.input_form:
+            log.error("model %s expects %s input but the worker serves %s input; keeping model %s (restart the "
+                      "worker to change the input form)", new.artifact.version, new.artifact.input_form,
+                      self.scorer.artifact.input_form, self.scorer.artifact.version)
+            self.metrics.reloads.labels("refused").inc()
+            return
+        self._use(new)
 
     def _close(self) -> None:
         """Leave the group first (its listener only releases records), then close the producer."""
@@ -262,3 +306,5 @@ class Worker:
                 log.warning("error while leaving the group: %s", err)
         if self.delivery is not None:
             self.delivery.close()
+        if self.stages is not None:
+            self.stages.restorer.close()

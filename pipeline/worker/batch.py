@@ -7,7 +7,7 @@ raise out of here: one that breaks the decoder itself is kept as a ``processing_
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,8 +41,15 @@ class DecodedBatch:
         return np.fromiter((tx.event_time_ms for _, tx in self.good), dtype=np.int64, count=len(self.good))
 
 
-def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int) -> DecodedBatch:
-    """Decode and validate every record; bad ones are kept with the reason, never raised."""
+Enrich = Callable[[Any, Transaction], RecordError | None]
+
+
+def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int,
+                 enrich: Enrich | None = None) -> DecodedBatch:
+    """Decode and validate every record; bad ones are kept with the reason, never raised.
+
+    ``enrich`` adds computed fields to a decoded transaction before its features are read
+    (the terminal stage of raw input), or says why it cannot."""
     matrix = np.empty((len(records), len(features)), dtype=np.float32)
     good: list[tuple[Any, Transaction]] = []
     bad: list[tuple[Any, RecordError]] = []
@@ -50,8 +57,11 @@ def decode_batch(records: Sequence[Any], features: Sequence[str], max_bytes: int
         for record in records:
             try:
                 result = decode(record.value, max_bytes)
-                problem = result if isinstance(result, RecordError) else \
-                    fill_features(result, features, matrix[len(good)], check_finite=False)
+                problem = result if isinstance(result, RecordError) else None
+                if problem is None and enrich is not None:
+                    problem = enrich(record, result)
+                if problem is None:
+                    problem = fill_features(result, features, matrix[len(good)], check_finite=False)
             except Exception as err:  # a bug or an input the decoder did not foresee: this record only
                 problem = processing_error("decode", err)
             if problem is not None:

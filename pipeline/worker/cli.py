@@ -108,6 +108,7 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
     from pipeline.topics import ensure_topics, wait_for_kafka
     from pipeline.worker.app import Worker
     from pipeline.worker.reload import ModelWatcher
+    from pipeline.worker.stateful import check_input_form, prepare_topics
 
     wait_for_kafka(kafka, stop=stop)  # before the slow model load: a wrong address is said within seconds
     if stop.is_set():
@@ -115,7 +116,11 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
     scorer = load_scorer(Path(settings.model_dir), settings)
     if stop.is_set():
         return 0
-    ensure_topics(kafka, [kafka.input_topic, kafka.alerts_topic, kafka.dead_letter_topic], args.partitions)
+    outputs = [kafka.alerts_topic, kafka.dead_letter_topic, *([kafka.features_topic] if kafka.features_topic else [])]
+    ensure_topics(kafka, [kafka.input_topic, *outputs], args.partitions)
+    check_input_form(kafka, scorer.artifact)  # a model/topic mismatch is said at once, not as dead letters
+    if scorer.artifact.input_form == "raw":
+        prepare_topics(kafka, settings.consumer_group)  # a partition-count mismatch is a bad setting: exit 2
     watcher = ModelWatcher(settings.model_dir, lambda p: load_scorer(p, settings), metrics,
                            settings.reload_interval_s)
     worker = Worker(kafka, settings, scorer, metrics, take_new_scorer=watcher.take)  # type: ignore[arg-type]

@@ -171,7 +171,7 @@ class Delivery:
         for out in outputs:
             try:
                 futures.append((out, self.producer.send(out.topic, key=out.key, value=out.value,
-                                                        headers=out.headers)))
+                                                        headers=out.headers, partition=out.partition)))
             except Exception as err:  # refused before sending: size, a value the client cannot encode
                 failed.append((out, err))
         for out, future in futures:

@@ -101,6 +101,16 @@ class WorkerMetrics:
         self.last_batch = Gauge("last_batch_timestamp_seconds", "Unix time of the last committed batch",
                                 namespace=ns, registry=registry)
         self.model = Info("model", "Serving model", namespace=ns, registry=registry)
+        self.state_entities = Gauge("state_entities", "Raw input: customers or terminals held in this worker's "
+                                    "window stores", ["store"], namespace=ns, registry=registry)
+        self.state_restored = Counter("state_restored_records", "Raw input: changelog records read to restore "
+                                      "window stores", ["store"], namespace=ns, registry=registry)
+        self.late_events = Counter("late_events", "Raw input: transactions that reached the terminal stage after a "
+                                   "later one (by the label delay or more) was scored without them",
+                                   namespace=ns, registry=registry)
+        self.state_restore_seconds = Counter("state_restore_seconds", "Raw input: time spent restoring window "
+                                             "stores from their changelogs", ["store"], namespace=ns,
+                                             registry=registry)
         for outcome in ("scored", "invalid"):
             self.transactions.labels(outcome)
         for result in ("ok", "refused"):

@@ -46,6 +46,7 @@ class Output:
     value: bytes
     headers: list[tuple[str, bytes]] | None = None
     smaller: Callable[[], Output | None] | None = None  # a smaller form, for a broker that refuses this size
+    partition: int | None = None  # None: the producer's partitioner picks it from the key
 
     def shrink(self) -> Output | None:
         """The next smaller form of this output, or None when there is none."""

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.schema import RecordError
+from pipeline.schema import RecordError, encode
 from pipeline.scoring import ScoreBatch, Scorer
-from pipeline.worker.batch import decode_batch
+from pipeline.worker.batch import Enrich, decode_batch
 from pipeline.worker.outputs import (
     MAX_MESSAGE_CHARS,
     Output,
@@ -60,6 +60,7 @@ class BatchOutcome:
 class Topics:
     alerts: str
     dead_letters: str
+    features: str | None = None  # every scored record with its features and score, when set
 
 
 class BatchProcessor:
@@ -72,12 +73,16 @@ class BatchProcessor:
         self.features = tuple(scorer.artifact.feature_names)
         self.feature_set = frozenset(self.features)
 
-    def process(self, records: Sequence[Any]) -> BatchOutcome:
-        """Score ``records``; every one ends as scored (alert or not) or as a dead letter."""
+    def process(self, records: Sequence[Any], enrich: Enrich | None = None,
+                failed_before: Sequence[tuple[Any, RecordError]] = ()) -> BatchOutcome:
+        """Score ``records``; every one ends as scored (alert or not) or as a dead letter.
+
+        ``enrich`` adds computed features to each decoded record (``decode_batch``);
+        ``failed_before`` are records an earlier stage refused, dead-lettered with these."""
         now_ms = int(self.clock() * 1000)
         out = BatchOutcome()
-        decoded = decode_batch(records, self.features, self.max_record_bytes)
-        failed: list[tuple[Any, RecordError]] = list(decoded.bad)
+        decoded = decode_batch(records, self.features, self.max_record_bytes, enrich)
+        failed: list[tuple[Any, RecordError]] = [*failed_before, *decoded.bad]
         started = time.perf_counter()
         result, broken = score_isolated(self.scorer, decoded.matrix)
         out.scoring_seconds = time.perf_counter() - started
@@ -96,6 +101,9 @@ class BatchProcessor:
                     ok[i] = False
                     failed.append((record, processing_error("alert", err)))
             out.alerts = len(out.outputs)
+            if self.topics.features:
+                out.outputs += [self._featured(decoded.good[i][1], float(result.scores[i]))
+                                for i in np.flatnonzero(ok)]
             out.out_of_range = int((ok & ~finite).sum())
             out.scores = result.scores[ok & finite]
         out.event_times_ms = decoded.event_times_ms[ok]
@@ -119,6 +127,12 @@ class BatchProcessor:
                                with_fields=with_fields)
 
         return alert_output(self.topics.alerts, tx, encode)
+
+    def _featured(self, tx: Any, score: float) -> Output:
+        """A scored record with every field it was scored with (computed features included) and its score."""
+        value = encode({**tx.fields, "score": score if np.isfinite(score) else None,
+                        "model_version": self.scorer.artifact.version})
+        return Output(self.topics.features or "", tx.transaction_id.encode(), value)
 
     def dead_letter(self, record: Any, error: RecordError) -> Output:
         """A dead letter for one record, outside any batch."""

@@ -1,0 +1,116 @@
+"""Raw transactions in, on a real broker: every streamed feature equals the offline table.
+
+The worker serves a model trained for raw input, computes the handbook features in the
+stream (customer stage, repartition topic, terminal stage with the labels topic) and
+publishes every scored record with its features to a features topic; the test compares each
+one with :func:`pipeline.streamfeatures.feature_table` over the same simulated history.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+
+from pipeline.config import KafkaSettings
+from pipeline.features import HANDBOOK_FEATURES
+from pipeline.topics import ensure_topics
+from producer.rawfeed import raw_messages
+from producer.send import make_producer, send_records
+from producer.simulator import SimulatorConfig, simulate
+from producer.tables import resolve_spec
+from tests.worker_helpers import read_topic, start_worker, wait_for
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def raw_history() -> pd.DataFrame:
+    """45 simulated days of a small bank, with enough compromised terminals for non-zero risks."""
+    return simulate(SimulatorConfig(n_customers=150, n_terminals=300, n_days=45, seed=5,
+                                    terminals_compromised_per_day=0.3))
+
+
+def with_features_topic(settings: KafkaSettings) -> KafkaSettings:
+    return dataclasses.replace(settings, features_topic=f"features-{uuid.uuid4().hex[:8]}")
+
+
+def split_messages(settings: KafkaSettings, frame: pd.DataFrame) -> tuple[list, list]:
+    """The producer's raw feed, as (labels, transactions)."""
+    messages = list(raw_messages(frame, resolve_spec(frame, "handbook"), settings.input_topic,
+                                 settings.labels_topic, 7.0))
+    labels = [m for m in messages if m[0] == settings.labels_topic]
+    return labels, [m for m in messages if m[0] == settings.input_topic]
+
+
+def send(settings: KafkaSettings, messages: list) -> None:
+    producer = make_producer(settings)
+    try:
+        report = send_records(messages, settings.input_topic, producer, progress=False)
+    finally:
+        producer.close()
+    assert report.acked == len(messages), report.errors
+
+
+def streamed_features(settings: KafkaSettings, expect: int) -> dict[str, list[np.ndarray]]:
+    """Every features record by transaction id (a list: at-least-once may repeat one)."""
+    assert settings.features_topic
+    records = read_topic(settings, settings.features_topic, expect=expect, timeout_s=60,
+                         isolation_level="read_committed")
+    seen: dict[str, list[np.ndarray]] = {}
+    for record in records:
+        value = orjson.loads(record.value)
+        seen.setdefault(value["transaction_id"], []).append(
+            np.array([value[name] for name in HANDBOOK_FEATURES], dtype=np.float64))
+    return seen
+
+
+def assert_equal_to_offline(frame: pd.DataFrame, seen: dict[str, list[np.ndarray]]) -> None:
+    expected = frame.set_index(frame["TRANSACTION_ID"].astype(str))[list(HANDBOOK_FEATURES)]
+    assert set(seen) == set(expected.index), (len(seen), len(expected))
+    assert expected.filter(like="RISK").to_numpy().max() > 0  # the labels topic reached the terminal stage
+    for tx_id, copies in seen.items():
+        for got in copies:  # float32 tolerance: the offline table is float32
+            np.testing.assert_allclose(got.astype(np.float32), expected.loc[tx_id].to_numpy(np.float32),
+                                       rtol=2.4e-7, err_msg=f"transaction {tx_id}")
+
+
+def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings, raw_model_dir: Path,
+                                                   raw_history: pd.DataFrame) -> None:
+    settings = with_features_topic(kafka_settings)
+    ensure_topics(settings, [settings.input_topic, settings.labels_topic, settings.alerts_topic,
+                             settings.dead_letter_topic, settings.features_topic or ""], 3)
+    labels, transactions = split_messages(settings, raw_history)
+    send(settings, labels)  # labels first: the terminal stage knows each one before the window reaches it
+    # batches of 64: in this sparse bank, 512 records of one partition span days of event time
+    worker, thread, box = start_worker(settings, raw_model_dir, f"g-{uuid.uuid4().hex[:8]}", max_batch=64)
+    thread.start()
+    try:
+        assert wait_for(lambda: sum(o for tp, o in worker.stats.committed.items()
+                                    if tp.topic == settings.labels_topic) == len(labels), 60)
+        send(settings, transactions)
+        assert wait_for(lambda: worker.stats.scored + worker.stats.invalid >= len(transactions), 120)
+    finally:
+        worker.stop.set()
+        thread.join(30)
+    print("LATE", worker.metrics.late_events._value.get(), "paused", worker.stages.paused)
+    seen = streamed_features(settings, len(transactions))
+    exp = raw_history.set_index(raw_history["TRANSACTION_ID"].astype(str))[list(HANDBOOK_FEATURES)]
+    bad = [t for t, c in seen.items() if not np.allclose(c[0], exp.loc[t].to_numpy(np.float64), rtol=1e-6)]
+    print("MISMATCH", len(bad), "of", len(seen), bad[:10])
+    assert worker.stats.invalid == 0
+    assert worker.stats.consumed == len(transactions)
+    assert worker.metrics.late_events._value.get() == 0  # input partitions kept aligned in event time
+    assert_equal_to_offline(raw_history, streamed_features(settings, len(transactions)))
