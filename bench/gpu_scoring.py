@@ -1,116 +1,150 @@
-"""Scorer.score alone on CPU and, when there is one, CUDA (pinned-memory path), by batch size.
+"""Scoring speed alone, by batch size, on CPU and (where PyTorch sees one) CUDA.
 
-    python bench/gpu_scoring.py [--model-dir models/current] [--json runs/bench/gpu.json]
+    python bench/gpu_scoring.py [--models runs/device-check/models] [--json runs/bench/gpu.json]
 
-Without ``--model-dir`` a small model is trained first on a small simulated bank (speed
-does not depend on the weights, only on the architecture). On a machine without CUDA it
-says so and reports CPU only. Every timing includes preprocessing, the host-to-device copy
-through the pinned staging buffer, the forward pass, the copy back and the per-feature
-errors: everything ``Scorer.score`` does for the worker.
+For a model version of each score method (reconstruction; hybrid, which adds the mean distance
+to the 5 nearest of 2,048 bank rows), two figures per device and batch size:
+
+- ``end_to_end``: ``Scorer.score``, what the worker calls: NumPy preprocessing on the
+  CPU, the copy to the device through a pinned buffer, forward pass, per-feature errors and
+  scores on the device, one copy back into NumPy arrays;
+- ``device_only``: ``Scorer.score_tensor`` alone, on standardized rows already on the device, the
+  results left there: the device's own ceiling, which no host work limits (on CPU: the same
+  arithmetic without the NumPy work before and after).
+
+Each figure comes with the most device memory PyTorch held while it ran (model and bank
+included). On CUDA the scores are also compared with the CPU's on the same rows. Rows are
+standard-normal in the model's standardized space, mapped back to raw units: speed depends on
+shapes, not values. Models come from ``--models`` (``<root>/<score>/<version>``), trained
+there first when missing (bench/devicekit.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import tempfile
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
-
-from pipeline.artifact import load_artifact
+from bench.devicekit import (
+    SCORES,
+    devices,
+    environment,
+    peak_memory_mib,
+    prepare_models,
+    reset_peak_memory,
+    time_calls,
+    worker_scorer,
+    write_json,
+)
+from pipeline.artifact import ModelArtifact
 from pipeline.scoring import Scorer
 
-SIZES = (256, 1024, 4096, 16384, 65536)
+SIZES = (256, 1024, 4096, 16384, 65536, 262144)
+PATHS = ("end_to_end", "device_only")
+CPU_MAX_BATCH = 65536  # larger CPU batches only take longer to measure: CPU speed is flat by then
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model-dir", type=Path, default=None, help="model version (or root with `current`)")
+    p.add_argument("--models", type=Path, default=None,
+                   help="root of one model version per score method (trained there when missing; "
+                        "default: a temporary folder)")
+    p.add_argument("--scores", default=",".join(SCORES), help="score methods to measure")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated batch sizes")
-    p.add_argument("--min-seconds", type=float, default=1.0, help="time each size at least this long")
+    p.add_argument("--cpu-max-batch", type=int, default=CPU_MAX_BATCH, help="larger sizes run on CUDA only")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="time each figure at least this long")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p
 
 
-def quick_model(root: Path) -> Path:
-    """Train a small model on a small simulated bank (two epochs) and return its version folder."""
-    from pipeline.features import HANDBOOK
-    from producer.simulator import SimulatorConfig, simulate
-    from trainer.fit import FitOptions, run_fit
-    from trainer.split import SplitSpec
-    from trainer.train import TrainConfig
-
-    frame = simulate(SimulatorConfig(n_customers=500, n_terminals=1000, n_days=40, seed=3))
-    history = frame[frame["TX_TIME_DAYS"] >= 30].reset_index(drop=True)
-    options = FitOptions(output=root, train=TrainConfig(epochs=2, progress=False),
-                         split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
-                         baselines=False, publish=False)
-    return run_fit(history, HANDBOOK, options).version_dir
+def standard_rows(artifact: ModelArtifact, size: int, seed: int = 0) -> np.ndarray:
+    """(size, f) float32 raw rows whose standardized values are standard normal."""
+    z = np.random.default_rng(seed).standard_normal((size, len(artifact.feature_names))).astype(np.float32)
+    return artifact.preprocessing.inverse_transform(z)
 
 
-def time_scorer(scorer: Scorer, batch: np.ndarray, min_s: float) -> dict[str, Any]:
-    """Mean wall time of ``scorer.score(batch)`` after two warm-up calls."""
-    scorer.score(batch)
-    scorer.score(batch)
-    reps, started = 0, time.perf_counter()
-    while reps < 3 or time.perf_counter() - started < min_s:
-        scorer.score(batch)  # returns NumPy arrays: the device work is finished when it returns
-        reps += 1
-    seconds = time.perf_counter() - started
-    return {"ms_per_batch": 1000 * seconds / reps, "tx_s": len(batch) * reps / seconds, "reps": reps}
+def measure(scorer: Scorer, raw: np.ndarray, path: str, min_s: float) -> dict[str, Any]:
+    """One figure: ``end_to_end`` (Scorer.score on raw rows) or ``device_only`` (score_tensor on the
+    same rows, standardized and already on the device)."""
+    device = scorer.device.type
+    call = partial(scorer.score, raw)
+    if path == "device_only":
+        call = partial(scorer.score_tensor, torch.from_numpy(scorer.artifact.preprocessing.transform(raw)).to(device))
+    reset_peak_memory(device)
+    with torch.inference_mode():
+        reps, seconds = time_calls(call, device, min_s)
+    return {"path": path, "reps": reps, "ms_per_batch": 1000 * seconds / reps, "tx_s": len(raw) * reps / seconds,
+            "peak_memory_mib": peak_memory_mib(device)}
+
+
+def agreement(model_dir: Path, raw: np.ndarray) -> dict[str, Any]:
+    """How far CUDA scores stray from CPU scores on the same rows."""
+    cpu = worker_scorer(model_dir, "cpu", len(raw)).score(raw)
+    gpu = worker_scorer(model_dir, "cuda", len(raw)).score(raw)
+    diff = np.abs(cpu.scores - gpu.scores)
+    return {"rows": len(raw), "max_abs_diff": float(diff.max()),
+            "max_rel_diff": float((diff / np.maximum(np.abs(cpu.scores), 1e-6)).max()),
+            "flags_differ": int((cpu.flags != gpu.flags).sum()),
+            "allclose": bool(np.allclose(gpu.scores, cpu.scores, rtol=1e-3, atol=1e-5))}
+
+
+def bench_model(score: str, model_dir: Path, sizes: list[int], cpu_max: int, min_s: float
+                ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every figure of one version, and its CPU/CUDA agreement (None without CUDA)."""
+    results = []
+    for device in devices():
+        wanted = [s for s in sizes if device != "cpu" or s <= cpu_max]
+        scorer = worker_scorer(model_dir, device, max(wanted))
+        for size in wanted:
+            raw = standard_rows(scorer.artifact, size)
+            for path in PATHS:
+                figure = measure(scorer, raw, path, min_s)
+                results.append({"score": score, "device": device, "batch": size, **figure,
+                                "torch_threads": torch.get_num_threads()})
+                print(f"{score} {device} {size:>7,} {path:11}: {figure['tx_s']:>14,.0f} tx/s", flush=True)
+    if "cuda" not in devices():
+        return results, None
+    return results, agreement(model_dir, standard_rows(scorer.artifact, 4096, seed=1))
+
+
+def table(results: list[dict[str, Any]], score: str) -> str:
+    """Markdown for one score method: a row per batch size, tx/s per device and path, CUDA memory."""
+    by = {(r["device"], r["batch"], r["path"]): r for r in results if r["score"] == score}
+    columns = [(d, p) for d in devices() for p in PATHS]
+    head = "| batch | " + " | ".join(f"{d} {p.replace('_', '-')} tx/s" for d, p in columns)
+    lines = [head + (" | CUDA peak MiB (end-to-end / device-only) |" if "cuda" in devices() else " |"),
+             "|" + "---:|" * (1 + len(columns) + ("cuda" in devices()))]
+    for size in sorted({b for _, b, _ in by}):
+        cells = [f"{by[d, size, p]['tx_s']:,.0f}" if (d, size, p) in by else "" for d, p in columns]
+        if "cuda" in devices():
+            cells.append(" / ".join(f"{by['cuda', size, p]['peak_memory_mib']:,.0f}" for p in PATHS))
+        lines.append(f"| {size:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    model_dir = args.model_dir or quick_model(Path(tempfile.mkdtemp(prefix="gpu-scoring-")))
-    artifact = load_artifact(model_dir)
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices.append("cuda")
-        gpu = torch.cuda.get_device_name(0)
-    else:
-        gpu = None
-        print("no CUDA GPU available here: reporting CPU only")
-    rng = np.random.default_rng(0)
-    results: list[dict[str, Any]] = []
-    for device in devices:
-        scorer = Scorer(artifact, device=device, max_batch=max(sizes))
-        for size in sizes:
-            # Standard-normal rows in the model's standardized space, mapped back to raw units.
-            z = rng.standard_normal((size, len(artifact.feature_names))).astype(np.float32)
-            batch = artifact.preprocessing.inverse_transform(z).astype(np.float32)
-            results.append({"device": device, "batch": size, **time_scorer(scorer, batch, args.min_seconds)})
-    print(f"\nmodel {artifact.version} ({artifact.model_class}); CPU threads {torch.get_num_threads()}; "
-          f"GPU {gpu or 'none'}\n")
-    print(table(results, sizes, devices))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"gpu": gpu, "torch": torch.__version__, "results": results}, indent=2))
+    models = prepare_models(args.models, tuple(args.scores.split(",")))
+    env = environment()
+    print(f"{env}\n" + ("" if env["gpu"] else "no CUDA GPU here: CPU only\n"), flush=True)
+    report: dict[str, Any] = {"environment": env, "models": {s: p.name for s, p in models.items()},
+                              "agreement": {}, "results": []}
+    for score, path in models.items():
+        rows, report["agreement"][score] = bench_model(score, path, sizes, args.cpu_max_batch, args.min_seconds)
+        report["results"] += rows
+        write_json(args.json, report)  # after each model: a run cut short keeps what it measured
+    for score in models:
+        print(f"\n{score} ({models[score].name}); CUDA vs CPU scores: {report['agreement'][score]}\n"
+              f"{table(report['results'], score)}")
     return 0
-
-
-def table(results: list[dict[str, Any]], sizes: list[int], devices: list[str]) -> str:
-    """Markdown: one row per batch size, tx/s per device, and the GPU speed-up when there is one."""
-    by = {(r["device"], r["batch"]): r for r in results}
-    head = "| batch | " + " | ".join(f"{d} ms/batch | {d} tx/s" for d in devices)
-    head += " | cuda / cpu |" if "cuda" in devices else " |"
-    lines = [head, "|" + "---:|" * (1 + 2 * len(devices) + ("cuda" in devices))]
-    for size in sizes:
-        cells = [f"{by[d, size]['ms_per_batch']:.2f} | {by[d, size]['tx_s']:,.0f}" for d in devices]
-        row = f"| {size:,} | " + " | ".join(cells)
-        if "cuda" in devices:
-            row += f" | {by['cuda', size]['tx_s'] / by['cpu', size]['tx_s']:.1f}x"
-        lines.append(row + " |")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ class Preprocessing:
         if self.log_mask.any():
             x = x.copy()
             x[:, self.log_mask] = signed_log1p(x[:, self.log_mask])
-        return ((x - self.mean.astype(np.float32)) / self.std.astype(np.float32)).astype(np.float32)
+        return ((x - self.mean.astype(np.float32)) / self.std.astype(np.float32)).astype(np.float32, copy=False)
 
     def inverse_transform(self, z: np.ndarray) -> np.ndarray:
         """Standardized (rows, features) -> raw units float32 (rows, features)."""

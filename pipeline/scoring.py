@@ -21,6 +21,7 @@ import torch
 from pipeline.artifact import ModelArtifact
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.neighbours import knn_distance
+from pipeline.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pandas costs ~0.8 s to import; only offline scoring needs it
     import pandas as pd
@@ -33,10 +34,21 @@ class ScoreBatch:
     scores: np.ndarray  # (n,) float32, higher = more anomalous (see the module docstring)
     flags: np.ndarray  # (n,) bool, scores > artifact.threshold
     feature_errors: np.ndarray  # (n, f) float32 squared error per feature, standardized space
-    reconstruction: np.ndarray  # (n, f) float32 in raw units (inverse preprocessing)
+    standardized_reconstruction: np.ndarray  # (n, f) float32, the model's output
     feature_names: tuple[str, ...] = ()
     error_means: np.ndarray | None = None  # (f,) explanation statistics of the artifact
     error_stds: np.ndarray | None = None  # (f,)
+    preprocessing: Preprocessing | None = None  # maps the reconstruction back to raw units; None: identity
+
+    @property
+    def reconstruction(self) -> np.ndarray:
+        """(n, f) float32 reconstruction in raw units. Computed on demand: explanations map only the
+        rows they explain (see ``top_features``), not every row of a batch."""
+        return self._raw_reconstruction(slice(None))
+
+    def _raw_reconstruction(self, rows: slice) -> np.ndarray:
+        z = self.standardized_reconstruction[rows]
+        return z if self.preprocessing is None else self.preprocessing.inverse_transform(z)
 
     def top_features(self, i: int, raw_row: np.ndarray, k: int = 3) -> list[dict[str, Any]]:
         """The k features of row i whose error is most unusual, as dicts sorted by z descending.
@@ -50,11 +62,12 @@ class ScoreBatch:
         z = (errors - means) / stds  # (f,)
         order = np.argsort(-z, kind="stable")[: max(k, 0)]
         names = self.feature_names or tuple(f"f{j}" for j in range(errors.size))
+        reconstruction = self._raw_reconstruction(slice(i, i + 1))[0]  # (f,) raw units
         return [
             {
                 "name": names[j],
                 "value": _shortest(raw_row[j]),
-                "reconstruction": _shortest(self.reconstruction[i, j]),
+                "reconstruction": _shortest(reconstruction[j]),
                 "z": round(float(z[j]), 3),
             }
             for j in order
@@ -113,7 +126,7 @@ class Scorer:
         self.device = resolve_device(device)
         self.max_batch = max_batch
         self._model = artifact.build_model().to(self.device).float()
-        self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only), reused
+        self._pinned: dict[str, torch.Tensor] = {}  # CUDA only: host buffers for inputs and results, reused
         self._bank = None  # (bank rows, f) as the distance sees them (clipped when the spec says so)
         if artifact.bank is not None:
             self._bank = artifact.scoring.distance_space(artifact.bank.to(self.device).float())
@@ -130,48 +143,60 @@ class Scorer:
             raise InputDataError(f"expected raw features of shape (n, {len(names)}), got {raw.shape}")
         with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, scored as out of range
             x = self.artifact.preprocessing.transform(raw)  # (n, f) standardized
-        recon = np.empty_like(x)
-        distance = np.zeros(len(x), np.float32) if self._bank is not None else None  # (n,)
-        for start in range(0, x.shape[0], self.max_batch):
+        f = x.shape[1]
+        out = np.empty((len(x), 2 * f + 1), np.float32)  # per row: squared errors, reconstruction, score
+        for start in range(0, len(x), self.max_batch):
             chunk = x[start : start + self.max_batch]
-            recon[start : start + len(chunk)], chunk_distance = self._reconstruct(chunk)
-            if distance is not None:
-                distance[start : start + len(chunk)] = chunk_distance
-        with np.errstate(over="ignore", invalid="ignore"):  # a huge input errs to inf; alerts clip the score
-            errors = np.square(recon - x, dtype=np.float32)  # (n, f)
-            mse = errors.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(0, np.float32)
-            scores = np.asarray(self.artifact.scoring.combine(mse, distance), dtype=np.float32)
+            self._score_chunk(chunk, out[start : start + len(chunk)])
+        scores = out[:, 2 * f].copy()
         return ScoreBatch(
             scores=scores,
             flags=scores > self.artifact.threshold,
-            feature_errors=errors,
-            reconstruction=self.artifact.preprocessing.inverse_transform(recon),
+            feature_errors=out[:, :f],
+            standardized_reconstruction=out[:, f : 2 * f],
             feature_names=names,
             error_means=self.artifact.explanation.means,
             error_stds=self.artifact.explanation.stds,
+            preprocessing=self.artifact.preprocessing,
         )
 
-    def _reconstruct(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Model reconstruction (m, f) of one standardized chunk (m, f), m <= max_batch, and for a
-        hybrid version the chunk's mean distance to its k nearest bank rows (m,)."""
+    def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The device's whole share of ``score``: squared errors (m, f), reconstruction (m, f) and
+        scores (m,) of standardized rows x (m, f) already on this scorer's device, left there (no
+        copy, no wait). Call it under ``torch.inference_mode()``."""
+        recon = self._model(x)  # (m, f)
+        errors = torch.square(recon - x)  # (m, f); a huge input errs to inf, alerts clip its score
+        distance = None
+        if self._bank is not None:
+            spec = self.artifact.scoring
+            distance = knn_distance(spec.distance_space(x), self._bank, spec.k)  # (m,)
+        return errors, recon, self.artifact.scoring.combine(errors.mean(dim=1), distance)
+
+    def _score_chunk(self, chunk: np.ndarray, out: np.ndarray) -> None:
+        """Fill ``out`` (m, 2f + 1) with the squared errors, reconstruction and score of each row of
+        one standardized chunk (m, f), m <= max_batch. On CUDA: one pinned copy each way, one wait."""
         with torch.inference_mode():
             if self.device.type == "cuda":
-                staging = self._staging_buffer(chunk.shape[1])[: len(chunk)]
+                staging = self._pinned_buffer("inputs", chunk.shape[1])[: len(chunk)]
                 staging.copy_(torch.from_numpy(chunk))
                 batch = staging.to(self.device, non_blocking=True)
             else:
                 batch = torch.from_numpy(chunk)
-            distance = None
-            if self._bank is not None:
-                spec = self.artifact.scoring
-                distance = knn_distance(spec.distance_space(batch), self._bank, spec.k).float().cpu().numpy()
-            # .cpu() waits, so staging is free again
-            return self._model(batch).float().cpu().numpy(), distance
+            errors, recon, scores = self.score_tensor(batch)
+            parts = [errors, recon, scores[:, None]]
+            if self.device.type == "cpu":
+                torch.cat(parts, dim=1, out=torch.from_numpy(out))
+                return
+            results = self._pinned_buffer("results", out.shape[1])[: len(out)]
+            results.copy_(torch.cat(parts, dim=1), non_blocking=True)  # (m, 2f + 1)
+            torch.cuda.current_stream(self.device).synchronize()  # both copies done: staging is free again
+            out[:] = results.numpy()
 
-    def _staging_buffer(self, n_features: int) -> torch.Tensor:
-        if self._staging is None:
-            self._staging = torch.empty((self.max_batch, n_features), dtype=torch.float32, pin_memory=True)
-        return self._staging
+    def _pinned_buffer(self, name: str, columns: int) -> torch.Tensor:
+        """A pinned host buffer (max_batch, columns), made on first use and reused."""
+        if name not in self._pinned:
+            self._pinned[name] = torch.empty((self.max_batch, columns), dtype=torch.float32, pin_memory=True)
+        return self._pinned[name]
 
 
 def score_frame(scorer: Scorer, frame: pd.DataFrame, chunk_rows: int = 262_144) -> ScoreBatch:
@@ -189,8 +214,9 @@ def score_frame(scorer: Scorer, frame: pd.DataFrame, chunk_rows: int = 262_144) 
         scores=np.concatenate([p.scores for p in parts]),
         flags=np.concatenate([p.flags for p in parts]),
         feature_errors=np.concatenate([p.feature_errors for p in parts]),
-        reconstruction=np.concatenate([p.reconstruction for p in parts]),
+        standardized_reconstruction=np.concatenate([p.standardized_reconstruction for p in parts]),
         feature_names=first.feature_names,
         error_means=first.error_means,
         error_stds=first.error_stds,
+        preprocessing=first.preprocessing,
     )

@@ -5,6 +5,7 @@ These check that each script works and writes well-formed results; they assert n
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from producer.simulator import SimulatorConfig, simulate
 
@@ -56,13 +58,46 @@ def test_adbench_protocol_on_two_generated_sets(tmp_path: Path) -> None:
     assert "kept" in text and "| **mean** |" in text and "bench/adbench.py" in text and "| blobs | 4 |" in out
 
 
-def test_gpu_scoring_reports_every_size_on_cpu(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def device_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model version of each score method for the device benchmarks, trained once."""
+    from bench.devicekit import prepare_models
+
+    root = tmp_path_factory.mktemp("device-models")
+    assert set(prepare_models(root)) == {"reconstruction", "hybrid"}
+    return root
+
+
+def test_gpu_scoring_reports_every_size_and_path(tmp_path: Path, device_models: Path) -> None:
     out = tmp_path / "gpu.json"
-    run_script("bench/gpu_scoring.py", "--sizes", "256,1024", "--min-seconds", "0.05", "--json", out)
+    run_script("bench/gpu_scoring.py", "--models", device_models, "--sizes", "256,1024", "--min-seconds", "0.05",
+               "--json", out)
     results = json.loads(out.read_text())
     cpu = [r for r in results["results"] if r["device"] == "cpu"]
-    assert sorted(r["batch"] for r in cpu) == [256, 1024]
-    assert all(r["tx_s"] > 0 for r in cpu)
+    assert sorted((r["score"], r["batch"], r["path"]) for r in cpu) == sorted(
+        itertools.product(("reconstruction", "hybrid"), (256, 1024), ("end_to_end", "device_only")))
+    assert all(r["tx_s"] > 0 and r["reps"] >= 3 and r["peak_memory_mib"] is None for r in cpu)
+    cuda = [r for r in results["results"] if r["device"] == "cuda"]
+    assert len(cuda) == (len(cpu) if torch.cuda.is_available() else 0)
+    assert all(r["peak_memory_mib"] > 0 for r in cuda)
+
+
+def test_gpu_worker_path_streams_every_record_through_each_run(tmp_path: Path, device_models: Path) -> None:
+    out = tmp_path / "path.json"
+    run_script("bench/gpu_worker_path.py", "--models", device_models, "--records", "3000", "--batches",
+               "512,4096", "--json", out)
+    results = json.loads(out.read_text())
+    assert results["records"] == 3000 and 400 < results["mean_value_bytes"] < 1000  # the producer's JSON
+    devices = ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]
+    runs = results["results"]
+    assert [(r["score"], r["device"], r["batch"]) for r in runs] == list(
+        itertools.product(("reconstruction", "hybrid"), devices, (512, 4096)))
+    for r in runs:
+        assert r["scored"] == 3000 and r["dead_letters"] == 0  # every simulated record is valid
+        assert 0 < r["alerts"] < 300  # calibrated to alert on 0.5 % of normal validation rows
+        assert r["records_s"] == pytest.approx(3000 / r["seconds"])
+        assert r["decode_s"] > 0 and r["score_s"] > 0 and r["explain_encode_s"] >= 0
+        assert (r["peak_memory_mib"] is None) == (r["device"] == "cpu")
 
 
 def test_compare_simulator_prints_the_statistics_table() -> None:

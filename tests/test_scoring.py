@@ -134,4 +134,4 @@ def test_cuda_matches_cpu(data: pd.DataFrame, artifact: ModelArtifact, tmp_path:
     gpu_scorer = Scorer(artifact, device="cuda", max_batch=1024)
     gpu = gpu_scorer.score(raw).scores
     np.testing.assert_allclose(cpu, gpu, rtol=1e-3, atol=1e-5)
-    assert gpu_scorer._staging is not None and gpu_scorer._staging.is_pinned()
+    assert [b.is_pinned() for b in gpu_scorer._pinned.values()] == [True, True]  # inputs and results

@@ -8,8 +8,8 @@ import pytest
 
 from pipeline.errors import ConfigError
 from pipeline.features import HANDBOOK_FEATURES, WINDOWS
-from producer.simulator import SimulatorConfig, simulate
 from pipeline.streamfeatures import feature_table as add_features
+from producer.simulator import SimulatorConfig, simulate
 
 SMALL = SimulatorConfig(n_customers=300, n_terminals=600, n_days=40, seed=7)
 MEDIUM = SimulatorConfig(n_customers=1000, n_terminals=2000, n_days=90, seed=3)

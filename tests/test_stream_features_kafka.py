@@ -9,11 +9,6 @@ one with :func:`pipeline.streamfeatures.feature_table` over the same simulated h
 from __future__ import annotations
 
 import dataclasses
-import os
-import signal
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
@@ -95,7 +90,7 @@ def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings
     labels, transactions = split_messages(settings, raw_history)
     send(settings, labels)  # labels first: the terminal stage knows each one before the window reaches it
     # batches of 64: in this sparse bank, 512 records of one partition span days of event time
-    worker, thread, box = start_worker(settings, raw_model_dir, f"g-{uuid.uuid4().hex[:8]}", max_batch=64)
+    worker, thread, _box = start_worker(settings, raw_model_dir, f"g-{uuid.uuid4().hex[:8]}", max_batch=64)
     thread.start()
     try:
         assert wait_for(lambda: sum(o for tp, o in worker.stats.committed.items()

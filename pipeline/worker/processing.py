@@ -44,6 +44,7 @@ class BatchOutcome:
     scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))  # finite scores
     event_times_ms: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # of scored records
     out_of_range: int = 0
+    decode_seconds: float = 0.0
     scoring_seconds: float = 0.0
     missing_features: Counter[str] = field(default_factory=Counter)  # feature -> records that lacked it
 
@@ -81,11 +82,13 @@ class BatchProcessor:
         ``failed_before`` are records an earlier stage refused, dead-lettered with these."""
         now_ms = int(self.clock() * 1000)
         out = BatchOutcome()
+        decode_started = time.perf_counter()
         decoded = decode_batch(records, self.features, self.max_record_bytes, enrich)
         failed: list[tuple[Any, RecordError]] = [*failed_before, *decoded.bad]
-        started = time.perf_counter()
+        scoring_started = time.perf_counter()
+        out.decode_seconds = scoring_started - decode_started
         result, broken = score_isolated(self.scorer, decoded.matrix)
-        out.scoring_seconds = time.perf_counter() - started
+        out.scoring_seconds = time.perf_counter() - scoring_started
         ok = np.ones(len(decoded.good), dtype=bool)
         for i, err in broken.items():
             ok[i] = False
@@ -184,12 +187,14 @@ def _join(parts: list[tuple[int, ScoreBatch]], n: int) -> ScoreBatch | None:
     f = first.feature_errors.shape[1]
     joined = ScoreBatch(
         scores=np.full(n, np.nan, np.float32), flags=np.zeros(n, bool),
-        feature_errors=np.full((n, f), np.nan, np.float32), reconstruction=np.full((n, f), np.nan, np.float32),
-        feature_names=first.feature_names, error_means=first.error_means, error_stds=first.error_stds)
+        feature_errors=np.full((n, f), np.nan, np.float32),
+        standardized_reconstruction=np.full((n, f), np.nan, np.float32), feature_names=first.feature_names,
+        error_means=first.error_means, error_stds=first.error_stds, preprocessing=first.preprocessing)
     for start, part in parts:
         rows = slice(start, start + len(part.scores))
         joined.scores[rows], joined.flags[rows] = part.scores, part.flags
-        joined.feature_errors[rows], joined.reconstruction[rows] = part.feature_errors, part.reconstruction
+        joined.feature_errors[rows] = part.feature_errors
+        joined.standardized_reconstruction[rows] = part.standardized_reconstruction
     return joined
 
 
