@@ -32,7 +32,7 @@ if [ -n "${SMOKE:-}" ]; then
   scoring=(--sizes 256,4096 --min-seconds 0.05)
   worker=(--records 3000 --batches 1024,4096)
 else
-  scoring=(--sizes 256,1024,4096,16384,65536,262144,1048576 --min-seconds 0.5)
+  scoring=(--sizes 256,1024,4096,16384,65536,262144,524288 --min-seconds 0.5)
   worker=(--records 200000 --batches 4096,16384,65536)
 fi
 
