@@ -1,0 +1,278 @@
+"""Streaming features without a broker: one implementation, whatever the arrival order, replays and restores.
+
+The offline table (:func:`feature_table`, what the simulator and the trainer use) is the fold
+of the same per-event code in time order. These tests stream it the ways Kafka delivers it:
+a customer's events in partition order with replays after a crash, a terminal's events
+interleaved by the repartition hop, labels arriving when the bank learns them, state
+serialized to the changelog and restored mid-stream. Every feature must equal the table.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from pipeline.errors import ConfigError
+from pipeline.schema import RecordError, decode
+from pipeline.streamfeatures import (
+    CALENDAR_FEATURES,
+    CUSTOMER_FEATURES,
+    DAY_MS,
+    TERMINAL_FEATURES,
+    CustomerWindows,
+    TerminalWindows,
+    calendar,
+    event_id,
+    feature_table,
+)
+from pipeline.worker.metrics import WorkerMetrics
+from pipeline.worker.stateful import FeatureStages, StateTopics, _judge
+from producer.rawfeed import raw_messages
+from producer.simulator import SimulatorConfig, simulate
+from producer.tables import resolve_spec
+from tests.worker_helpers import Record
+
+DELAY_MS = 7 * DAY_MS
+TOPICS = StateTopics("raw", "labels", "g-by-terminal-repartition", "g-customer-windows-changelog",
+                     "g-terminal-windows-changelog")
+
+
+@pytest.fixture(scope="module")
+def bank() -> pd.DataFrame:
+    """A small bank over 40 days with many compromised terminals (non-zero risks)."""
+    frame = simulate(SimulatorConfig(n_customers=60, n_terminals=120, n_days=40, seed=2,
+                                     terminals_compromised_per_day=0.3))
+    frame["T_MS"] = frame["TX_DATETIME"].to_numpy().astype("datetime64[ms]").astype(np.int64)
+    return frame
+
+
+def _expected(bank: pd.DataFrame, names: tuple[str, ...]) -> np.ndarray:
+    return bank[list(names)].to_numpy(np.float32)
+
+
+def _roundtrip(states: dict[Any, Any], cls: type) -> dict[Any, Any]:
+    return {key: cls.from_bytes(state.to_bytes()) for key, state in states.items()}
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), replay=st.floats(0, 0.3), restore=st.floats(0, 0.02))
+def test_customer_windows_equal_the_table_with_replays_and_restores(bank: pd.DataFrame, seed: int, replay: float,
+                                                                    restore: float) -> None:
+    """Events in time order (a partition keeps a customer's order); after a crash a stretch is read again
+    (replays of events already counted) and state comes back from its serialized form."""
+    rng = random.Random(seed)
+    expected = _expected(bank, CUSTOMER_FEATURES)
+    rows = list(zip(bank["TRANSACTION_ID"].astype(str), bank["CUSTOMER_ID"], bank["T_MS"], bank["TX_AMOUNT"],
+                    strict=True))
+    states: dict[int, CustomerWindows] = {}
+    got = np.zeros_like(expected)
+    for i, (tx_id, customer, t_ms, amount) in enumerate(rows):
+        windows = states.setdefault(customer, CustomerWindows())
+        got[i] = windows.update(event_id(tx_id), int(t_ms), float(amount))
+        if rng.random() < replay:  # an earlier event of the same stretch arrives again: same features, no count
+            j = rng.randrange(max(0, i - 20), i + 1)
+            again = states[rows[j][1]].update(event_id(rows[j][0]), int(rows[j][2]), float(rows[j][3]))
+            np.testing.assert_allclose(np.float32(again), expected[j], rtol=2.4e-7)
+        if rng.random() < restore:
+            states = _roundtrip(states, CustomerWindows)
+    np.testing.assert_allclose(got, expected, rtol=2.4e-7)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**32 - 1), jitter_h=st.floats(0, 20), label_early_days=st.floats(0, 6.9),
+       restore=st.floats(0, 0.02))
+def test_terminal_windows_equal_the_table_whatever_the_interleaving(bank: pd.DataFrame, seed: int, jitter_h: float,
+                                                                   label_early_days: float, restore: float) -> None:
+    """The repartition hop interleaves partitions: a terminal's events arrive up to ``jitter_h`` hours out of
+    order; each fraud's label arrives between the transaction and the delay (early is harmless)."""
+    rng = random.Random(seed)
+    expected = _expected(bank, TERMINAL_FEATURES)
+    arrivals = []  # (arrival key, kind, row)
+    for i, (t_ms, fraud) in enumerate(zip(bank["T_MS"], bank["TX_FRAUD"], strict=True)):
+        arrivals.append((int(t_ms) + rng.uniform(0, jitter_h) * 3_600_000, 1, i))
+        if fraud:
+            arrivals.append((int(t_ms) + DELAY_MS - label_early_days * DAY_MS, 0, i))
+    arrivals.sort()
+    states: dict[int, TerminalWindows] = {}
+    got = np.zeros_like(expected)
+    ids = bank["TRANSACTION_ID"].astype(str).tolist()
+    for _, kind, i in arrivals:
+        terminal, t_ms = bank["TERMINAL_ID"].iat[i], int(bank["T_MS"].iat[i])
+        windows = states.setdefault(terminal, TerminalWindows())
+        if kind == 0:
+            windows.label(event_id(ids[i]), t_ms)
+        else:
+            got[i] = windows.update(event_id(ids[i]), t_ms)
+        if rng.random() < restore:
+            states = _roundtrip(states, TerminalWindows)
+    assert expected[:, 3:].max() > 0  # some terminal risk is not zero
+    np.testing.assert_allclose(got, expected, rtol=2.4e-7)
+
+
+def test_calendar_features_follow_the_utc_calendar() -> None:
+    saturday_5am = pd.Timestamp("2018-04-07T05:59:59Z").value // 1_000_000
+    monday_7am = pd.Timestamp("2018-04-09T07:00:00Z").value // 1_000_000
+    assert calendar(saturday_5am) == (1.0, 1.0)
+    assert calendar(monday_7am) == (0.0, 0.0)
+
+
+def test_an_event_too_late_to_keep_gets_features_but_no_place() -> None:
+    windows = CustomerWindows()
+    windows.update(1, 100 * DAY_MS, 10.0)
+    late = windows.update(2, 50 * DAY_MS, 30.0)  # 50 days before the newest: beyond the 31-day horizon
+    assert late[:3] == (1.0, 1.0, 1.0) and late[3:] == (30.0, 30.0, 30.0)
+    assert list(windows.ids) == [1]
+
+
+def test_a_withdrawn_label_stops_counting() -> None:
+    windows = TerminalWindows()
+    windows.update(1, 0)
+    windows.label(1, 0)
+    later = DELAY_MS + DAY_MS // 2  # the 1-day window 7 days back holds the event at 0
+    assert windows.update(2, later)[3] == 1.0  # 1 fraud of 1
+    windows.label(1, 0, fraud=False)
+    assert windows.update(3, later + 1)[3] == 0.0
+
+
+def test_a_corrupt_changelog_value_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a feature state"):
+        CustomerWindows.from_bytes(b"\x09garbage")
+
+
+def test_offline_table_is_unchanged_by_extra_columns_and_keeps_the_handbook_order(bank: pd.DataFrame) -> None:
+    again = feature_table(bank.drop(columns=[*CUSTOMER_FEATURES, *TERMINAL_FEATURES]))
+    pd.testing.assert_frame_equal(again[list(bank.columns)], bank)
+
+
+# -- the worker's stages on hostile input ------------------------------------------------------------
+class NoRestore:
+    def restore(self, topic: str, partition: int, store: Any, stop: threading.Event) -> int:
+        return 0
+
+
+def stages() -> FeatureStages:
+    made = FeatureStages(TOPICS, 7, NoRestore(), WorkerMetrics(CollectorRegistry()), 65536,  # type: ignore[arg-type]
+                         threading.Event())
+    made.sync({TopicPartition(t, p) for t in TOPICS.consumed for p in range(3)})
+    return made
+
+
+def test_raw_records_go_through_both_stages_as_the_offline_table_says(bank: pd.DataFrame) -> None:
+    """The worker's own stage code over the producer's raw feed: customer stage, repartition (by key
+    hash, here by partition 0), labels, terminal stage: features as in the table."""
+    spec = resolve_spec(bank.drop(columns=["T_MS"]), "handbook")
+    feed = list(raw_messages(bank.drop(columns=["T_MS"]), spec, "raw", "labels", 7.0))
+    made = stages()
+    featured = []
+    for offset, (topic, key, value) in enumerate(feed):
+        record = Record(value, offset, topic, 0, key)
+        if topic == "labels":
+            assert made.stage([], [record]).failed == []
+            continue
+        staged = made.stage([record], [])
+        assert staged.failed == [] and len(staged.outputs) == 1
+        hop = staged.outputs[0]
+        assert hop.topic == TOPICS.repartition and hop.key == str(orjson.loads(value)["TERMINAL_ID"]).encode()
+        tx = decode(hop.value)
+        assert not isinstance(tx, RecordError)
+        assert made.enrich(Record(hop.value, offset, TOPICS.repartition, 0, hop.key), tx) is None
+        featured.append(tx.fields)
+    got = np.array([[f[n] for n in (*CALENDAR_FEATURES, *CUSTOMER_FEATURES, *TERMINAL_FEATURES)] for f in featured],
+                   dtype=np.float32)
+    np.testing.assert_allclose(got, _expected(bank, (*CALENDAR_FEATURES, *CUSTOMER_FEATURES, *TERMINAL_FEATURES)),
+                               rtol=2.4e-7)
+    changelog = made.changelog()
+    assert {o.topic for o in changelog} == {TOPICS.customer_changelog, TOPICS.terminal_changelog}
+    assert all(o.partition == 0 for o in changelog)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=300),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(customer=JSON_VALUES, terminal=JSON_VALUES, amount=JSON_VALUES, label=JSON_VALUES,
+       drop=st.sets(st.sampled_from(["CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT", "TX_FRAUD"])))
+def test_every_raw_or_label_record_is_staged_or_refused_never_raised(customer: Any, terminal: Any, amount: Any,
+                                                                     label: Any, drop: set[str]) -> None:
+    fields = {"transaction_id": "t1", "event_time": 1522540831000, "CUSTOMER_ID": customer,
+              "TERMINAL_ID": terminal, "TX_AMOUNT": amount, "TX_FRAUD": label}
+    for name in drop:
+        del fields[name]
+    value = json.dumps(fields).encode()  # the standard library writes integers beyond 64 bits too
+    made = stages()
+    raw = made.stage([Record(value, 0, "raw", 1)], [])
+    labels = made.stage([], [Record(value, 0, "labels", 1)])
+    assert len(raw.outputs) + len(raw.failed) == 1  # staged, or refused with a reason
+    assert labels.outputs == [] and len(labels.failed) <= 1
+    for _record, error in raw.failed + labels.failed:
+        assert error.reason in {"missing_field", "bad_type", "not_finite", "not_json"}, error  # not a crash
+    if raw.outputs:
+        hop = raw.outputs[0]
+        assert hop.key and isinstance(hop.value, bytes)
+        staged = orjson.loads(hop.value)
+        assert all(name in staged for name in CUSTOMER_FEATURES)
+        assert made.changelog()  # its customer's new state goes to the changelog
+
+
+def test_a_stage_that_breaks_on_one_record_dead_letters_it_and_goes_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = stages()
+    good = orjson.dumps({"transaction_id": "a", "event_time": 1522540831000, "CUSTOMER_ID": 1, "TERMINAL_ID": 2,
+                         "TX_AMOUNT": 3.5})
+    bad = good.replace(b'"a"', b'"boom"')
+    real = made._customer
+
+    def flaky(record: Any, tx: Any) -> Any:
+        if tx.transaction_id == "boom":
+            raise RuntimeError("state store broke")
+        return real(record, tx)
+
+    monkeypatch.setattr(made, "_customer", flaky)
+    staged = made.stage([Record(bad, 0, "raw", 0), Record(good, 1, "raw", 0)], [])
+    assert len(staged.outputs) == 1
+    assert [(r.offset, e.reason) for r, e in staged.failed] == [(0, "processing_error")]
+
+
+# -- the start-up check of the input form ----------------------------------------------------------
+class Model:
+    version = "v1"
+
+    def __init__(self, form: str) -> None:
+        from pipeline.features import HANDBOOK_FEATURES
+
+        self.input_form, self.feature_names = form, HANDBOOK_FEATURES
+
+
+RAW = orjson.dumps({"transaction_id": "1", "event_time": 1522540831000, "CUSTOMER_ID": 1, "TERMINAL_ID": 2,
+                    "TX_AMOUNT": 3.0})
+
+
+def test_a_features_model_on_a_raw_topic_is_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigError, match="look like raw transactions.*--input raw"):
+        _judge([RAW, b"garbage"], Model("features"), "tx")
+
+
+def test_a_raw_model_on_records_without_raw_fields_is_refused() -> None:
+    record = orjson.dumps({"transaction_id": "1", "event_time": 1522540831000, "V1": 1.0})
+    with pytest.raises(ConfigError, match="expects raw transactions.*no CUSTOMER_ID"):
+        _judge([record], Model("raw"), "tx")
+
+
+def test_garbage_or_an_empty_topic_says_nothing_at_start() -> None:
+    _judge([], Model("raw"), "tx")
+    _judge([b"{not json", b"[1]"], Model("features"), "tx")
+    _judge([RAW], Model("raw"), "tx")
