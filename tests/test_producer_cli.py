@@ -41,6 +41,11 @@ MISUSES = {
     "unknown layout": ["replay", "x.csv", "--layout", "excel"],
     "bad bootstrap port": ["simulate", "--bootstrap-servers", "kafka:abc"],
     "unknown flag": ["simulate", "--colour", "red"],
+    "raw with restamp": ["simulate", "--raw", "--restamp"],
+    "label delay without raw": ["simulate", "--label-delay-days", "3"],
+    "label delay negative": ["simulate", "--raw", "--label-delay-days", "-1"],
+    "label delay beyond a year": ["simulate", "--raw", "--label-delay-days", "400"],
+    "raw with output": ["simulate", "--output", "x.parquet", "--raw"],
     "no command": [],
 }
 
@@ -145,3 +150,35 @@ def test_unknown_column_is_refused_from_the_header_before_the_rows_are_read(tmp_
     with mock.patch.object(jobs, "read_table", side_effect=AssertionError("read the rows")), \
             pytest.raises(InputDataError, match="label column 'fraud' is not in the table"):
         jobs.execute(options)
+
+
+def test_raw_feed_sends_each_fraud_label_after_its_delay_keyed_by_terminal() -> None:
+    from producer.rawfeed import raw_messages
+    from producer.simulator import SimulatorConfig, simulate
+    from producer.tables import resolve_spec
+
+    frame = simulate(SimulatorConfig(n_customers=60, n_terminals=120, n_days=30, seed=4,
+                                     terminals_compromised_per_day=0.3))
+    feed = list(raw_messages(frame, resolve_spec(frame, "handbook"), "tx", "labels", 2.0))
+    import orjson
+
+    sent_at: dict[str, int] = {}
+    position = 0
+    times = frame.set_index(frame["TRANSACTION_ID"].astype(str))["TX_DATETIME"]
+    for topic, key, value in feed:
+        body = orjson.loads(value)
+        if topic == "tx":
+            assert set(body) == {"transaction_id", "event_time", "CUSTOMER_ID", "TERMINAL_ID", "TX_AMOUNT"}
+            assert key == str(body["CUSTOMER_ID"]).encode()
+            sent_at[body["transaction_id"]] = position
+            position += 1
+        else:
+            assert key == str(body["TERMINAL_ID"]).encode() and body["TX_FRAUD"] == 1
+            tx_time = times[body["transaction_id"]]
+            sent_before = frame["TX_DATETIME"].iloc[:position]
+            # sent once the stream passed the fraud's time plus 2 days, not before
+            assert body["transaction_id"] in sent_at
+            assert position == len(frame) or frame["TX_DATETIME"].iloc[position] >= tx_time + pd.Timedelta(days=2)
+            assert sent_before.empty or sent_before.iloc[-1] < tx_time + pd.Timedelta(days=2) or position == 0
+    assert position == len(frame)
+    assert sum(topic == "labels" for topic, _, _ in feed) == int(frame["TX_FRAUD"].sum()) > 0

@@ -262,13 +262,13 @@ RAW = orjson.dumps({"transaction_id": "1", "event_time": 1522540831000, "CUSTOME
 
 
 def test_a_features_model_on_a_raw_topic_is_refused_with_the_fix() -> None:
-    with pytest.raises(ConfigError, match="look like raw transactions.*--input raw"):
+    with pytest.raises(ConfigError, match=r"look like raw transactions.*--input raw"):
         _judge([RAW, b"garbage"], Model("features"), "tx")
 
 
 def test_a_raw_model_on_records_without_raw_fields_is_refused() -> None:
     record = orjson.dumps({"transaction_id": "1", "event_time": 1522540831000, "V1": 1.0})
-    with pytest.raises(ConfigError, match="expects raw transactions.*no CUSTOMER_ID"):
+    with pytest.raises(ConfigError, match=r"expects raw transactions.*no CUSTOMER_ID"):
         _judge([record], Model("raw"), "tx")
 
 

@@ -100,11 +100,6 @@ def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings
     finally:
         worker.stop.set()
         thread.join(30)
-    print("LATE", worker.metrics.late_events._value.get(), "paused", worker.stages.paused)
-    seen = streamed_features(settings, len(transactions))
-    exp = raw_history.set_index(raw_history["TRANSACTION_ID"].astype(str))[list(HANDBOOK_FEATURES)]
-    bad = [t for t, c in seen.items() if not np.allclose(c[0], exp.loc[t].to_numpy(np.float64), rtol=1e-6)]
-    print("MISMATCH", len(bad), "of", len(seen), bad[:10])
     assert worker.stats.invalid == 0
     assert worker.stats.consumed == len(transactions)
     assert worker.metrics.late_events._value.get() == 0  # input partitions kept aligned in event time

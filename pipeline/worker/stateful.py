@@ -209,7 +209,6 @@ class FeatureStages:
         self._lock = threading.Lock()
         self._stale: set[int] = set()  # partitions whose stores must be restored again (revoked meanwhile)
         self.event_times: dict[int, int] = {}  # input partition -> latest event time its records carried
-        self.paused: set[TopicPartition] = set()
         self._idle_since: dict[TopicPartition, float] = {}
 
     # -- ownership ----------------------------------------------------------------------
@@ -330,25 +329,29 @@ class FeatureStages:
         A backlog (or a producer replaying history faster than real time) would otherwise be
         read one partition after another, and the repartition topic would carry a terminal's
         transactions days out of order: a window that looks 7 days back would miss some. A
-        partition ahead of the slowest one waits (paused) until that one catches up; one that
-        has read all it has holds the others back for ``ALIGN_IDLE_S`` at most.
+        partition ahead of the slowest one waits (paused) until that one catches up. A partition
+        whose event time is not known yet (just assigned) holds every other one back until its
+        first records are read; one that has read all it has holds the others for
+        ``ALIGN_IDLE_S`` at most, and so does an unknown one that reads nothing.
         """
         waiting, now = {}, time.monotonic()
         for tp in consumer.assignment():
-            if tp.topic != self.topics.input or tp.partition not in self.event_times:
+            if tp.topic != self.topics.input:
                 continue
+            known = self.event_times.get(tp.partition)
             end = consumer.highwater(tp)
-            if end is None or consumer.position(tp) < end:
+            more = end is None or consumer.position(tp) < end
+            if more and known is not None:
                 self._idle_since.pop(tp, None)
-                waiting[tp] = self.event_times[tp.partition]
+                waiting[tp] = known
             elif now - self._idle_since.setdefault(tp, now) < ALIGN_IDLE_S:
-                waiting[tp] = self.event_times[tp.partition]
+                waiting[tp] = known if known is not None else -ALIGN_MS  # unknown: hold everyone
         floor = min(waiting.values(), default=None)
         ahead = {tp for tp, t in waiting.items() if floor is not None and t > floor + ALIGN_MS}
-        if ahead != self.paused:
-            consumer.resume(*(self.paused - ahead))
-            consumer.pause(*(ahead - self.paused))
-            self.paused = ahead
+        paused = {tp for tp in consumer.paused() if tp.topic == self.topics.input}  # of the current assignment
+        if ahead != paused:
+            consumer.resume(*(paused - ahead))
+            consumer.pause(*(ahead - paused))
         _unpark_resumed(consumer)
 
 
