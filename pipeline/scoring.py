@@ -5,6 +5,9 @@ for a hybrid version (``artifact.scoring``), that error plus the mean distance t
 normal training rows, each divided by its scale on normal validation rows: higher = more
 anomalous either way; scores above the artifact's threshold are flagged. The per-feature
 reconstruction errors, compared with their spread on normal validation data, explain each alert.
+A version fitted with labels (``artifact.classifier``) scores the fraud probability of its
+classifier instead, and its alerts list the features by their contribution to the fraud log-odds
+(``pipeline.classifier.attributions``), each still with its reconstruction error's z.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import torch
 
 from pipeline.artifact import ModelArtifact
+from pipeline.classifier import ATTRIBUTION_STEPS, attributions
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.neighbours import knn_distance
 
@@ -37,20 +41,27 @@ class ScoreBatch:
     feature_names: tuple[str, ...] = ()
     error_means: np.ndarray | None = None  # (f,) explanation statistics of the artifact
     error_stds: np.ndarray | None = None  # (f,)
+    # (n, f) float32 contribution of each feature to the fraud log-odds, for the flagged rows of a
+    # version with a classifier (NaN elsewhere); None for versions without one
+    contributions: np.ndarray | None = None
 
     def top_features(self, i: int, raw_row: np.ndarray, k: int = 3) -> list[dict[str, Any]]:
-        """The k features of row i whose error is most unusual, as dicts sorted by z descending.
+        """The k features of row i that explain its score best, as dicts.
 
         Each dict: name, value (raw), reconstruction (raw), z = (error - mean) / std, with
-        mean and std of that feature's error on normal validation data.
+        mean and std of that feature's error on normal validation data. Sorted by z descending;
+        for a version with a classifier, by ``contribution`` (to the fraud log-odds) descending,
+        added to each dict (null, and the z order, for a row without contributions).
         """
         errors = self.feature_errors[i].astype(np.float64)
         means = np.zeros_like(errors) if self.error_means is None else self.error_means
         stds = np.ones_like(errors) if self.error_stds is None else self.error_stds
         z = (errors - means) / stds  # (f,)
-        order = np.argsort(-z, kind="stable")[: max(k, 0)]
+        contributions = None if self.contributions is None else self.contributions[i].astype(np.float64)
+        explained = contributions is not None and bool(np.isfinite(contributions).all())
+        order = np.argsort(-(contributions if explained else z), kind="stable")[: max(k, 0)]
         names = self.feature_names or tuple(f"f{j}" for j in range(errors.size))
-        return [
+        tops = [
             {
                 "name": names[j],
                 "value": _shortest(raw_row[j]),
@@ -59,6 +70,10 @@ class ScoreBatch:
             }
             for j in order
         ]
+        if contributions is not None:
+            for top, j in zip(tops, order, strict=True):
+                top["contribution"] = round(float(contributions[j]), 3) if explained else None
+        return tops
 
 
 def resolve_device(device: str) -> torch.device:
@@ -115,6 +130,8 @@ class Scorer:
         self._model = artifact.build_model().to(self.device).float()
         self._staging: torch.Tensor | None = None  # pinned host buffer (CUDA only), reused
         self._bank = None  # (bank rows, f) as the distance sees them (clipped when the spec says so)
+        classifier = artifact.build_classifier()
+        self._classifier = None if classifier is None else classifier.to(self.device).float()
         if artifact.bank is not None:
             self._bank = artifact.scoring.distance_space(artifact.bank.to(self.device).float())
         if self.device.type == "cpu":
@@ -132,28 +149,48 @@ class Scorer:
             x = self.artifact.preprocessing.transform(raw)  # (n, f) standardized
         recon = np.empty_like(x)
         distance = np.zeros(len(x), np.float32) if self._bank is not None else None  # (n,)
+        probability = np.zeros(len(x), np.float32) if self._classifier is not None else None  # (n,)
         for start in range(0, x.shape[0], self.max_batch):
             chunk = x[start : start + self.max_batch]
-            recon[start : start + len(chunk)], chunk_distance = self._reconstruct(chunk)
+            recon[start : start + len(chunk)], chunk_distance, chunk_probability = self._reconstruct(chunk)
             if distance is not None:
                 distance[start : start + len(chunk)] = chunk_distance
+            if probability is not None:
+                probability[start : start + len(chunk)] = chunk_probability
         with np.errstate(over="ignore", invalid="ignore"):  # a huge input errs to inf; alerts clip the score
             errors = np.square(recon - x, dtype=np.float32)  # (n, f)
             mse = errors.mean(axis=1, dtype=np.float32) if len(x) else np.zeros(0, np.float32)
             scores = np.asarray(self.artifact.scoring.combine(mse, distance), dtype=np.float32)
+        if probability is not None:
+            scores = probability
+        flags = scores > self.artifact.threshold
         return ScoreBatch(
             scores=scores,
-            flags=scores > self.artifact.threshold,
+            flags=flags,
             feature_errors=errors,
             reconstruction=self.artifact.preprocessing.inverse_transform(recon),
             feature_names=names,
             error_means=self.artifact.explanation.means,
             error_stds=self.artifact.explanation.stds,
+            contributions=None if probability is None else self._contributions(x, flags),
         )
 
-    def _reconstruct(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Model reconstruction (m, f) of one standardized chunk (m, f), m <= max_batch, and for a
-        hybrid version the chunk's mean distance to its k nearest bank rows (m,)."""
+    def _contributions(self, x: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """Each feature's contribution to the fraud log-odds (n, f) for the flagged rows, NaN elsewhere."""
+        out = np.full(x.shape, np.nan, np.float32)
+        rows = np.flatnonzero(flags)
+        per_pass = max(1, self.max_batch // ATTRIBUTION_STEPS)  # every step of every row goes through at once
+        for start in range(0, len(rows), per_pass):
+            part = rows[start : start + per_pass]
+            batch = torch.from_numpy(np.ascontiguousarray(x[part])).to(self.device)
+            with np.errstate(invalid="ignore"):
+                out[part] = attributions(self._classifier, self._model, batch).float().cpu().numpy()
+        return out
+
+    def _reconstruct(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Model reconstruction (m, f) of one standardized chunk (m, f), m <= max_batch; for a
+        hybrid version the chunk's mean distance to its k nearest bank rows (m,); for a version
+        with a classifier the fraud probability (m,)."""
         with torch.inference_mode():
             if self.device.type == "cuda":
                 staging = self._staging_buffer(chunk.shape[1])[: len(chunk)]
@@ -165,8 +202,12 @@ class Scorer:
             if self._bank is not None:
                 spec = self.artifact.scoring
                 distance = knn_distance(spec.distance_space(batch), self._bank, spec.k).float().cpu().numpy()
+            recon = self._model(batch)  # (m, f)
+            probability = None
+            if self._classifier is not None:
+                probability = torch.sigmoid(self._classifier(batch, recon)).float().cpu().numpy()
             # .cpu() waits, so staging is free again
-            return self._model(batch).float().cpu().numpy(), distance
+            return recon.float().cpu().numpy(), distance, probability
 
     def _staging_buffer(self, n_features: int) -> torch.Tensor:
         if self._staging is None:
@@ -193,4 +234,5 @@ def score_frame(scorer: Scorer, frame: pd.DataFrame, chunk_rows: int = 262_144) 
         feature_names=first.feature_names,
         error_means=first.error_means,
         error_stds=first.error_stds,
+        contributions=None if first.contributions is None else np.concatenate([p.contributions for p in parts]),
     )
