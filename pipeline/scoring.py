@@ -183,8 +183,7 @@ class Scorer:
         for start in range(0, len(rows), per_pass):
             part = rows[start : start + per_pass]
             batch = torch.from_numpy(np.ascontiguousarray(x[part])).to(self.device)
-            with np.errstate(invalid="ignore"):
-                out[part] = attributions(self._classifier, self._model, batch).float().cpu().numpy()
+            out[part] = attributions(self._classifier, self._model, batch).float().cpu().numpy()  # NaN: out of range
         return out
 
     def _reconstruct(self, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -145,7 +145,8 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
     train_x = prep.transform(x[train])
     history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
     if labelled is not None and labels is not None:
-        fields = _supervised_fields(model, prep, x, labels, split, labelled, val_normal, options, device)
+        fields = supervised.version_fields(options.score, model, prep, x, labels, split.val, labelled, val_normal,
+                                           options.train, options.alert_rate, device)
     else:
         bank = None
         if options.score != "reconstruction":
@@ -165,24 +166,6 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
     }
     version_dir = save_artifact(options.output, model.cpu(), fields)
     return FitResult(version_dir, load_artifact(version_dir), history, labelled=labelled)
-
-
-def _supervised_fields(model: Autoencoder, prep: Preprocessing, x: np.ndarray, labels: np.ndarray, split: Split,
-                       labelled: LabelledRows, val_normal: np.ndarray, options: FitOptions,
-                       device: torch.device) -> dict[str, Any]:
-    """Train the classifier on the labelled rows and calibrate it on the validation rows counted as normal."""
-    fit_rows = (prep.transform(x[labelled.fit]), labels[labelled.fit])
-    val_rows = (prep.transform(x[labelled.val]), labels[labelled.val])
-    classifier, history = supervised.fit_classifier(options.score, model, fit_rows, val_rows, options.train, device)
-    known_val = split.val & labelled.known
-    fields = supervised.calibration_fields(classifier, model, prep, x[val_normal],
-                                           (x[known_val], labels[known_val]) if known_val.any() else None,
-                                           options.alert_rate, device)
-    fields["metrics"]["validation"].update(
-        score_option=options.score, scoring=options.score,
-        classifier_validation=supervised.classifier_metrics(classifier, model, val_rows, device))
-    fields["metrics"]["classifier_training"] = history.to_dict()
-    return fields
 
 
 def _calibration(model: Autoencoder, prep: Preprocessing, bank: hybrid.Bank | None, val_raw: np.ndarray,

@@ -155,6 +155,23 @@ def calibration_fields(classifier: nn.Module, autoencoder: Autoencoder, prep: Pr
     }
 
 
+def version_fields(kind: str, model: Autoencoder, prep: Preprocessing, x: np.ndarray, labels: np.ndarray,
+                   val_split: np.ndarray, labelled: LabelledRows, val_normal: np.ndarray, train: TrainConfig,
+                   alert_rate: float, device: torch.device) -> dict[str, Any]:
+    """Manifest fields of a version fitted with labels: train a ``kind`` classifier on the labelled rows of raw
+    x (rows, f), calibrate it on the validation rows counted as normal (val_normal, a subset of val_split)."""
+    fit_rows = (prep.transform(x[labelled.fit]), labels[labelled.fit])
+    val_rows = (prep.transform(x[labelled.val]), labels[labelled.val])
+    classifier, history = fit_classifier(kind, model, fit_rows, val_rows, train, device)
+    known_val = val_split & labelled.known
+    fields = calibration_fields(classifier, model, prep, x[val_normal],
+                                (x[known_val], labels[known_val]) if known_val.any() else None, alert_rate, device)
+    fields["metrics"]["validation"].update(
+        score_option=kind, scoring=kind, classifier_validation=classifier_metrics(classifier, model, val_rows, device))
+    fields["metrics"]["classifier_training"] = history.to_dict()
+    return fields
+
+
 def classifier_metrics(classifier: nn.Module, autoencoder: Autoencoder, val: tuple[np.ndarray, np.ndarray],
                        device: torch.device) -> dict[str, float]:
     """ROC-AUC and average precision on the classifier's own (standardized) validation rows."""
