@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.classifier import ClassifierSpec, FineTuned, Stacked, build_classifier
 from pipeline.errors import ModelArtifactError
 from pipeline.features import HANDBOOK_FEATURES
 from pipeline.models import MODELS, Autoencoder, ModelConfig, build_model
@@ -33,8 +34,10 @@ from pipeline.preprocess import Preprocessing
 
 FORMAT_VERSION = 1  # reconstruction-only versions: what every reader of this format understands
 HYBRID_FORMAT_VERSION = 2  # versions with a "scoring" section and a bank of training rows
-READABLE_FORMATS = (FORMAT_VERSION, HYBRID_FORMAT_VERSION)
+CLASSIFIER_FORMAT_VERSION = 3  # versions with a "classifier" section: a fraud classifier fitted on labelled rows
+READABLE_FORMATS = (FORMAT_VERSION, HYBRID_FORMAT_VERSION, CLASSIFIER_FORMAT_VERSION)
 BANK_KEY = "scoring.bank"  # the bank's tensor in weights.safetensors, beside the model's state dict
+CLASSIFIER_PREFIX = "classifier."  # the classifier's tensors in weights.safetensors, under this prefix
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 CURRENT = "current"
@@ -88,6 +91,8 @@ class ModelArtifact:
     score_histogram: ScoreHistogram
     scoring: ScoreSpec = field(default_factory=ScoreSpec)  # format 1: the reconstruction error alone
     bank: torch.Tensor | None = None  # (rows, features) standardized normal training rows, hybrid scoring only
+    classifier: ClassifierSpec | None = None  # format 3: the score is this classifier's fraud probability
+    classifier_state: dict[str, torch.Tensor] | None = None
 
     @property
     def version(self) -> str:
@@ -131,6 +136,14 @@ class ModelArtifact:
         model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
 
+    def build_classifier(self) -> FineTuned | Stacked | None:
+        """A fresh fraud classifier on CPU in eval mode with its weights loaded (None for unsupervised versions)."""
+        if self.classifier is None or self.classifier_state is None:
+            return None
+        classifier = build_classifier(self.classifier, ModelConfig.from_dict(self.manifest["hyperparameters"]))
+        classifier.load_state_dict(self.classifier_state, strict=True)
+        return classifier.eval()
+
 
 def content_hash(weights: bytes, manifest: dict[str, Any]) -> str:
     """sha256 over the weights bytes and the canonical manifest without its hash field."""
@@ -150,7 +163,8 @@ def save_artifact(root: str | Path, model: Autoencoder, fields: dict[str, Any], 
     ``fields`` holds the manifest entries the trainer computes: feature_names, preprocessing
     (a Preprocessing), threshold, alert_rate, explanation (an Explanation), score_histogram
     (a ScoreHistogram), training_data and metrics (JSON-ready dicts); for hybrid scoring also
-    scoring (a ScoreSpec) and bank ((rows, features) float32 standardized training rows).
+    scoring (a ScoreSpec) and bank ((rows, features) float32 standardized training rows); for a
+    version scored by a fraud classifier, classifier (the fitted ``pipeline.classifier`` module).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -161,6 +175,9 @@ def save_artifact(root: str | Path, model: Autoencoder, fields: dict[str, Any], 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if manifest.get("scoring", {}).get("method", "reconstruction") != "reconstruction":
         tensors[BANK_KEY] = torch.as_tensor(np.ascontiguousarray(fields["bank"], dtype=np.float32))
+    if fields.get("classifier") is not None:
+        tensors.update({CLASSIFIER_PREFIX + k: v.detach().cpu().contiguous()
+                        for k, v in fields["classifier"].state_dict().items()})
     save_file(tensors, str(tmp / WEIGHTS))
     manifest[HASH_KEY] = content_hash((tmp / WEIGHTS).read_bytes(), manifest)
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n")
@@ -182,8 +199,12 @@ def _manifest(model: Autoencoder, fields: dict[str, Any], version: str, created:
     extra = {"scoring": scoring.to_dict()} if scoring.uses_bank else {}
     if "input" in fields:  # absent: records carry the features (the only form before raw input existed)
         extra["input"] = dict(fields["input"])
+    format_version = HYBRID_FORMAT_VERSION if scoring.uses_bank else FORMAT_VERSION
+    if fields.get("classifier") is not None:
+        extra["classifier"] = fields["classifier"].spec.to_dict()
+        format_version = CLASSIFIER_FORMAT_VERSION
     return {
-        "format_version": HYBRID_FORMAT_VERSION if scoring.uses_bank else FORMAT_VERSION,
+        "format_version": format_version,
         **extra,
         "model_version": version,
         "created_utc": created.isoformat(),
@@ -277,6 +298,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         )
     if manifest["format_version"] == HYBRID_FORMAT_VERSION and not isinstance(manifest.get("scoring"), dict):
         raise ModelArtifactError(f"{MANIFEST}: format_version 2 needs a 'scoring' object")
+    if (manifest["format_version"] == CLASSIFIER_FORMAT_VERSION) != isinstance(manifest.get("classifier"), dict):
+        raise ModelArtifactError(f"{MANIFEST}: a 'classifier' object goes with format_version "
+                                 f"{CLASSIFIER_FORMAT_VERSION}, and only with it")
     for key, kind in REQUIRED.items():
         if key not in manifest:
             raise ModelArtifactError(f"{MANIFEST}: missing key {key!r}")
@@ -314,6 +338,13 @@ def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Ten
     scoring = ScoreSpec.from_dict(manifest["scoring"]) if "scoring" in manifest else ScoreSpec()
     state = dict(state)
     bank = state.pop(BANK_KEY, None)
+    classifier = ClassifierSpec.from_dict(manifest["classifier"]) if "classifier" in manifest else None
+    classifier_state = {k.removeprefix(CLASSIFIER_PREFIX): state.pop(k) for k in list(state)
+                        if k.startswith(CLASSIFIER_PREFIX)}
+    if classifier is not None:
+        build_classifier(classifier, config).load_state_dict(classifier_state, strict=True)  # shapes vs features
+    elif classifier_state:
+        raise ValueError(f"{CLASSIFIER_PREFIX}* tensors but no 'classifier' section")
     if scoring.uses_bank and (bank is None or bank.ndim != 2 or bank.shape[1] != n or bank.shape[0] < 1
                               or not bool(torch.isfinite(bank).all())):
         raise ValueError(f"hybrid scoring needs a finite (rows, {n}) {BANK_KEY} tensor")
@@ -331,5 +362,5 @@ def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Ten
         raise ValueError("score_histogram needs increasing edges and one count fewer than edges")
     return ModelArtifact(
         folder, manifest, state, preprocessing, Explanation(means, stds), ScoreHistogram(edges, counts),
-        scoring, bank if scoring.uses_bank else None,
+        scoring, bank if scoring.uses_bank else None, classifier, classifier_state if classifier else None,
     )

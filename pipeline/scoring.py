@@ -5,6 +5,10 @@ for a hybrid version (``artifact.scoring``), that error plus the mean distance t
 normal training rows, each divided by its scale on normal validation rows: higher = more
 anomalous either way; scores above the artifact's threshold are flagged. The per-feature
 reconstruction errors, compared with their spread on normal validation data, explain each alert.
+
+A version fitted with labels (``artifact.classifier``) scores the fraud probability of its
+classifier instead, and its alerts list the features by their contribution to the fraud log-odds
+(``pipeline.classifier.attributions``), each still with its reconstruction error's z.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.artifact import ModelArtifact
+from pipeline.classifier import ATTRIBUTION_STEPS, attributions
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.neighbours import knn_distance
 from pipeline.preprocess import Preprocessing
@@ -39,6 +44,9 @@ class ScoreBatch:
     error_means: np.ndarray | None = None  # (f,) explanation statistics of the artifact
     error_stds: np.ndarray | None = None  # (f,)
     preprocessing: Preprocessing | None = None  # maps the reconstruction back to raw units; None: identity
+    # (n, f) float32 contribution of each feature to the fraud log-odds, for the flagged rows of a
+    # version with a classifier (NaN elsewhere); None for versions without one
+    contributions: np.ndarray | None = None
 
     @property
     def reconstruction(self) -> np.ndarray:
@@ -51,19 +59,23 @@ class ScoreBatch:
         return z if self.preprocessing is None else self.preprocessing.inverse_transform(z)
 
     def top_features(self, i: int, raw_row: np.ndarray, k: int = 3) -> list[dict[str, Any]]:
-        """The k features of row i whose error is most unusual, as dicts sorted by z descending.
+        """The k features of row i that explain its score best, as dicts.
 
         Each dict: name, value (raw), reconstruction (raw), z = (error - mean) / std, with
-        mean and std of that feature's error on normal validation data.
+        mean and std of that feature's error on normal validation data. Sorted by z descending;
+        for a version with a classifier, by ``contribution`` (to the fraud log-odds) descending,
+        added to each dict (null, and the z order, for a row without contributions).
         """
         errors = self.feature_errors[i].astype(np.float64)
         means = np.zeros_like(errors) if self.error_means is None else self.error_means
         stds = np.ones_like(errors) if self.error_stds is None else self.error_stds
         z = (errors - means) / stds  # (f,)
-        order = np.argsort(-z, kind="stable")[: max(k, 0)]
+        contributions = None if self.contributions is None else self.contributions[i].astype(np.float64)
+        explained = contributions is not None and bool(np.isfinite(contributions).all())
+        order = np.argsort(-(contributions if explained else z), kind="stable")[: max(k, 0)]
         names = self.feature_names or tuple(f"f{j}" for j in range(errors.size))
         reconstruction = self._raw_reconstruction(slice(i, i + 1))[0]  # (f,) raw units
-        return [
+        tops = [
             {
                 "name": names[j],
                 "value": _shortest(raw_row[j]),
@@ -72,6 +84,10 @@ class ScoreBatch:
             }
             for j in order
         ]
+        if contributions is not None:
+            for top, j in zip(tops, order, strict=True):
+                top["contribution"] = round(float(contributions[j]), 3) if explained else None
+        return tops
 
 
 def resolve_device(device: str) -> torch.device:
@@ -130,6 +146,8 @@ class Scorer:
         self._bank = None  # (bank rows, f) as the distance sees them (clipped when the spec says so)
         if artifact.bank is not None:
             self._bank = artifact.scoring.distance_space(artifact.bank.to(self.device).float())
+        classifier = artifact.build_classifier()
+        self._classifier = None if classifier is None else classifier.to(self.device).float()
         if self.device.type == "cpu":
             wanted = min(threads or torch.get_num_threads(), available_cpus())
             if torch.get_num_threads() != wanted:  # avoid oversubscribing a CPU-limited container
@@ -149,23 +167,39 @@ class Scorer:
             chunk = x[start : start + self.max_batch]
             self._score_chunk(chunk, out[start : start + len(chunk)])
         scores = out[:, 2 * f].copy()
+        flags = scores > self.artifact.threshold
         return ScoreBatch(
             scores=scores,
-            flags=scores > self.artifact.threshold,
+            flags=flags,
             feature_errors=out[:, :f],
             standardized_reconstruction=out[:, f : 2 * f],
             feature_names=names,
             error_means=self.artifact.explanation.means,
             error_stds=self.artifact.explanation.stds,
             preprocessing=self.artifact.preprocessing,
+            contributions=None if self._classifier is None else self._contributions(x, flags),
         )
+
+    def _contributions(self, x: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """Each feature's contribution to the fraud log-odds (n, f) for the flagged rows, NaN elsewhere."""
+        out = np.full(x.shape, np.nan, np.float32)
+        rows = np.flatnonzero(flags)
+        per_pass = max(1, self.max_batch // ATTRIBUTION_STEPS)  # every step of every row goes through at once
+        for start in range(0, len(rows), per_pass):
+            part = rows[start : start + per_pass]
+            batch = torch.from_numpy(np.ascontiguousarray(x[part])).to(self.device)
+            out[part] = attributions(self._classifier, self._model, batch).float().cpu().numpy()  # NaN: out of range
+        return out
 
     def score_tensor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The device's whole share of ``score``: squared errors (m, f), reconstruction (m, f) and
         scores (m,) of standardized rows x (m, f) already on this scorer's device, left there (no
-        copy, no wait). Call it under ``torch.inference_mode()``."""
+        copy, no wait). Call it under ``torch.inference_mode()``. With a classifier, the score is its
+        fraud probability."""
         recon = self._model(x)  # (m, f)
         errors = torch.square(recon - x)  # (m, f); a huge input errs to inf, alerts clip its score
+        if self._classifier is not None:
+            return errors, recon, torch.sigmoid(self._classifier(x, recon)).float()
         distance = None
         if self._bank is not None:
             spec = self.artifact.scoring
@@ -219,4 +253,5 @@ def score_frame(scorer: Scorer, frame: pd.DataFrame, chunk_rows: int = 262_144) 
         error_means=first.error_means,
         error_stds=first.error_stds,
         preprocessing=first.preprocessing,
+        contributions=None if first.contributions is None else np.concatenate([p.contributions for p in parts]),
     )

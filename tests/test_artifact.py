@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.artifact import (
+    CLASSIFIER_PREFIX,
     CURRENT,
     MANIFEST,
     WEIGHTS,
@@ -21,6 +22,7 @@ from pipeline.artifact import (
     publish_current,
     save_artifact,
 )
+from pipeline.classifier import ClassifierSpec, build_classifier
 from pipeline.errors import ModelArtifactError
 from pipeline.models import ModelConfig, build_model
 from pipeline.neighbours import ScoreSpec
@@ -30,9 +32,10 @@ from pipeline.scoring import Scorer
 NAMES = ("amount", "count", "flag")
 
 
-def export(root: Path, model_name: str = "autoencoder", seed: int = 0, hybrid: bool = False) -> Path:
+def export(root: Path, model_name: str = "autoencoder", seed: int = 0, hybrid: bool = False,
+           classifier: str | None = None) -> Path:
     """A small untrained model version with real preprocessing and calibration fields (and, for a
-    hybrid, a bank of 40 standardized rows)."""
+    hybrid, a bank of 40 standardized rows; with ``classifier``, an untrained classifier of that kind)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     x = np.column_stack([rng.lognormal(3, 1, 500), rng.poisson(4, 500), rng.integers(0, 2, 500)]).astype(np.float32)
@@ -48,6 +51,9 @@ def export(root: Path, model_name: str = "autoencoder", seed: int = 0, hybrid: b
     if hybrid:
         fields["scoring"] = ScoreSpec("hybrid", k=3, reconstruction_scale=2.0, distance_scale=0.5)
         fields["bank"] = fields["preprocessing"].transform(x[:40])
+    if classifier:
+        fields["classifier"] = build_classifier(ClassifierSpec(classifier, width=4), model.config)
+        fields["threshold"] = 0.5  # a fraud probability
     return save_artifact(root, model, fields)
 
 
@@ -196,3 +202,47 @@ def test_memae_exports_too(tmp_path: Path) -> None:
     artifact = load_artifact(export(tmp_path, model_name="memae"))
     assert artifact.model_class == "memae"
     assert "memory" in artifact.state_dict
+
+
+@pytest.mark.parametrize("kind", ["finetuned", "stacked"])
+def test_classifier_version_round_trips_and_scores_its_fraud_probability(tmp_path: Path, kind: str) -> None:
+    version = export(tmp_path, classifier=kind)
+    artifact = load_artifact(version)
+    assert artifact.manifest["format_version"] == 3 and artifact.manifest["classifier"] == {"kind": kind, "width": 4}
+    assert artifact.classifier == ClassifierSpec(kind, 4) and artifact.bank is None
+    assert not any(k.startswith(CLASSIFIER_PREFIX) for k in artifact.state_dict)  # the model loads strictly
+    classifier = artifact.build_classifier()
+    assert classifier is not None and not classifier.training
+    raw = np.array([[20.0, 3, 1], [5000.0, 40, 0]], np.float32)
+    batch = Scorer(artifact, device="cpu").score(raw)
+    x = torch.from_numpy(artifact.preprocessing.transform(raw))
+    with torch.no_grad():
+        expected = torch.sigmoid(classifier(x, artifact.build_model()(x))).numpy()
+    np.testing.assert_allclose(batch.scores, expected, rtol=1e-6)
+    np.testing.assert_array_equal(batch.flags, batch.scores > 0.5)
+    np.testing.assert_allclose(batch.feature_errors.mean(axis=1), np.square(
+        artifact.build_model()(x).detach().numpy() - x.numpy()).mean(axis=1), rtol=1e-5)  # explanations still there
+
+
+def test_readers_of_formats_1_and_2_refuse_a_classifier_version(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    version = export(tmp_path, classifier="stacked")
+    monkeypatch.setattr("pipeline.artifact.READABLE_FORMATS", (1, 2))  # what the previous release reads
+    with pytest.raises(ModelArtifactError, match="format_version 3 is not supported"):
+        load_artifact(version)
+
+
+def test_classifier_version_altered_is_refused(tmp_path: Path) -> None:
+    version = export(tmp_path, classifier="finetuned")
+    rewrite_manifest(version, lambda m: m.update(classifier={"kind": "forest", "width": 4}), rehash=True)
+    with pytest.raises(ModelArtifactError, match="classifier kind 'forest': use one of finetuned, stacked"):
+        load_artifact(version)
+    rewrite_manifest(version, lambda m: m.update(classifier={"kind": "stacked", "width": 4}), rehash=True)
+    with pytest.raises(ModelArtifactError, match=r"inconsistent with weights\.safetensors"):  # other tensors
+        load_artifact(version)
+    rewrite_manifest(version, lambda m: m.pop("classifier"), rehash=True)
+    with pytest.raises(ModelArtifactError, match="a 'classifier' object goes with format_version 3"):
+        load_artifact(version)
+    rewrite_manifest(version, lambda m: m.update(format_version=1), rehash=True)  # an old reader's view
+    with pytest.raises(ModelArtifactError, match=r"classifier\.\* tensors but no 'classifier' section"):
+        load_artifact(version)

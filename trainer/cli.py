@@ -73,10 +73,17 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model root: a new version folder goes here [env FRAUD_MODEL_DIR; default models]")
     parser.add_argument("--model", default=opt.DEFAULT_MODEL, choices=opt.MODEL_CHOICES,
                         help="model type (default %(default)s)")
-    parser.add_argument("--score", default="auto", choices=opt.SCORE_CHOICES,
+    parser.add_argument("--score", default="auto", choices=(*opt.SCORE_CHOICES, *opt.LABEL_SCORES),
                         help="reconstruction: the reconstruction error; hybrid: plus the distance to the 5 "
                              "nearest normal training rows; auto (default): the one with the higher average "
-                             "precision on labelled validation rows, else hybrid")
+                             "precision on labelled validation rows, else hybrid. With labels, the fraud "
+                             "probability of a classifier trained on the labelled rows: finetuned (the trained "
+                             "encoder with a classification head) or stacked (a network over the features and "
+                             "their reconstruction residuals)")
+    parser.add_argument("--label-delay-days", type=opt.non_negative_int,
+                        help="finetuned/stacked: labels become known this many days after a transaction; rows "
+                             "within it before the end of training (the test start, else the last row) count "
+                             f"as unlabelled (default {opt.DEFAULT_LABEL_DELAY_DAYS})")
     parser.add_argument("--input", dest="input_form", default="features", choices=("features", "raw"),
                         help="what the worker's input records carry: features (the model's features, as "
                              "today) or raw (transaction_id, event_time, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT; "
@@ -145,6 +152,9 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"unknown layout {args.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
     if args.command == "fit":
         opt.check_dates(args.start, args.val_start, args.test_start, args.end)
+        if args.label_delay_days is not None and args.score not in opt.LABEL_SCORES:
+            raise ConfigError(f"--label-delay-days applies to --score {' or '.join(opt.LABEL_SCORES)} only, "
+                              f"not to --score {args.score}")
         if args.val_start is None:
             opt.check_fractions(args.val_fraction, args.test_fraction)
     elif args.command == "evaluate":

@@ -15,6 +15,7 @@ from pipeline.errors import InputDataError
 from pipeline.features import LAYOUTS, TableLayout, read_table
 from pipeline.scoring import Scorer, score_frame
 from trainer import evaluate as metrics
+from trainer import options as opt
 from trainer.data import LayoutFlags, check_features, check_labels, event_times, resolve_layout
 from trainer.fit import FitOptions, customers_and_days, run_fit, score_detector
 from trainer.report import write_report
@@ -46,6 +47,7 @@ def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:
         split=SplitSpec(args.start, args.val_start, args.test_start, args.end, args.val_fraction, args.test_fraction),
         alert_rate=args.alert_rate, baselines=not args.no_baselines, publish=not args.no_publish,
         score=args.score, bank_rows=args.bank_rows, input_form=args.input_form,
+        label_delay_days=opt.DEFAULT_LABEL_DELAY_DAYS if args.label_delay_days is None else args.label_delay_days,
     )
     result = run_fit(frame, layout, options)
     print(f"model {result.artifact.version} written to {result.version_dir}")

@@ -14,14 +14,16 @@ import pandas as pd
 import torch
 
 from pipeline.artifact import ModelArtifact, load_artifact, publish_current, save_artifact
+from pipeline.classifier import KINDS
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.features import HANDBOOK_FEATURES, TableLayout
 from pipeline.models import DEFAULT_MODEL, Autoencoder, ModelConfig, build_model, default_bottleneck
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer, resolve_device, score_frame
 from pipeline.streamfeatures import DELAY_DAYS
-from trainer import calibrate, evaluate, hybrid
+from trainer import calibrate, evaluate, hybrid, supervised
 from trainer.data import check_features, check_labels, event_times
+from trainer.labels import DEFAULT_LABEL_DELAY_DAYS, LabelledRows, known_labels, labelled_rows
 from trainer.options import DEFAULT_TEST_FRACTION
 from trainer.report import write_report
 from trainer.split import Split, SplitSpec, time_split
@@ -43,9 +45,10 @@ class FitOptions:
     device: str = "auto"
     baselines: bool = True
     publish: bool = True
-    score: str = "auto"  # auto, hybrid or reconstruction (trainer.hybrid)
+    score: str = "auto"  # auto, hybrid or reconstruction (trainer.hybrid); finetuned or stacked (with labels)
     bank_rows: int = hybrid.BANK_ROWS  # most rows kept for the hybrid's distance
     input_form: str = "features"  # what the worker's input carries: features, or raw (features made in stream)
+    label_delay_days: int = DEFAULT_LABEL_DELAY_DAYS  # finetuned/stacked: labels known this long after a row
 
 
 @dataclass
@@ -56,6 +59,7 @@ class FitResult:
     artifact: ModelArtifact
     history: History
     report: Path | None = None
+    labelled: LabelledRows | None = None  # the classifier's rows, for versions fitted with labels
 
 
 def fingerprint(x: np.ndarray) -> str:
@@ -63,9 +67,12 @@ def fingerprint(x: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(x, dtype=np.float32).tobytes()).hexdigest()
 
 
-def _masks(split: Split, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Training rows (normal only when labelled) and normal validation rows; refuses empty ones."""
+def _masks(split: Split, labels: np.ndarray | None, known: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Training rows (normal only when labelled) and normal validation rows; refuses empty ones. Rows whose
+    label is not ``known`` (label delay) count as normal, as on an unlabelled table."""
     normal = np.ones(len(split.train), bool) if labels is None else labels == 0
+    if known is not None:
+        normal |= ~known
     train, val_normal = split.train & normal, split.val & normal
     if not train.any():
         raise InputDataError("the training set is empty: no (normal) rows before the validation period; "
@@ -104,24 +111,38 @@ def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> Fi
                           "features, or train on a handbook table")
     x = check_features(frame, layout.features)  # (rows, features) raw
     labels = check_labels(frame, layout)
+    if options.score in KINDS and labels is None:
+        raise InputDataError(f"--score {options.score} trains a classifier on labelled rows, but the table has no "
+                             f"label column ({layout.label_column or 'none is named'}); pass --label-column, or "
+                             "use an unsupervised --score (auto, hybrid, reconstruction)")
     model_config(options.model, len(layout.features), options.model_params)  # refuse a bad bottleneck first
     options = dataclasses.replace(options, split=resolve_split(options.split, labels is not None))
-    split = time_split(event_times(frame, layout), options.split, n_rows=len(frame))
-    result = fit_split(x, labels, split, layout, options)
+    times = event_times(frame, layout)
+    split = time_split(times, options.split, n_rows=len(frame))
+    labelled = None
+    if options.score in KINDS and labels is not None:
+        known = known_labels(times, split, options.split, options.label_delay_days)
+        labelled = labelled_rows(times, split, options.split, labels, known, options.label_delay_days)
+    result = fit_split(x, labels, split, layout, options, labelled)
     if labels is not None and split.test.any():
-        train_x = result.artifact.preprocessing.transform(x[_masks(split, labels)[0]])
+        train_x = result.artifact.preprocessing.transform(x[_masks(split, labels, _known(labelled))[0]])
         result.report = evaluate_split(result.artifact, frame, layout, split, labels, options, result.history,
-                                       train_x)
+                                       train_x, labelled)
     if options.publish:
         publish_current(options.output, result.version_dir)
     return result
 
 
+def _known(labelled: LabelledRows | None) -> np.ndarray | None:
+    return None if labelled is None else labelled.known
+
+
 def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: TableLayout,
-              options: FitOptions) -> FitResult:
+              options: FitOptions, labelled: LabelledRows | None = None) -> FitResult:
     """Train on the normal train rows of raw x (rows, features), calibrate and choose the scoring on
-    the validation rows, export the version (unpublished); the test rows are not looked at."""
-    train, val_normal = _masks(split, labels)
+    the validation rows, export the version (unpublished); the test rows are not looked at. With
+    ``labelled`` rows (``--score finetuned|stacked``) a classifier is trained on them and scores."""
+    train, val_normal = _masks(split, labels, _known(labelled))
     config = model_config(options.model, len(layout.features), options.model_params)
     prep = Preprocessing.fit(x[train], layout.features, layout.log_features)
     device = resolve_device(options.device)
@@ -129,15 +150,21 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
     model = build_model(options.model, config)
     train_x = prep.transform(x[train])
     history = fit(model, train_x, prep.transform(x[val_normal]), options.train, device)
-    bank = None
-    if options.score != "reconstruction":
-        bank = hybrid.build_bank(train_x, prep.transform(x[val_normal]), options.bank_rows, options.train.seed)
-    val_labels = labels[split.val] if labels is not None else None
-    fields = _calibration(model, prep, bank, x[split.val], val_labels, x[val_normal], options, device)
+    if labelled is not None and labels is not None:
+        fields = supervised.version_fields(options.score, model, prep, x, labels, split.val, labelled, val_normal,
+                                           options.train, options.alert_rate, device)
+    else:
+        bank = None
+        if options.score != "reconstruction":
+            bank = hybrid.build_bank(train_x, prep.transform(x[val_normal]), options.bank_rows, options.train.seed)
+        val_labels = labels[split.val] if labels is not None else None
+        fields = _calibration(model, prep, bank, x[split.val], val_labels, x[val_normal], options, device)
     fields["training_data"] = {
         "rows": int(train.sum()), "fingerprint_sha256": fingerprint(x[train]), "layout": layout.name,
         "split": vars(options.split), "train_config": vars(history.config or options.train),
     }
+    if labelled is not None and labels is not None:
+        fields["training_data"]["labels"] = labelled.describe(labels)
     fields["metrics"]["training"] = {
         "train_loss": history.train_loss, "val_loss": history.val_loss, "best_epoch": history.best_epoch + 1,
         "seconds": history.seconds, "peak_rss_mb": evaluate.peak_rss_mb(), "device": str(device),
@@ -146,7 +173,7 @@ def fit_split(x: np.ndarray, labels: np.ndarray | None, split: Split, layout: Ta
     if options.input_form == "raw":
         fields["input"] = {"form": "raw", "feature_delay_days": DELAY_DAYS}
     version_dir = save_artifact(options.output, model.cpu(), fields)
-    return FitResult(version_dir, load_artifact(version_dir), history)
+    return FitResult(version_dir, load_artifact(version_dir), history, labelled=labelled)
 
 
 def _calibration(model: Autoencoder, prep: Preprocessing, bank: hybrid.Bank | None, val_raw: np.ndarray,
@@ -197,8 +224,9 @@ def _validation_parts(model: Autoencoder, prep: Preprocessing, bank: hybrid.Bank
 
 def evaluate_split(artifact: ModelArtifact, frame: pd.DataFrame, layout: TableLayout, split: Split,
                    labels: np.ndarray, options: FitOptions, history: History | None,
-                   train_x: np.ndarray) -> Path:
-    """Score the test rows with the exported model (via Scorer) and the baselines; write the report."""
+                   train_x: np.ndarray, labelled: LabelledRows | None = None) -> Path:
+    """Score the test rows with the exported model (via Scorer) and the baselines (with ``labelled``
+    rows also a gradient-boosted classifier on them); write the report."""
     test = frame[split.test]
     test_labels = labels[split.test]
     model_result = score_detector(artifact, test, options.device)
@@ -211,6 +239,10 @@ def evaluate_split(artifact: ModelArtifact, frame: pd.DataFrame, layout: TableLa
         results += evaluate.run_baselines(train_x, prep.transform(val_normal[list(layout.features)].to_numpy()),
                                           prep.transform(test[list(layout.features)].to_numpy()),
                                           artifact.alert_rate, options.train.seed)
+    if options.baselines and labelled is not None:
+        raw = frame[list(layout.features)].to_numpy(np.float32)
+        results.append(supervised.boosted_baseline(raw, labels, labelled, raw[_masks(split, labels, labelled.known)[1]],
+                                                   raw[split.test], artifact.alert_rate, options.train.seed))
     customers, days = customers_and_days(test, layout)
     for r in results:
         r.metrics = evaluate.detection_metrics(r.scores, test_labels, r.threshold, customers, days)
@@ -222,7 +254,8 @@ def evaluate_split(artifact: ModelArtifact, frame: pd.DataFrame, layout: TableLa
 def score_detector(artifact: ModelArtifact, rows: pd.DataFrame, device: str) -> evaluate.DetectorResult:
     """The exported model's scores on rows, through the same Scorer the worker uses."""
     batch = score_frame(Scorer(artifact, device=device), rows)
-    return evaluate.DetectorResult(artifact.model_class, batch.scores, artifact.threshold)
+    name = artifact.model_class if artifact.classifier is None else f"{artifact.model_class}+{artifact.classifier.kind}"
+    return evaluate.DetectorResult(name, batch.scores, artifact.threshold)
 
 
 def customers_and_days(rows: pd.DataFrame, layout: TableLayout) -> tuple[np.ndarray | None, np.ndarray | None]:

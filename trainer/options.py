@@ -27,6 +27,8 @@ DEFAULT_MODEL = "autoencoder"
 DEFAULT_ALERT_RATE = 0.005
 SCORE_CHOICES = ("auto", "hybrid", "reconstruction")  # trainer.hybrid.SCORE_CHOICES, without scikit-learn
 BANK_ROWS = 2048  # trainer.hybrid.BANK_ROWS
+LABEL_SCORES = ("finetuned", "stacked")  # pipeline.classifier.KINDS: the scores fitted with labels
+DEFAULT_LABEL_DELAY_DAYS = 7  # trainer.labels.DEFAULT_LABEL_DELAY_DAYS
 DEFAULT_TEST_FRACTION = 0.2  # only for labelled tables: an unlabelled one has nothing to test on
 
 

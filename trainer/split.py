@@ -49,6 +49,15 @@ def _stamp(value: str, name: str) -> pd.Timestamp:
         raise InputDataError(f"--{name.replace('_', '-')} {value!r} is not a date (use YYYY-MM-DD)") from err
 
 
+def naive_utc(times: pd.Series | np.ndarray) -> np.ndarray:
+    """Event times as naive UTC datetime64[ns] (rows,)."""
+    if isinstance(times, np.ndarray):
+        return times
+    if times.dt.tz is not None:
+        return times.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    return times.to_numpy(dtype="datetime64[ns]")
+
+
 def time_split(times: pd.Series | None, spec: SplitSpec, n_rows: int | None = None) -> Split:
     """Masks for the given event times, or for row order when times is None."""
     if times is None:
@@ -56,9 +65,7 @@ def time_split(times: pd.Series | None, spec: SplitSpec, n_rows: int | None = No
             raise InputDataError("date splits need a time column; pass --time-column or use fractions")
         order_key = np.arange(n_rows if n_rows is not None else 0, dtype=np.float64)
         return _fraction_split(order_key, np.ones(len(order_key), bool), spec)
-    t = times.to_numpy(dtype="datetime64[ns]") if not isinstance(times, np.ndarray) else times
-    if hasattr(times, "dt") and times.dt.tz is not None:
-        t = times.dt.tz_convert("UTC").dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
+    t = naive_utc(times)
     keep = np.ones(len(t), bool)
     if spec.start:
         keep &= t >= _stamp(spec.start, "start").to_datetime64()

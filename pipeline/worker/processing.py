@@ -189,12 +189,15 @@ def _join(parts: list[tuple[int, ScoreBatch]], n: int) -> ScoreBatch | None:
         scores=np.full(n, np.nan, np.float32), flags=np.zeros(n, bool),
         feature_errors=np.full((n, f), np.nan, np.float32),
         standardized_reconstruction=np.full((n, f), np.nan, np.float32), feature_names=first.feature_names,
-        error_means=first.error_means, error_stds=first.error_stds, preprocessing=first.preprocessing)
+        error_means=first.error_means, error_stds=first.error_stds, preprocessing=first.preprocessing,
+        contributions=None if first.contributions is None else np.full((n, f), np.nan, np.float32))
     for start, part in parts:
         rows = slice(start, start + len(part.scores))
         joined.scores[rows], joined.flags[rows] = part.scores, part.flags
         joined.feature_errors[rows] = part.feature_errors
         joined.standardized_reconstruction[rows] = part.standardized_reconstruction
+        if joined.contributions is not None and part.contributions is not None:
+            joined.contributions[rows] = part.contributions
     return joined
 
 
