@@ -5,6 +5,13 @@
 3. Start the worker, stream the following days as live traffic, and let it score them.
 4. Print what happened: scored, alerts, the share of alerts that are real frauds and the
    share of frauds caught (the simulator knows), throughput, the metrics URL.
+
+By default the stream carries raw transactions (id, time, customer, terminal, amount), as a
+card issuer's does, and the fraud labels the bank learns 7 days later go to the labels topic:
+the worker computes the features itself. Its windows look 30 days back (terminal risk 37), so
+the last 38 days of the history are streamed first, unpaced, to fill them (state a long-running
+worker already holds), then the live days at ``--rate``. ``--featured`` streams records that
+carry the features instead, with event times restamped to the send time (real latency).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from pipeline.worker.metrics import parse_samples
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "demo"
+WARM_UP_DAYS = 38  # the longest look-back: 30-day windows of terminal risk 7 days back, plus a day
 
 
 def say(message: str) -> None:
@@ -54,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--live-days", type=int, default=14, help="days streamed as live traffic")
     parser.add_argument("--rate", type=float, default=4000, help="live traffic, transactions per second")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--featured", action="store_true",
+                        help="stream records that carry the features (default: raw transactions and labels)")
     return parser
 
 
@@ -77,7 +87,8 @@ def run(argv: list[str] | None = None) -> int:
             env["FRAUD_BOOTSTRAP_SERVERS"] = (running or kafka.start()).bootstrap_servers
         run_id = uuid.uuid4().hex[:6]
         env.update(FRAUD_INPUT_TOPIC=f"demo-transactions-{run_id}", FRAUD_ALERTS_TOPIC=f"demo-alerts-{run_id}",
-                   FRAUD_DEAD_LETTER_TOPIC=f"demo-dlq-{run_id}")
+                   FRAUD_DEAD_LETTER_TOPIC=f"demo-dlq-{run_id}", FRAUD_LABELS_TOPIC=f"demo-labels-{run_id}")
+        raw = not args.featured
         say(f"Kafka at {env['FRAUD_BOOTSTRAP_SERVERS']}, topics {env['FRAUD_INPUT_TOPIC']} -> "
             f"{env['FRAUD_ALERTS_TOPIC']} (dead letters: {env['FRAUD_DEAD_LETTER_TOPIC']})")
 
@@ -90,9 +101,10 @@ def run(argv: list[str] | None = None) -> int:
         cli("producer", "simulate", *sim, "--from-day", str(args.history_days), "--output", str(live), env=env)
 
         models = RUNS / "models"
-        say("training the autoencoder on the normal transactions of the history (April is feature warm-up)")
+        say("training the autoencoder on the normal transactions of the history (April is feature warm-up)"
+            + ("; the worker will compute the features from raw transactions" if raw else ""))
         cli("trainer", "fit", "--data", str(history), "--output", str(models), "--start", "2018-05-01",
-            "--seed", str(args.seed), env=env)
+            "--seed", str(args.seed), "--input", "raw" if raw else "features", env=env)
 
         port = free_port()
         say(f"starting the worker; metrics at http://127.0.0.1:{port}/metrics")
@@ -103,16 +115,29 @@ def run(argv: list[str] | None = None) -> int:
             cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
 
         wait_until_assigned(port, worker)
-        say(f"streaming {args.live_days} live days at {args.rate:.0f} tx/s (labels stay with the simulator)")
+        warmed = 0
+        if raw:
+            warm = RUNS / "warm-up.parquet"
+            frame = pd.read_parquet(history)
+            frame[frame["TX_TIME_DAYS"] >= args.history_days - WARM_UP_DAYS].to_parquet(warm)
+            warmed = int((frame["TX_TIME_DAYS"] >= args.history_days - WARM_UP_DAYS).sum())
+            say(f"filling the worker's windows: the last {WARM_UP_DAYS} days of history as raw transactions "
+                "and labels, unpaced")
+            cli("producer", "replay", str(warm), "--raw", env=env)
+            say(f"streaming {args.live_days} live days of raw transactions at {args.rate:.0f} tx/s, each fraud's "
+                f"label 7 simulated days later to {env['FRAUD_LABELS_TOPIC']}")
+        else:
+            say(f"streaming {args.live_days} live days at {args.rate:.0f} tx/s (labels stay with the simulator)")
         started = time.monotonic()
-        cli("producer", "replay", str(live), "--rate", str(args.rate), "--drop-label", "--restamp", env=env)
+        live_flags = ["--raw"] if raw else ["--drop-label", "--restamp"]
+        cli("producer", "replay", str(live), "--rate", str(args.rate), *live_flags, env=env)
         streamed = len(pd.read_parquet(live, columns=["TRANSACTION_ID"]))
-        metrics = wait_until_scored(port, streamed)
+        metrics = wait_until_scored(port, warmed + streamed)
         elapsed = time.monotonic() - started
         out, _ = worker.communicate(timeout=300)
         worker = None
         print(out.strip())
-        summarize(live, env, metrics, elapsed, port)
+        summarize(live, env, metrics, elapsed, port, warmed)
         return 0
     except subprocess.CalledProcessError as err:
         print(f"error: step failed: {' '.join(map(str, err.cmd))}", file=sys.stderr)
@@ -175,14 +200,18 @@ def bucket_quantile(samples: dict[str, float], name: str, q: float) -> str:
     return "?"
 
 
-def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapsed: float, port: int) -> None:
+def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapsed: float, port: int,
+              warmed: int) -> None:
+    """What happened to the live days (the warm-up of raw input, ``warmed`` transactions, aside)."""
+    raw = warmed > 0
     from kafka import KafkaConsumer
 
     truth = pd.read_parquet(live, columns=["TRANSACTION_ID", "TX_FRAUD"])
     frauds = set(truth.loc[truth["TX_FRAUD"] == 1, "TRANSACTION_ID"].astype(str))
     consumer = KafkaConsumer(env["FRAUD_ALERTS_TOPIC"], bootstrap_servers=env["FRAUD_BOOTSTRAP_SERVERS"],
                              auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=3000)
-    alerts = [orjson.loads(m.value) for m in consumer]
+    live_ids = set(truth["TRANSACTION_ID"].astype(str))
+    alerts = [a for a in (orjson.loads(m.value) for m in consumer) if a["transaction_id"] in live_ids]
     consumer.close()
     alerted = {a["transaction_id"] for a in alerts}
     caught = alerted & frauds
@@ -190,7 +219,7 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     print()
     say("summary")
     print(f"  transactions streamed     {len(truth):>10,}")
-    print(f"  transactions scored       {scored:>10,.0f}")
+    print(f"  transactions scored       {scored:>10,.0f}" + (f"  (with {warmed:,} of warm-up)" if raw else ""))
     print(f"  alerts                    {len(alerted):>10,}")
     print(f"  alerts that are frauds    {len(caught) / max(1, len(alerted)):>10.1%}  (precision)")
     print(f"  frauds caught             {len(caught) / max(1, len(frauds)):>10.1%}  "
@@ -198,9 +227,13 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     invalid = metrics.get('fraud_transactions_total{outcome="invalid"}', 0)
     print(f"  dead letters              {invalid:>10,.0f}")
     print(f"  stream start to last commit {elapsed:>8.1f}s  (input paced; the worker kept up at "
-          f"{len(truth) / elapsed:,.0f} tx/s)")
-    p50, p99 = (bucket_quantile(metrics, "fraud_end_to_end_latency_seconds", q) for q in (0.5, 0.99))
-    print(f"  end-to-end latency        p50 <= {p50}s, p99 <= {p99}s  (histogram bucket bounds)")
+          f"{len(truth) / elapsed:,.0f} tx/s" + (", after the warm-up backlog)" if raw else ")"))
+    if raw:
+        print("  end-to-end latency        not measured: raw transactions keep their 2018 event times (the "
+              "windows need them); `python -m deploy.demo --featured` streams with real latency")
+    else:
+        p50, p99 = (bucket_quantile(metrics, "fraud_end_to_end_latency_seconds", q) for q in (0.5, 0.99))
+        print(f"  end-to-end latency        p50 <= {p50}s, p99 <= {p99}s  (histogram bucket bounds)")
     print(f"  metrics were at           http://127.0.0.1:{port}/metrics (the worker has stopped)")
     print(f"  model and report          {RUNS / 'models' / 'current'}")
     if alerts:
