@@ -25,9 +25,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.docblock import replace_block  # noqa: E402
+
 VAL_SHARE = 0.15  # of the training rows, the last ones: the trainer's validation rows
 DETECTORS = ("ours", "knn5", "iforest", "pca")
-BEGIN, END = "<!-- adbench:begin -->", "<!-- adbench:end -->"
 
 
 def protocol_split(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -123,15 +124,6 @@ def mean_of(results: dict[str, dict], detector: str) -> tuple[float, float]:
             float(np.mean([e[detector]["average_precision"] for e in results.values()])))
 
 
-def write_doc(path: Path, block: str) -> None:
-    """Replace the generated block between the markers in path (appended when missing)."""
-    text = path.read_text() if path.exists() else "# Model quality\n"
-    if BEGIN not in text:
-        text = f"{text.rstrip()}\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
-    path.write_text(f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/adbench-dev")
@@ -162,7 +154,7 @@ def main() -> None:
     print(table(results))
     if str(args.out) != "-":
         args.out.with_name("adbench.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_doc(args.out, markdown(results, args))
+        replace_block(args.out, "adbench", markdown(results, args))
 
 
 def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:

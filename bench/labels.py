@@ -24,6 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.docblock import replace_block  # noqa: E402
+
 SPLIT = ["--start", "2018-05-01", "--val-start", "2018-06-24", "--test-start", "2018-07-01", "--end", "2018-08-01"]
 RUNS = {  # name -> fit flags; the baseline comes from the finetuned run's report
     "unsupervised (default)": ["--score", "auto", "--no-baselines"],
@@ -100,16 +104,6 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def write_doc(path: Path, block: str) -> None:
-    """Replace the generated block between the markers in path (append the markers if missing)."""
-    begin, end = "<!-- labels:begin -->", "<!-- labels:end -->"
-    text = path.read_text() if path.exists() else "# Model quality\n"
-    if begin not in text:
-        text = f"{text.rstrip()}\n\n## Labels when they exist\n\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    path.write_text(f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/fdh-transactions-2018-04-to-07.parquet")
@@ -129,7 +123,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(entries, indent=2) + "\n")
     command = ".venv/bin/python bench/labels.py" + (f" --seed {args.seed}" if args.seed else "")
-    write_doc(args.out, markdown(entries, command))
+    replace_block(args.out, "labels", markdown(entries, command), heading="Labels when they exist")
     print(table(entries))
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.docblock import replace_block  # noqa: E402
+
 SPLIT = ["--start", "2018-05-01", "--val-start", "2018-06-24", "--test-start", "2018-07-01", "--end", "2018-08-01"]
 MODELS = ("autoencoder", "autoencoder-reconstruction", "denoising", "memae")
 # Runs beyond the defaults: the autoencoder scored by its reconstruction error alone (the default before
@@ -117,14 +119,6 @@ def torch_version() -> str:
     return version("torch")
 
 
-def write_doc(path: Path, block: str) -> None:
-    """Replace the generated block between the markers in path (create the file if needed)."""
-    begin, end = "<!-- quality:begin -->", "<!-- quality:end -->"
-    text = path.read_text() if path.exists() else f"# Model quality\n\n{begin}\n{end}\n"
-    head, rest = text.split(begin, 1)
-    path.write_text(f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data/fdh-transactions-2018-04-to-07.parquet")
@@ -149,7 +143,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(entries, indent=2) + "\n")
     command = ".venv/bin/python bench/quality.py" + (" --log" if args.log else "")
-    write_doc(args.out, markdown(entries, command, args.log))
+    replace_block(args.out, "quality", markdown(entries, command, args.log))
     print(table(entries))
 
 
