@@ -66,6 +66,7 @@ class Worker:
         self.stop = threading.Event()
         self.worker_id = f"{kafka.client_id}-worker-{id(self):x}"
         self.pending = PendingRecords()
+        self.joined = threading.Event()  # the group gave this worker its first assignment
         self.failure: BaseException | None = None
         self.consumer: KafkaConsumer | None = None
         self.delivery: Delivery | None = None
@@ -99,7 +100,7 @@ class Worker:
             fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=10_000, heartbeat_interval_ms=3000,
             metadata_max_age_ms=15_000,  # notice new partitions of the input topic within seconds
         )
-        listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget)
+        listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget, self.joined)
         topics = self.stages.topics.consumed if self.stages is not None else [self.kafka.input_topic]
         self.consumer.subscribe(topics, listener=listener)
         self.ledger.assigned = set()
@@ -158,7 +159,7 @@ class Worker:
                 self._check_failure()
                 self.metrics.heartbeat.set(self.clock())
                 self._swap_model_if_new()
-                if self._fill_batch():
+                if self._fill_batch() or not self.joined.is_set():  # idle counts from joining the group
                     last_record = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
                     log.info("no records for %.1fs; stopping", idle_exit_s)

@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     KafkaSettings.add_arguments(parser)
     WorkerSettings.add_arguments(parser)
     parser.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
-                        help="stop after this long without records (batch jobs, benchmarks)")
+                        help="stop after this long without records, counted from joining the consumer group "
+                             "(batch jobs, benchmarks)")
     parser.add_argument("--partitions", type=int, default=3,
                         help="partitions for topics this worker has to create")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,

@@ -58,8 +58,9 @@ class ReleaseOnRevoke(AsyncConsumerRebalanceListener):
     """Releases pending records of partitions that move; rewinds partitions that come back."""
 
     def __init__(self, pending: PendingRecords, consumer: Callable[[], Any], fail: Callable[[BaseException], None],
-                 forget: Callable[[set[TopicPartition]], None]) -> None:
+                 forget: Callable[[set[TopicPartition]], None], joined: threading.Event | None = None) -> None:
         self.pending, self.consumer, self.fail, self.forget = pending, consumer, fail, forget
+        self.joined = joined or threading.Event()  # set at the first assignment, even an empty one
         self.rewind: dict[TopicPartition, int] = {}
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -71,6 +72,7 @@ class ReleaseOnRevoke(AsyncConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         try:
             log.info("partitions assigned: %s", sorted(assigned))
+            self.joined.set()
             consumer = self.consumer()
             for tp in set(assigned) & self.rewind.keys():
                 consumer.seek(tp, self.rewind[tp])  # kafka-python kept its position past the released records
