@@ -13,7 +13,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import orjson
 import pandas as pd
 
+from deploy.ports import free_port
 from pipeline.worker.metrics import parse_samples
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,12 +32,6 @@ RUNS = REPO / "runs" / "demo"
 
 def say(message: str) -> None:
     print(f"==> {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli(module: str, *args: str, env: dict[str, str]) -> None:
