@@ -17,16 +17,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch
+if TYPE_CHECKING:  # NumPy and PyTorch load once the flags are parsed: `--help` answers at once
+    import numpy as np
 
-from pipeline.artifact import load_artifact
-from pipeline.scoring import Scorer
+    from pipeline.scoring import Scorer
 
 SIZES = (256, 1024, 4096, 16384, 65536)
 
@@ -70,6 +68,12 @@ def time_scorer(scorer: Scorer, batch: np.ndarray, min_s: float) -> dict[str, An
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import numpy as np
+    import torch
+
+    from pipeline.artifact import load_artifact
+    from pipeline.scoring import Scorer
+
     sizes = [int(s) for s in args.sizes.split(",")]
     model_dir = args.model_dir or quick_model(Path(tempfile.mkdtemp(prefix="gpu-scoring-")))
     artifact = load_artifact(model_dir)

@@ -21,10 +21,8 @@ import uuid
 from pathlib import Path
 
 import orjson
-import pandas as pd
 
 from deploy.ports import free_port
-from pipeline.worker.metrics import parse_samples
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "demo"
@@ -100,7 +98,7 @@ def run(argv: list[str] | None = None) -> int:
         say(f"streaming {args.live_days} live days at {args.rate:.0f} tx/s (labels stay with the simulator)")
         started = time.monotonic()
         cli("producer", "replay", str(live), "--rate", str(args.rate), "--drop-label", "--restamp", env=env)
-        streamed = len(pd.read_parquet(live, columns=["TRANSACTION_ID"]))
+        streamed = count_rows(live)
         metrics = wait_until_scored(port, streamed)
         elapsed = time.monotonic() - started
         out, _ = worker.communicate(timeout=300)
@@ -123,8 +121,17 @@ def run(argv: list[str] | None = None) -> int:
             started_kafka.stop()
 
 
+def count_rows(path: Path) -> int:
+    """Rows of a Parquet file, from its footer."""
+    import pyarrow.parquet as pq  # pandas and pyarrow only once the demo runs: `--help` answers at once
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
 def scrape(port: int) -> dict[str, float]:
     """The worker's metrics as name -> value; empty when it does not answer."""
+    from pipeline.worker.metrics import parse_samples
+
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
@@ -170,6 +177,7 @@ def bucket_quantile(samples: dict[str, float], name: str, q: float) -> str:
 
 
 def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapsed: float, port: int) -> None:
+    import pandas as pd
     from kafka import KafkaConsumer
 
     truth = pd.read_parquet(live, columns=["TRANSACTION_ID", "TX_FRAUD"])

@@ -116,12 +116,13 @@ def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namesp
 def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event,
                 metrics: WorkerMetrics) -> int:
     from pipeline.topics import ensure_topics, wait_for_kafka
+
+    wait_for_kafka(kafka, stop=stop)  # before PyTorch and the model load: a wrong address is said at once
+    if stop.is_set():
+        return 0
     from pipeline.worker.app import Worker
     from pipeline.worker.reload import ModelWatcher
 
-    wait_for_kafka(kafka, stop=stop)  # before the slow model load: a wrong address is said within seconds
-    if stop.is_set():
-        return 0
     scorer = load_scorer(Path(settings.model_dir), settings)
     if stop.is_set():
         return 0
