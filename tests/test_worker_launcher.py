@@ -17,6 +17,7 @@ import pytest
 
 from deploy.ports import free_port
 from pipeline.config import KafkaSettings
+from pipeline.worker.launcher import Launcher
 from pipeline.worker.metrics import parse_samples
 from tests.kafka_helpers import REPO
 from tests.worker_helpers import alert_ids, committed_to_end, offline_flags, produce_frame, read_topic, wait_for
@@ -69,6 +70,24 @@ def gone(pid: int) -> bool:
     return "\nState:\tZ" in status
 
 
+def child(code: str) -> list[str]:
+    """A child that leaves with 0 on SIGTERM, like a worker, after running ``code``."""
+    return [sys.executable, "-c", "import signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n" + code]
+
+
+def test_the_worst_exit_code_wins_and_a_failure_stops_the_others() -> None:
+    commands = [child("time.sleep(120)"), child("time.sleep(0.5); sys.exit(3)"), child("sys.exit(0)")]
+    assert Launcher(commands, threading.Event(), poll_s=0.05).run() == 3  # the sleeper was stopped, not waited for
+
+
+def test_a_stop_before_the_start_starts_nothing() -> None:
+    stop = threading.Event()
+    stop.set()
+    launcher = Launcher([child("sys.exit(5)")], stop)
+    assert launcher.run() == 0 and launcher.children == []
+
+
 def test_sigterm_is_passed_on_to_every_worker() -> None:
     launched = Launched("--processes", "2", "--metrics-port", "0", *unreachable())
     pids = launched.child_pids()
@@ -79,17 +98,18 @@ def test_sigterm_is_passed_on_to_every_worker() -> None:
     assert all(wait_for(lambda p=p: gone(p), timeout_s=30) for p in pids)
 
 
-def test_a_failing_worker_stops_the_others_and_sets_the_exit_code() -> None:
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_failing_worker_stops_the_others_and_sets_the_exit_code(failing: int) -> None:
     base = free_port(consecutive=2)
-    with socket.socket() as busy:  # the first worker's metrics port is taken: it exits 2 at once
-        busy.bind(("127.0.0.1", base))
+    with socket.socket() as busy:  # one worker's metrics port is taken: it exits 2 at once
+        busy.bind(("127.0.0.1", base + failing))
         busy.listen()
         launched = Launched("--processes", "2", "--metrics-host", "127.0.0.1", "--metrics-port", str(base),
                             *unreachable())
         code = launched.wait()  # the second, waiting up to 300 s for Kafka, is stopped instead
     assert code == 2, launched.text
     errors = [line for line in launched.lines if line.startswith("error:")]
-    assert len(errors) == 1 and str(base) in errors[0], launched.text
+    assert len(errors) == 1 and str(base + failing) in errors[0], launched.text
     assert "stopping the others" in launched.text
 
 

@@ -100,10 +100,10 @@ class Launcher:
         stopping = self.stop.is_set()
         if stopping:  # a signal while starting: the child started last may have missed it
             self._signal_all(signal.SIGTERM)
-        while any(child.poll() is None for child in self.children):
-            failed = [c for c in self.children if c.returncode not in (None, 0)]
+        while None in (codes := [child.poll() for child in self.children]):  # every child polled each turn
+            failed = [(c.pid, code) for c, code in zip(self.children, codes, strict=True) if code not in (None, 0)]
             if failed and not stopping:
-                log.warning("worker pid %d exited with %d; stopping the others", failed[0].pid, failed[0].returncode)
+                log.warning("worker pid %d exited with %d; stopping the others", *failed[0])
                 stopping = True
                 self._signal_all(signal.SIGTERM)
             time.sleep(self.poll_s)
