@@ -14,13 +14,15 @@ import os
 import sys
 import time
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.features import HANDBOOK_FEATURES
-from producer.simulator import SimulatorConfig, simulate
+from producer.simconfig import SimulatorConfig
+
+if TYPE_CHECKING:  # pandas and the simulator load once the flags are parsed: `--help` answers at once
+    import pandas as pd
 
 REFERENCE = (
     Path(__file__).resolve().parent.parent.parent
@@ -76,6 +78,10 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--days", type=int, default=122, help="122 = April to July 2018")
     args = parser.parse_args(argv)
+    import pandas as pd
+
+    from producer.simulator import simulate
+
     config = SimulatorConfig(n_days=args.days, seed=args.seed)
     started = time.perf_counter()
     simulated = simulate(config)

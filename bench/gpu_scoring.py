@@ -25,26 +25,15 @@ import argparse
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.devicekit import (
-    SCORES,
-    devices,
-    environment,
-    peak_memory_mib,
-    prepare_models,
-    reset_peak_memory,
-    time_calls,
-    worker_scorer,
-    write_json,
-)
-from pipeline.artifact import ModelArtifact
-from pipeline.scoring import Scorer
+if TYPE_CHECKING:  # NumPy, PyTorch and the models load once the flags are parsed (see the end)
+    import numpy as np
+
+    from pipeline.artifact import ModelArtifact
+    from pipeline.scoring import Scorer
 
 SIZES = (256, 1024, 4096, 16384, 65536, 262144)
 PATHS = ("end_to_end", "device_only")
@@ -148,4 +137,21 @@ def run(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    build_parser().parse_args()  # --help and a bad flag answer before NumPy and PyTorch load
+    import numpy as np
+    import torch
+
+    from bench.devicekit import (
+        SCORES,
+        devices,
+        environment,
+        peak_memory_mib,
+        prepare_models,
+        reset_peak_memory,
+        time_calls,
+        worker_scorer,
+        write_json,
+    )
+    from pipeline.artifact import ModelArtifact
+    from pipeline.scoring import Scorer
     sys.exit(run())

@@ -20,7 +20,6 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,9 +28,8 @@ import uuid
 from pathlib import Path
 
 import orjson
-import pandas as pd
 
-from pipeline.worker.metrics import parse_samples
+from deploy.ports import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "demo"
@@ -40,12 +38,6 @@ WARM_UP_DAYS = 38  # the longest look-back: 30-day windows of terminal risk 7 da
 
 def say(message: str) -> None:
     print(f"==> {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cli(module: str, *args: str, env: dict[str, str]) -> None:
@@ -117,6 +109,8 @@ def run(argv: list[str] | None = None) -> int:
         wait_until_assigned(port, worker)
         warmed = 0
         if raw:
+            import pandas as pd
+
             warm = RUNS / "warm-up.parquet"
             frame = pd.read_parquet(history)
             frame[frame["TX_TIME_DAYS"] >= args.history_days - WARM_UP_DAYS].to_parquet(warm)
@@ -131,7 +125,7 @@ def run(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         live_flags = ["--raw"] if raw else ["--drop-label", "--restamp"]
         cli("producer", "replay", str(live), "--rate", str(args.rate), *live_flags, env=env)
-        streamed = len(pd.read_parquet(live, columns=["TRANSACTION_ID"]))
+        streamed = count_rows(live)
         metrics = wait_until_scored(port, warmed + streamed)
         elapsed = time.monotonic() - started
         out, _ = worker.communicate(timeout=300)
@@ -154,8 +148,17 @@ def run(argv: list[str] | None = None) -> int:
             started_kafka.stop()
 
 
+def count_rows(path: Path) -> int:
+    """Rows of a Parquet file, from its footer."""
+    import pyarrow.parquet as pq  # pandas and pyarrow only once the demo runs: `--help` answers at once
+
+    return int(pq.ParquetFile(path).metadata.num_rows)
+
+
 def scrape(port: int) -> dict[str, float]:
     """The worker's metrics as name -> value; empty when it does not answer."""
+    from pipeline.worker.metrics import parse_samples
+
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
     except OSError:
@@ -203,6 +206,8 @@ def bucket_quantile(samples: dict[str, float], name: str, q: float) -> str:
 def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapsed: float, port: int,
               warmed: int) -> None:
     """What happened to the live days (the warm-up of raw input, ``warmed`` transactions, aside)."""
+    import pandas as pd
+
     raw = warmed > 0
     from kafka import KafkaConsumer
 

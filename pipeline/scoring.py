@@ -13,10 +13,7 @@ classifier instead, and its alerts list the features by their contribution to th
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -24,6 +21,7 @@ import torch
 
 from pipeline.artifact import ModelArtifact
 from pipeline.classifier import ATTRIBUTION_STEPS, attributions
+from pipeline.cpus import available_cpus
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.neighbours import knn_distance
 from pipeline.preprocess import Preprocessing
@@ -111,22 +109,6 @@ def _shortest(value: np.floating) -> float:
     (57.16, 57.15999984741211)
     """
     return float(str(np.float32(value)))
-
-
-def available_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
-    """CPUs this process may use: its affinity mask, lowered to a cgroup v2 CPU quota (a
-    container started with ``--cpus 2`` on a 16-core host gets 2, not 16)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    try:
-        quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 quota here
-    return max(1, cpus)
 
 
 class Scorer:

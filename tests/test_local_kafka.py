@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from deploy.kafka.local import (
     wait_until_ready,
 )
 from deploy.kafka.tls import LISTENERS
+from deploy.ports import free_port
 
 
 def test_cluster_ids_never_look_like_an_option() -> None:
@@ -33,18 +33,12 @@ def test_cluster_ids_never_look_like_an_option() -> None:
     assert all(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{21}", i) for i in ids)
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])  # nothing listens once the socket is closed
-
-
 def test_readiness_probe_is_quiet_but_keeps_the_reason(caplog: pytest.LogCaptureFixture) -> None:
     # `make demo` showed kafka-python's ECONNREFUSED ERROR lines while the broker was starting.
     kafka_logger = logging.getLogger("kafka")
     before = kafka_logger.level
     with caplog.at_level(logging.DEBUG), pytest.raises(LocalKafkaError, match="did not answer within") as err:
-        wait_until_ready(f"127.0.0.1:{closed_port()}", timeout_s=1.0)
+        wait_until_ready(f"127.0.0.1:{free_port()}", timeout_s=1.0)
     assert [r for r in caplog.records if r.name.startswith("kafka")] == []
     assert "Unable to bootstrap" in str(err.value) or "Connection" in str(err.value)  # the last error travels
     assert kafka_logger.level == before

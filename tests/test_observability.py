@@ -13,7 +13,6 @@ import json
 import math
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from deploy.ports import free_port
 from deploy.prometheus.render import COMPOSE_CONFIG, JOB, RULES, render_config
 from deploy.prometheus.tools import compose_prometheus_version, find_prometheus, find_promtool
 from pipeline.config import KafkaSettings
@@ -42,12 +42,6 @@ GRAFANA_BUILTINS = {"$__rate_interval": "5s", "$__interval": "2s", "$__range": "
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _get_json(url: str, timeout: float = 5.0) -> Any:
@@ -178,7 +172,7 @@ def live_worker(kafka_settings: KafkaSettings, kafka_env: dict[str, str], model_
     """A `python -m pipeline` subprocess scoring a fed stream; yields its metrics address and log."""
     produce_frame(kafka_settings, stream_frame.iloc[:1000])  # creates the topics too
     produce_bad(kafka_settings)
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "worker.log"
     env = {**kafka_env, "FRAUD_CONSUMER_GROUP": f"obs-{kafka_settings.client_id}", "FRAUD_DEVICE": "cpu"}
     with open(log, "wb") as out:
@@ -210,7 +204,7 @@ def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[
     target, worker_log = live_worker
     config = tmp_path / "prometheus.yml"
     config.write_text(render_config([target], scrape_interval="1s"))
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "prometheus.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(

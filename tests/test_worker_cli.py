@@ -9,18 +9,13 @@ import subprocess
 import sys
 import time
 
+from deploy.ports import free_port
 from tests.kafka_helpers import REPO
 
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
     return {**env, "PYTHONUNBUFFERED": "1", **extra}
-
-
-def _dead_port() -> int:
-    with socket.socket() as s:  # bound, never listening: connections are refused
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_parsing_arguments_loads_neither_torch_nor_kafka() -> None:
@@ -36,7 +31,8 @@ def test_version_and_bad_flags_answer_with_one_line() -> None:
     assert version.returncode == 0 and version.stdout.startswith("fraud-worker ")
     for args in (["--max-batch", "0"], ["--bootstrap-servers", "kafka:abc"], ["--processing-guarantee", "maybe"],
                  ["--partitions", "0", "--bootstrap-servers", "127.0.0.1:1", "--connect-timeout-s", "0"],
-                 ["--log-level", "LOUD"], ["--request-timeout-ms", "9999999999"]):
+                 ["--log-level", "LOUD"], ["--request-timeout-ms", "9999999999"], ["--processes", "0"],
+                 ["--processes", "3", "--metrics-port", "65534"]):
         done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=_env(),
                               capture_output=True, text=True, check=False)
         assert done.returncode == 2, (args, done.stderr)
@@ -44,7 +40,7 @@ def test_version_and_bad_flags_answer_with_one_line() -> None:
 
 
 def test_unreachable_broker_is_said_in_one_line_without_library_noise(tmp_path) -> None:
-    port = _dead_port()
+    port = free_port()
     started = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "pipeline", "--model-dir", str(tmp_path), "--metrics-port", "0",
                            "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout-s", "2"],
@@ -58,7 +54,7 @@ def test_unreachable_broker_is_said_in_one_line_without_library_noise(tmp_path) 
 
 def test_sigterm_during_start_up_ends_cleanly(tmp_path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "--model-dir", str(tmp_path), "--metrics-port", "0",
-                             "--bootstrap-servers", f"127.0.0.1:{_dead_port()}", "--connect-timeout-s", "60"],
+                             "--bootstrap-servers", f"127.0.0.1:{free_port()}", "--connect-timeout-s", "60"],
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 30
     out = ""
@@ -76,7 +72,7 @@ def test_busy_metrics_port_is_said_in_one_line_before_anything_else(tmp_path) ->
         port = busy.getsockname()[1]
         done = subprocess.run([sys.executable, "-m", "pipeline", "--model-dir", str(tmp_path),
                                "--metrics-host", "127.0.0.1", "--metrics-port", str(port),
-                               "--bootstrap-servers", f"127.0.0.1:{_dead_port()}", "--connect-timeout-s", "30"],
+                               "--bootstrap-servers", f"127.0.0.1:{free_port()}", "--connect-timeout-s", "30"],
                               cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

@@ -15,6 +15,7 @@ import orjson
 import pandas as pd
 import pytest
 
+from deploy.ports import free_port
 from pipeline.config import KafkaSettings
 from pipeline.worker.metrics import parse_samples
 from tests.kafka_helpers import REPO
@@ -176,20 +177,12 @@ def test_hot_reload_swaps_models_and_refuses_a_corrupted_one(kafka_settings: Kaf
     watcher.close()
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_metrics_endpoint_exposes_the_series(kafka_settings: KafkaSettings, kafka_env: dict, model_dir: Path,
                                               stream_frame: pd.DataFrame) -> None:
     frame = stream_frame.iloc[:3000]
     produce_frame(kafka_settings, frame)
     produce_bad(kafka_settings)
-    port = _free_port()
+    port = free_port()
     env = {**kafka_env, "FRAUD_METRICS_PORT": str(port), "FRAUD_METRICS_HOST": "127.0.0.1"}
     proc = subprocess.Popen(_worker_cmd(model_dir, f"g5-{kafka_settings.client_id}"), cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -26,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deploy.kafka import tls as tls_listeners
+from deploy.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,6 @@ class BrokerState:
     client_key_password: str | None = None
     sasl_username: str | None = None
     sasl_password: str | None = None
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cluster_id() -> str:
@@ -149,14 +143,14 @@ class LocalKafka:
             return running
         java = _require("java")
         libs = self.ensure_libs()
-        port = port or _free_port()
-        controller_port = _free_port()
+        port = port or free_port()
+        controller_port = free_port()
         run_dir = self.home / f"run-{port}"
         shutil.rmtree(run_dir, ignore_errors=True)
         data_dir = run_dir / "data"
         data_dir.mkdir(parents=True)
         props = run_dir / "server.properties"
-        secure_ports = {name: _free_port() for name in tls_listeners.LISTENERS} if tls else {}
+        secure_ports = {name: free_port() for name in tls_listeners.LISTENERS} if tls else {}
         material = _tls_material(run_dir / "tls") if tls else None
         text = _server_properties(port, controller_port, data_dir, secure_ports)
         props.write_text(text + (tls_listeners.listener_properties(secure_ports, material) if material else ""))

@@ -3,6 +3,7 @@
 Exit codes: 0 after a clean stop (SIGTERM/SIGINT, or ``--exit-when-idle``); 1 when Kafka
 refused the worker's outputs for good or a rebalance listener failed (nothing of the batch
 in hand committed); 2 for a bad flag, setting or model, before anything is consumed.
+With ``--processes N``, the worst exit code of the N workers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(batch jobs, benchmarks)")
     parser.add_argument("--partitions", type=int, default=3,
                         help="partitions for topics this worker has to create")
+    parser.add_argument("--processes", type=int, default=1, metavar="N",
+                        help="run N worker processes in the consumer group, on this host; each serves metrics on "
+                             "--metrics-port + its index (0: none); signals are passed on to all of them")
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
                         help="DEBUG shows kafka-python's own log lines too")
     return parser
@@ -75,6 +79,12 @@ def run(argv: list[str] | None = None) -> int:
         settings = WorkerSettings.build(args)
         if args.partitions < 1:
             raise ConfigError(f"--partitions {args.partitions}: a topic needs at least one partition")
+        if args.processes != 1:
+            from pipeline.worker import launcher
+
+            launcher.check(args.processes, settings.metrics_port)
+            return launcher.launch(sys.argv[1:] if argv is None else argv, args.processes, settings.metrics_port,
+                                   settings.torch_threads, stop)
         log.info("starting with %s and %s", kafka, settings)
         return _serve(kafka, settings, args, stop)
     except FraudPipelineError as err:
@@ -107,13 +117,14 @@ def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namesp
 def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event,
                 metrics: WorkerMetrics) -> int:
     from pipeline.topics import ensure_topics, wait_for_kafka
+
+    wait_for_kafka(kafka, stop=stop)  # before PyTorch and the model load: a wrong address is said at once
+    if stop.is_set():
+        return 0
     from pipeline.worker.app import Worker
     from pipeline.worker.reload import ModelWatcher
     from pipeline.worker.stateful import check_input_form, prepare_topics
 
-    wait_for_kafka(kafka, stop=stop)  # before the slow model load: a wrong address is said within seconds
-    if stop.is_set():
-        return 0
     scorer = load_scorer(Path(settings.model_dir), settings)
     if stop.is_set():
         return 0

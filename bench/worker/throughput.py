@@ -1,0 +1,27 @@
+"""2. The worker as a subprocess (``python -m pipeline``), fresh consumer group, from process start
+(and from partition assignment) to the last commit; 6. its peak RSS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bench.worker.process import run_to_end
+from pipeline.config import KafkaSettings
+
+DEFAULT_BATCH = 4096  # the worker's default --max-batch
+
+
+def bench_worker(settings: KafkaSettings, model_dir: Path, total: int, max_batch: int | None,
+                 mode: str = "at-least-once") -> dict[str, Any]:
+    """Process start (and partition assignment) to the last commit; the idle-exit wait is not counted."""
+    extra = ["--metrics-port", "0", "--exit-when-idle", "3", "--processing-guarantee", mode]
+    if max_batch:
+        extra += ["--max-batch", str(max_batch)]
+    worker, done_at, result, dropped = run_to_end(settings, model_dir, "bench-worker", *extra)
+    from_start = done_at - worker.started
+    from_assign = done_at - (worker.assigned_at or worker.started)
+    return {"mode": mode, "max_batch": max_batch or DEFAULT_BATCH, "records": total, "seconds_from_start": from_start,
+            "seconds_from_assignment": from_assign, "tx_s": total / from_start,
+            "tx_s_from_assignment": total / from_assign, "startup_s": from_start - from_assign,
+            "dropped_starts": dropped, "command": " ".join(worker.command[1:]), **result}
