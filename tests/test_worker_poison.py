@@ -324,3 +324,27 @@ def test_stall_watchdog_rejoins_only_when_partitions_have_no_owner() -> None:
     now[0] = 100
     assert not dog.check(assigned=0)  # the clock restarted when partitions came
 
+
+
+class GroupAdmin:
+    """describe_topics / describe_groups answers in kafka-python 3's shapes."""
+
+    def __init__(self, members: list[tuple[str, list[int]]]) -> None:
+        self.members = members
+
+    def describe_topics(self, topics: list[str]) -> list[dict]:
+        return [{"name": topics[0], "partitions": [{"partition_index": p} for p in range(3)]}]
+
+    def describe_groups(self, groups: list[str]) -> dict:
+        return {groups[0]: {"members": [
+            {"client_id": client, "member_assignment": {"assigned_partitions": [{"topic": "tx", "partitions": parts}]}}
+            for client, parts in self.members]}}
+
+
+def test_partitions_the_group_gives_a_member_whose_consumer_holds_none_count_as_unowned() -> None:
+    from pipeline.worker.liveness import unowned_partitions
+
+    admin = GroupAdmin([("worker-a", [0, 1]), ("worker-b", [2])])
+    assert unowned_partitions(admin, "g", "tx") == 0
+    assert unowned_partitions(admin, "g", "tx", me="worker-b") == 1  # the group thinks b has 2; b has nothing
+    assert unowned_partitions(GroupAdmin([("worker-a", [0])]), "g", "tx", me="worker-c") == 2

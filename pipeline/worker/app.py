@@ -273,7 +273,7 @@ class Worker:
     def _unowned(self) -> int:
         admin = KafkaAdminClient(**self.kafka.client_options(), **RECONNECT, client_id=f"{self.worker_id}-watch")
         try:
-            return unowned_partitions(admin, self.settings.consumer_group, self.kafka.input_topic)
+            return unowned_partitions(admin, self.settings.consumer_group, self.kafka.input_topic, self.worker_id)
         except Exception as err:  # cannot tell: do not disturb the group
             log.debug("could not describe the group: %s", err)
             return 0

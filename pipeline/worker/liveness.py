@@ -9,7 +9,10 @@ Two signals, both in metrics and logs:
   owned by no member of its group (seen once: a start right after the topic was created, the
   member believing it had joined with nothing to do) is stalled. It leaves and joins again
   (a new consumer), counted as ``fraud_errors_total{kind="stalled"}``. A member idle because
-  its group has more members than partitions is not stalled, and is left alone.
+  its group has more members than partitions is not stalled, and is left alone. Partitions the
+  group lists for this very member while its consumer holds none count as unowned: kafka-python
+  3.0.12 can drop the result of a join that finishes while a short poll times out, and the
+  member then logs an empty assignment that the group does not know about.
 """
 
 from __future__ import annotations
@@ -50,11 +53,14 @@ class StallWatchdog:
         return True
 
 
-def unowned_partitions(admin: Any, group: str, topic: str) -> int:
-    """How many partitions of ``topic`` no member of ``group`` owns (kafka-python 3 admin shapes)."""
+def unowned_partitions(admin: Any, group: str, topic: str, me: str | None = None) -> int:
+    """How many partitions of ``topic`` no member of ``group`` owns (kafka-python 3 admin shapes); those
+    the group gives the member whose client id is ``me`` (one that holds none) count as unowned."""
     partitions = {p["partition_index"] for p in admin.describe_topics([topic])[0].get("partitions") or []}
     owned: set[int] = set()
     for member in (admin.describe_groups([group]).get(group) or {}).get("members") or []:
+        if me is not None and member.get("client_id") == me:
+            continue
         assignment = member.get("member_assignment") or {}
         for assigned in assignment.get("assigned_partitions") or []:
             if assigned.get("topic") == topic:
