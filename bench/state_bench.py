@@ -580,30 +580,10 @@ def _worker_table(w: dict[str, Any]) -> list[str]:
 
 
 # -- main ------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.child is not None:
-        spec = json.loads(args.child.read_text())
-        print(json.dumps((memory_child if spec["kind"] == "memory" else restore_child)(spec)))
-        return 0
+def measure(args: argparse.Namespace, results: dict[str, Any], step: Callable[[str, Callable[[], Any]], Any],
+            work: Path) -> None:
+    """Every part asked for, into ``results``."""
     parts = set(args.parts.split(","))
-    if args.json is None or not parts <= set(PARTS):
-        raise SystemExit(f"--json is required and --parts must be among {', '.join(PARTS)}")
-    results: dict[str, Any] = {"machine": wb.machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                               "load": {}}
-
-    def step(name: str, run: Callable[[], Any]) -> Any:
-        """One measurement: the load before it noted, its result saved at once (an interrupted run keeps it)."""
-        results["load"][name] = os.getloadavg()[0]
-        started = time.perf_counter()
-        result = run()
-        wb.log(f"{name} ({time.perf_counter() - started:.0f}s, load {results['load'][name]:.2f}): "
-               f"{str(result)[:300]}")
-        args.json.write_text(json.dumps(results, indent=2, default=str))
-        return result
-
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="state-bench-"))
     frame, results["data"] = simulate_bank(args)
     held = held_events(frame)
     results["data"]["held"] = {k: float(np.mean(v)) for k, v in held.items() if k != "now_ms"}
@@ -624,8 +604,36 @@ def main(argv: list[str] | None = None) -> int:
                     for n in args.restore_customers.split(",")]
             if "worker" in parts:
                 results["worker"] = bench_workers(bootstrap, data_dir, frame, args, work, step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child is not None:
+        spec = json.loads(args.child.read_text())
+        print(json.dumps((memory_child if spec["kind"] == "memory" else restore_child)(spec)))
+        return 0
+    if args.json is None or not set(args.parts.split(",")) <= set(PARTS):
+        raise SystemExit(f"--json is required and --parts must be among {', '.join(PARTS)}")
+    results: dict[str, Any] = {"machine": wb.machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                               "load": {}}
+
+    def step(name: str, run: Callable[[], Any]) -> Any:
+        """One measurement: the load before it noted, its result saved at once (an interrupted run keeps it)."""
+        results["load"][name] = os.getloadavg()[0]
+        started = time.perf_counter()
+        result = run()
+        wb.log(f"{name} ({time.perf_counter() - started:.0f}s, load {results['load'][name]:.2f}): "
+               f"{str(result)[:300]}")
+        args.json.write_text(json.dumps(results, indent=2, default=str))
+        return result
+
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="state-bench-"))
+    try:
+        measure(args, results, step, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     args.json.write_text(json.dumps(results, indent=2, default=str))
-    shutil.rmtree(work, ignore_errors=True)
     print(table(results))
     print("\n1-minute load average before each measurement: "
           + ", ".join(f"{k} {v:.2f}" for k, v in results["load"].items()))
