@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,65 @@ def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert [(p["processes"], p["records"], p["returncode"]) for p in results["processes"]] == [(1, streamed, 0),
                                                                                               (2, streamed, 0)]
     assert list(results["worker"][0]["ready"]) == ["settings_parsed_s", "model_served_s", "assigned_s"]
+
+
+STATE_BANK = ("--customers", "300", "--terminals", "600", "--warmup-days", "10", "--train-days", "5",
+              "--stream-days", "3")
+
+
+def test_state_bench_feature_stages_and_memory(tmp_path: Path) -> None:
+    out = tmp_path / "state.json"
+    printed = run_script("bench/state_bench.py", "--json", out, "--parts", "features,memory", *STATE_BANK,
+                         "--memory-customers", "2000", "--memory-terminals", "3000", "--grown-entities", "200")
+    results = json.loads(out.read_text())
+    rows = results["data"]["rows"]
+    frauds = int(simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=18, seed=7))["TX_FRAUD"].sum())
+    assert results["features"]["feature_rows"]["events"] == rows
+    stages = results["features"]["stages"]
+    assert (stages["raw"], stages["labels"], stages["failed"]) == (rows, frauds, 0)  # every label sent, none lost
+    assert stages["all"]["events"] == rows and stages["all"]["events_s"] > 0 and "steady" not in stages  # 18 days
+    assert 0 < stages["changelog_records"] <= rows + frauds
+    memory = results["memory"]
+    assert (memory["customer"]["restored"]["entities"], memory["terminal"]["restored"]["entities"]) == (2000, 3000)
+    for entity in ("customer", "terminal"):
+        restored, grown = memory[entity]["restored"], memory[entity]["grown"]
+        assert grown["entities"] == 200 and restored["mean_events"] > 5  # 18 days of a 0-4 tx/day bank
+        # a state in memory holds at least its serialized events (8 bytes each per column), and objects
+        assert restored["serialized_bytes"] < restored["tracemalloc_bytes"] < 4 * restored["serialized_bytes"]
+        assert restored["serialized_bytes"] < grown["tracemalloc_bytes"] < 4 * restored["serialized_bytes"]
+    assert "| customer, restored from its changelog record | 2,000 |" in printed
+
+
+@pytest.mark.integration
+def test_state_bench_restore_and_worker_raw_vs_featured(kafka_bootstrap: str, tmp_path: Path) -> None:
+    out = tmp_path / "state.json"
+    run_script("bench/state_bench.py", "--json", out, "--parts", "restore,worker", *STATE_BANK, "--epochs", "1",
+               "--restore-customers", "500,1500", "--restore-partitions", "2", "--restore-repeats", "2",
+               "--worker-repeats", "1", "--bootstrap-servers", kafka_bootstrap, timeout=420)
+    results = json.loads(out.read_text())
+    assert [(r["customers"], r["records"], r["entities"]) for r in results["restore"]] == [
+        (500, 500, 500), (1500, 1500, 1500)]
+    assert all(len(r["per_partition"]) == 2 and r["seconds"] == min(r["all_seconds"]) > 0 and r["peak_rss_mib"] > 0
+               and len(r["all_seconds"]) == 2 for r in results["restore"])
+    worker = results["worker"]
+    streamed = worker["stream_rows"]
+    assert worker["fill"]["featured"]["records"] == worker["fill"]["raw"]["records"] == streamed > 0
+    runs = worker["runs"]
+    assert [len(runs["featured"]), len(runs["raw"])] == [1, 1]
+    featured, raw = runs["featured"][0], runs["raw"][0]
+    assert featured["records"] == raw["records"] == streamed
+    assert all(run["returncode"] == 0 and run["summary"][0].startswith(f"consumed {streamed}: {streamed} scored")
+               for run in (featured, raw))
+    # the raw worker restored the history's state and computed the table's features: (nearly) the same alerts
+    # (from empty state, its features and alerts were far from the featured run's)
+    state = worker["fill"]["raw_state"]
+    assert 0 < state["customers"] <= 300 and 0 < state["terminals"] <= 600
+    assert state["records"] == state["customers"] + state["terminals"]
+    for kind in ("customer", "terminal"):
+        assert raw["metrics"][f"fraud_state_restored_records_total{{store={kind}}}"] == state[f"{kind}s"]
+    alerts = [int(re.search(r"(\d+) alerts", run["summary"][0])[1]) for run in (featured, raw)]
+    assert alerts[0] > 0 and abs(alerts[0] - alerts[1]) <= max(2, alerts[0] // 20)
+    internal = raw["internal_topics"]
+    assert internal["by-terminal-repartition"]["records"] == streamed  # each transaction through the terminal stage
+    for kind in ("customer", "terminal"):  # the restored state, then what the worker changed
+        assert internal[f"{kind}-windows-changelog"]["records"] > state[f"{kind}s"]
