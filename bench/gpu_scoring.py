@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=Path, default=None,
                    help="root of one model version per score method (trained there when missing; "
                         "default: a temporary folder)")
-    p.add_argument("--scores", default=",".join(SCORES), help="score methods to measure")
+    p.add_argument("--scores", default=None, help="score methods to measure (default: reconstruction,hybrid)")
     p.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated batch sizes")
     p.add_argument("--cpu-max-batch", type=int, default=CPU_MAX_BATCH, help="larger sizes run on CUDA only")
     p.add_argument("--min-seconds", type=float, default=1.0, help="time each figure at least this long")
@@ -121,7 +121,7 @@ def table(results: list[dict[str, Any]], score: str) -> str:
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
-    models = prepare_models(args.models, tuple(args.scores.split(",")))
+    models = prepare_models(args.models, tuple(args.scores.split(",")) if args.scores else SCORES)
     env = environment()
     print(f"{env}\n" + ("" if env["gpu"] else "no CUDA GPU here: CPU only\n"), flush=True)
     report: dict[str, Any] = {"environment": env, "models": {s: p.name for s, p in models.items()},
