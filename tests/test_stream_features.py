@@ -276,3 +276,33 @@ def test_garbage_or_an_empty_topic_says_nothing_at_start() -> None:
     _judge([], Model("raw"), "tx")
     _judge([b"{not json", b"[1]"], Model("features"), "tx")
     _judge([RAW], Model("raw"), "tx")
+
+
+class StuckChangelog:
+    """A consumer whose changelog partition has 10 records that never arrive."""
+
+    def assign(self, partitions: list) -> None: ...
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None: ...
+
+    def end_offsets(self, partitions: list) -> dict:
+        return {tp: 10 for tp in partitions}
+
+    def position(self, tp: TopicPartition) -> int:
+        return 0
+
+    def poll(self, timeout_ms: int) -> dict:
+        return {}
+
+
+def test_a_stop_during_restore_never_leaves_a_half_restored_store_in_service() -> None:
+    from pipeline.config import KafkaSettings
+    from pipeline.worker.delivery import StopWithoutCommit
+    from pipeline.worker.stateful import Restorer, Store
+
+    restorer = Restorer(KafkaSettings.build(environ={}, overrides={}), "w", {})
+    restorer.consumer = StuckChangelog()  # type: ignore[assignment]
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(StopWithoutCommit, match="restoring"):
+        restorer.restore("changelog", 0, Store(CustomerWindows, CustomerWindows.from_bytes), stop)

@@ -174,7 +174,7 @@ class Worker:
                     self._rejoin()
             self._process_pending()
         except StopWithoutCommit as err:
-            log.warning("stopped while Kafka was unreachable (%s); the batch in hand was not committed", err)
+            log.warning("stopped before the batch in hand was committed (%s); nothing of it was committed", err)
         finally:
             self._close()
         return self.stats

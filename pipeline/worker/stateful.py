@@ -52,6 +52,7 @@ from pipeline.streamfeatures import (
     calendar,
     event_id,
 )
+from pipeline.worker.delivery import StopWithoutCommit
 from pipeline.worker.outputs import Output, processing_error
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,8 @@ class Restorer:
             elif time.monotonic() - progress_at > RESTORE_STALL_S:
                 raise RestoreFailed(f"restoring {topic}[{partition}] stalled at offset "
                                     f"{consumer.position(tp)} of {end} for {RESTORE_STALL_S:.0f}s")
+        if stop.is_set() and consumer.position(tp) < end:  # never score from a half-restored store
+            raise StopWithoutCommit(f"asked to stop while restoring {topic}[{partition}]")
         return count
 
     def close(self) -> None:
