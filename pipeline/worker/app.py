@@ -33,7 +33,7 @@ from pipeline.worker.liveness import StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
-from pipeline.worker.stateful import FeatureStages, Restorer, prepare_topics
+from pipeline.worker.stateful import FeatureStages, Restorer, StateTopics, prepare_topics
 from pipeline.worker.transactions import ExactlyOnce
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,11 @@ class Worker:
         *,
         take_new_scorer: Callable[[], Scorer | None] = lambda: None,
         clock: Callable[[], float] = time.time,
+        state_topics: StateTopics | None = None,
     ) -> None:
+        """``state_topics``: raw input's topics, when the caller has made them ready (else ``run`` does)."""
         self.kafka, self.settings, self.metrics = kafka, settings, metrics
+        self.state_topics = state_topics
         self.clock = clock
         self.take_new_scorer = take_new_scorer
         self.ledger = Ledger(metrics, clock)
@@ -130,7 +133,7 @@ class Worker:
         artifact = self.scorer.artifact
         if artifact.input_form != "raw":
             return None
-        topics = prepare_topics(self.kafka, self.settings.consumer_group)
+        topics = self.state_topics or prepare_topics(self.kafka, self.settings.consumer_group)
         restorer = Restorer(self.kafka, self.worker_id, {**self.kafka.client_options(), **RECONNECT})
         return FeatureStages(topics, artifact.feature_delay_days, restorer, self.metrics,
                              self.settings.max_record_bytes, self.stop)
@@ -261,7 +264,7 @@ class Worker:
         staged = stages.stage(raw, labels)
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed)
         outcome.outputs += staged.outputs + stages.changelog()
-        return outcome, staged.raw_records
+        return outcome, len(raw)
 
     def _rewind(self, records: Sequence[Any]) -> None:
         """After an aborted transaction: read the batch again where this worker still owns it."""

@@ -131,11 +131,12 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
     outputs = [kafka.alerts_topic, kafka.dead_letter_topic, *([kafka.features_topic] if kafka.features_topic else [])]
     ensure_topics(kafka, [kafka.input_topic, *outputs], args.partitions)
     check_input_form(kafka, scorer.artifact)  # a model/topic mismatch is said at once, not as dead letters
-    if scorer.artifact.input_form == "raw":
-        prepare_topics(kafka, settings.consumer_group)  # a partition-count mismatch is a bad setting: exit 2
+    # raw input: a partition-count mismatch of its topics is a bad setting, said here (exit 2)
+    state_topics = prepare_topics(kafka, settings.consumer_group) if scorer.artifact.input_form == "raw" else None
     watcher = ModelWatcher(settings.model_dir, lambda p: load_scorer(p, settings), metrics,
                            settings.reload_interval_s)
-    worker = Worker(kafka, settings, scorer, metrics, take_new_scorer=watcher.take)  # type: ignore[arg-type]
+    worker = Worker(kafka, settings, scorer, metrics, take_new_scorer=watcher.take,  # type: ignore[arg-type]
+                    state_topics=state_topics)
     worker.stop = stop
     watcher.start()
     try:

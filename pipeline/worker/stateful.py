@@ -41,7 +41,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError, FraudPipelineError
-from pipeline.schema import RecordError, Transaction, decode, encode
+from pipeline.schema import FLOAT32_MAX, RecordError, Transaction, decode, encode
 from pipeline.streamfeatures import (
     CALENDAR_FEATURES,
     CUSTOMER_FEATURES,
@@ -107,8 +107,6 @@ def entity_key(fields: dict[str, Any], name: str) -> str | RecordError:
 
 def amount_of(fields: dict[str, Any]) -> float | RecordError:
     """The transaction amount: a finite number."""
-    from pipeline.schema import FLOAT32_MAX
-
     value = fields.get(AMOUNT)
     if value is None:
         return RecordError("missing_field", AMOUNT, "raw transactions need it")
@@ -197,7 +195,6 @@ class Staged:
 
     outputs: list[Output]
     failed: list[tuple[Any, RecordError]]
-    raw_records: int
 
 
 class FeatureStages:
@@ -268,7 +265,7 @@ class FeatureStages:
 
     def stage(self, raw: Sequence[Any], labels: Sequence[Any]) -> Staged:
         """Customer stage on raw records (repartition records out) and label records into terminal state."""
-        out = Staged([], [], len(raw))
+        out = Staged([], [])
         for record in raw:
             self._isolated(record, out, self._customer)
         for record in labels:
