@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -403,6 +404,26 @@ def test_hundred_thousand_hostile_records_among_good_ones(settings: KafkaSetting
     check_outcome(settings, model_dir, frame, group, mode, "100,000 hostile records among good ones")
 
 
+class ChangingPace(threading.Thread):
+    """Sends ``(topic, key, value)`` messages at ``rate`` per second, a rate the test may change meanwhile."""
+
+    def __init__(self, messages: list, producer: KafkaProducer, rate: float, chunk: int = 50) -> None:
+        super().__init__(daemon=True)
+        self.messages, self.producer, self.rate, self.chunk = messages, producer, rate, chunk
+        self.acked, self.errors = 0, []
+
+    def _ok(self, _meta: object) -> None:
+        self.acked += 1
+
+    def run(self) -> None:
+        for start in range(0, len(self.messages), self.chunk):
+            for topic, key, value in self.messages[start: start + self.chunk]:
+                self.producer.send(topic, key=key, value=value).add_callback(self._ok).add_errback(
+                    self.errors.append)
+            time.sleep(self.chunk / self.rate)
+        self.producer.flush(timeout=60)
+
+
 def _summary(out: str) -> tuple[str, str, str]:
     line = out.rsplit("consumed ", 1)[1].splitlines()[0]  # consumed N: S scored, I dead-lettered, ...
     consumed, rest = line.split(":", 1)
@@ -417,15 +438,23 @@ def test_raw_features_survive_kill_and_rebalance(settings: KafkaSettings, raw_mo
     next one) and a second worker joins and leaves (stores move with their partitions): every streamed
     feature equals the offline table; under exactly-once each transaction's features appear once.
 
-    The stream is paced at about one simulated day per second, and the second worker joins once the
-    first has caught up the backlog the kill left: two workers' input partitions then stay well within
-    the 7-day label delay of each other, as a live stream's do (seconds apart). One worker keeps its own
-    partitions aligned in event time whatever the backlog; several workers catching up a backlog longer
-    than the delay at once could skew the repartition topic by more than the delay, and count such
-    transactions in ``fraud_late_events_total``."""
+    The stream is paced at one simulated day per second until the restarted worker has its partitions,
+    so that it catches up a backlog of days (one worker keeps its own partitions aligned in event time
+    whatever the backlog), then at one day per 4 s while the second worker joins and leaves mid-stream:
+    a rebalance then moves two workers' partitions about a day apart in event time, well within the
+    7-day label delay, as a live stream's move seconds apart. Several workers catching up a backlog
+    longer than the delay at once could skew the repartition topic by more than the delay, and count
+    such transactions in ``fraud_late_events_total``. On a mismatch the failure says how many
+    transactions were scored before an event of their window was (event-time skew) and how many
+    late events the workers counted; a mismatch with neither would be lost state."""
     from producer.send import make_producer, send_records
     from producer.simulator import SimulatorConfig, simulate
-    from tests.test_stream_features_kafka import assert_equal_to_offline, split_messages, streamed_features
+    from tests.test_stream_features_kafka import (
+        assert_equal_to_offline,
+        scored_before_their_window,
+        split_messages,
+        streamed_features,
+    )
 
     frame = simulate(SimulatorConfig(n_customers=600, n_terminals=1200, n_days=40, seed=5,
                                      terminals_compromised_per_day=0.5))
@@ -439,8 +468,7 @@ def test_raw_features_survive_kill_and_rebalance(settings: KafkaSettings, raw_mo
     group = f"raw-{settings.client_id}"
     workers = Workers(settings, raw_model_dir, group, mode, tmp_path)
     workers.env.update({"FRAUD_LABELS_TOPIC": settings.labels_topic, "FRAUD_FEATURES_TOPIC": settings.features_topic})
-    sender = threading.Thread(target=send_records, args=(transactions, settings.input_topic, producer),
-                              kwargs={"rate": per_day, "progress": False}, daemon=True)
+    sender = ChangingPace(transactions, producer, rate=per_day)  # one simulated day per second
     first, first_log = workers.start()
     assert wait_for(lambda: assigned(first_log), 90), first_log.read_text()[-3000:]
     sender.start()
@@ -450,24 +478,39 @@ def test_raw_features_survive_kill_and_rebalance(settings: KafkaSettings, raw_mo
     second, second_log = workers.start()
     # it catches up the backlog the kill left (one worker keeps its partitions aligned in event time) ...
     assert wait_for(lambda: assigned(second_log), 90), second_log.read_text()[-3000:]
+    # ... while the stream goes on at a day per 4 s: a rebalance then moves event time by about a day, not
+    # by more than the 7-day label delay (live, a rebalance moves it by seconds)
+    sender.rate = per_day / 4
     time.sleep(2)
     assert wait_for(lambda: input_lag(settings, group) < per_day, 120), second_log.read_text()[-3000:]
     third, third_log = workers.start()  # ... then the partitions and their stores split between two workers ...
     assert wait_for(lambda: assigned(third_log), 90), third_log.read_text()[-3000:]
+    assert sender.is_alive(), "the stream ended before the rebalance: nothing was in flight when stores moved"
     time.sleep(2)
     third.send_signal(signal.SIGTERM)  # ... and come back to one
     assert third.wait(60) == 0, third_log.read_text()[-3000:]
+    sender.rate = per_day * 2
     sender.join(180)
+    assert sender.acked == len(transactions), sender.errors
     producer.close()
     second.send_signal(signal.SIGTERM)
     assert second.wait(60) == 0, second_log.read_text()[-3000:]
     workers.drain()
     assert wait_for(lambda: committed_to_end(settings, group), timeout_s=120), "offsets not committed to the end"
-    seen = streamed_features(settings, len(transactions))
+    scored_at: dict[str, int] = {}
+    seen = streamed_features(settings, len(transactions), scored_at)
     copies = sum(len(c) for c in seen.values())
+    late = sum(int(n) for log in tmp_path.glob("worker-*.log")
+               for n in re.findall(r"(\d+) late events", log.read_text()))
     print(f"chaos: raw input, kill -9 + rebalance 1 -> 2 -> 1: {{'mode': '{mode}', 'transactions': "
           f"{len(transactions)}, 'labels': {len(labels)}, 'features_records': {copies}, "
-          f"'repeated': {copies - len(seen)}}}")
-    assert_equal_to_offline(frame, seen)
+          f"'repeated': {copies - len(seen)}, 'late_events': {late}}}")
+    try:
+        assert_equal_to_offline(frame, seen)
+    except AssertionError as err:
+        skewed = scored_before_their_window(frame, scored_at)
+        raise AssertionError(f"{late} late events counted by the workers that stopped cleanly; {len(skewed)} "
+                             f"transactions scored before an event of their window (first: "
+                             f"{sorted(skewed.items())[:3]})\n{err}") from None
     if mode == "exactly-once":
         assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"

@@ -306,3 +306,93 @@ def test_a_stop_during_restore_never_leaves_a_half_restored_store_in_service() -
     stop.set()
     with pytest.raises(StopWithoutCommit, match="restoring"):
         restorer.restore("changelog", 0, Store(CustomerWindows, CustomerWindows.from_bytes), stop)
+
+
+# -- event-time alignment of a worker's input partitions ------------------------------------------------
+class AligningConsumer:
+    """What ``FeatureStages.align`` reads and sets on a consumer: positions, high watermarks, pauses."""
+
+    def __init__(self, partitions: int = 3) -> None:
+        self.parts = [TopicPartition(TOPICS.input, p) for p in range(partitions)]
+        self.positions = dict.fromkeys(self.parts, 0)
+        self.ends: dict[TopicPartition, int | None] = dict.fromkeys(self.parts)  # None: not fetched yet
+        self.held: set[TopicPartition] = set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return {*self.parts, TopicPartition(TOPICS.repartition, 0)}
+
+    def highwater(self, tp: TopicPartition) -> int | None:
+        return self.ends[tp]
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.held)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.held.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.held.difference_update(tps)
+
+
+HOUR = 3_600_000
+
+
+def test_a_partition_not_fetched_yet_holds_the_others_past_the_idle_limit(caplog: pytest.LogCaptureFixture) -> None:
+    """Just assigned, partition 0 has read a day of its backlog while 1 and 2 were not fetched yet (a slow
+    first batch): 0 waits for them, however long past ALIGN_IDLE_S, until they are read, or until
+    ALIGN_UNFETCHED_MAX_S if they never are (then with one warning)."""
+    made, consumer = stages(), AligningConsumer()
+    p0, p1, p2 = consumer.parts
+    made.event_times[0] = 24 * HOUR
+    consumer.ends[p0], consumer.positions[p0] = 9000, 3000
+    for now in (0.0, 0.5, 5.0, 29.0):
+        made.align(consumer, now=now)
+        assert consumer.held == {p0}, now
+    consumer.ends[p1], consumer.positions[p1] = 8000, 0  # fetched: records to read, event time not known yet
+    made.align(consumer, now=29.5)
+    assert consumer.held == {p0}
+    made.event_times[1] = HOUR  # read: 23 h behind partition 0
+    made.align(consumer, now=40.0)  # partition 2 never fetched: the others go on without it, with a warning
+    assert consumer.held == {p0}
+    made.event_times[1] = 23 * HOUR + 1
+    made.align(consumer, now=41.0)
+    assert consumer.held == set()
+    assert [r.getMessage() for r in caplog.records].count(
+        f"input partition {p2} not fetched 40 s after assignment; the others go on without it (its late "
+        "transactions count in fraud_late_events_total)") == 1
+
+
+def test_a_partition_with_records_to_read_holds_the_others_however_long() -> None:
+    made, consumer = stages(), AligningConsumer(2)
+    p0, p1 = consumer.parts
+    made.event_times.update({0: 10 * HOUR, 1: 2 * HOUR})
+    consumer.ends.update({p0: 500, p1: 500})
+    consumer.positions.update({p0: 100, p1: 100})
+    for now in (0.0, 10.0, 100.0):
+        made.align(consumer, now=now)
+        assert consumer.held == {p0}
+    consumer.positions[p1] = 500  # read all it has: it holds partition 0 for ALIGN_IDLE_S, no longer
+    made.align(consumer, now=100.5)
+    assert consumer.held == {p0}
+    made.align(consumer, now=101.6)
+    assert consumer.held == set()
+    consumer.ends[p1] = 600  # more arrives, behind partition 0: it holds again
+    made.align(consumer, now=102.0)
+    assert consumer.held == {p0}
+
+
+def test_alignment_timers_start_again_when_a_partition_comes_back() -> None:
+    made, consumer = stages(), AligningConsumer(2)
+    p0, p1 = consumer.parts
+    made.event_times[0] = 10 * HOUR
+    consumer.ends[p0] = 500
+    made.align(consumer, now=0.0)
+    made.align(consumer, now=31.0)  # partition 1 never fetched: given up on
+    assert consumer.held == set()
+    made.forget({p1})  # revoked, then assigned again: a new wait
+    made.align(consumer, now=32.0)
+    made.align(consumer, now=40.0)
+    assert consumer.held == {p0}

@@ -59,8 +59,12 @@ def send(settings: KafkaSettings, messages: list) -> None:
     assert report.acked == len(messages), report.errors
 
 
-def streamed_features(settings: KafkaSettings, expect: int) -> dict[str, list[np.ndarray]]:
-    """Every features record by transaction id (a list: at-least-once may repeat one)."""
+def streamed_features(settings: KafkaSettings, expect: int,
+                      scored_at: dict[str, int] | None = None) -> dict[str, list[np.ndarray]]:
+    """Every features record by transaction id (a list: at-least-once may repeat one).
+
+    ``scored_at``, if given, receives each transaction's first features record's timestamp (ms).
+    """
     assert settings.features_topic
     records = read_topic(settings, settings.features_topic, expect=expect, timeout_s=60,
                          isolation_level="read_committed")
@@ -69,7 +73,28 @@ def streamed_features(settings: KafkaSettings, expect: int) -> dict[str, list[np
         value = orjson.loads(record.value)
         seen.setdefault(value["transaction_id"], []).append(
             np.array([value[name] for name in HANDBOOK_FEATURES], dtype=np.float64))
+        if scored_at is not None:
+            tx_id = value["transaction_id"]
+            scored_at[tx_id] = min(scored_at.get(tx_id, record.timestamp), record.timestamp)
     return seen
+
+
+def scored_before_their_window(frame: pd.DataFrame, scored_at: dict[str, int], delay_days: int = 7,
+                               window_days: int = 30) -> dict[str, list[str]]:
+    """Transactions scored before an event their terminal window holds had been scored (reached the
+    terminal stage too late for them): tx id -> those events' ids. A diagnostic for a mismatch: one
+    explained here is event-time skew between partitions; one that is not is lost state."""
+    day = pd.Timedelta(days=1)
+    out: dict[str, list[str]] = {}
+    for _terminal, rows in frame.groupby("TERMINAL_ID"):
+        times, ids = rows["TX_DATETIME"].to_numpy(), rows["TRANSACTION_ID"].astype(str).to_numpy()
+        for t, tx_id in zip(times, ids, strict=True):
+            lo, hi = t - (delay_days + window_days) * day, t - delay_days * day
+            before = [e for e, te in zip(ids, times, strict=True)
+                      if lo < te <= hi and scored_at.get(e, 0) > scored_at.get(tx_id, 0)]
+            if before:
+                out[tx_id] = before
+    return out
 
 
 def assert_equal_to_offline(frame: pd.DataFrame, seen: dict[str, list[np.ndarray]]) -> None:

@@ -63,6 +63,7 @@ MAX_KEY_CHARS = 256
 RESTORE_STALL_S = 60.0  # a restore that makes no progress this long stops the worker
 ALIGN_MS = 3_600_000  # an input partition more than this ahead in event time waits for the others ...
 ALIGN_IDLE_S = 1.0  # ... and for one that has read all it has, this long for more (Kafka Streams' max.task.idle.ms)
+ALIGN_UNFETCHED_MAX_S = 30.0  # ... and for one never fetched since assignment, at most this long
 
 W = TypeVar("W", CustomerWindows, TerminalWindows)
 
@@ -210,12 +211,20 @@ class FeatureStages:
         self._stale: set[int] = set()  # partitions whose stores must be restored again (revoked meanwhile)
         self.event_times: dict[int, int] = {}  # input partition -> latest event time its records carried
         self._idle_since: dict[TopicPartition, float] = {}
+        self._unfetched_since: dict[TopicPartition, float] = {}
+        self._gave_up: set[TopicPartition] = set()  # never fetched for ALIGN_UNFETCHED_MAX_S: warned once
+        self.late_events = 0  # as fraud_late_events_total counts them, for the end-of-run summary
 
     # -- ownership ----------------------------------------------------------------------
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Partitions revoked or lost (called on the consumer's IO thread): restore them if they come back."""
+        partitions = set(partitions)
         with self._lock:
             self._stale.update(tp.partition for tp in partitions if tp.topic in self.topics.consumed)
+        for tp in partitions:  # alignment timers start again at the next assignment
+            self._idle_since.pop(tp, None)
+            self._unfetched_since.pop(tp, None)
+            self._gave_up.discard(tp)
 
     def discard(self, records: Sequence[Any]) -> None:
         """After an aborted transaction: the stores the batch touched are restored before their next use."""
@@ -319,33 +328,51 @@ class FeatureStages:
         eid = event_id(tx.transaction_id)
         if windows.times and windows.times[-1] - tx.event_time_ms >= self.delay_ms and eid not in windows.ids:
             self.metrics.late_events.inc()  # a transaction scored earlier should have counted this one
+            self.late_events += 1
         derived = windows.update(eid, tx.event_time_ms)
         tx.fields.update(zip(TERMINAL_FEATURES, derived, strict=True))
         return None
 
-    def align(self, consumer: Any) -> None:
+    def align(self, consumer: Any, now: float | None = None) -> None:
         """Keep this worker's input partitions within ``ALIGN_MS`` of each other in event time.
 
         A backlog (or a producer replaying history faster than real time) would otherwise be
         read one partition after another, and the repartition topic would carry a terminal's
         transactions days out of order: a window that looks 7 days back would miss some. A
-        partition ahead of the slowest one waits (paused) until that one catches up. A partition
-        whose event time is not known yet (just assigned) holds every other one back until its
-        first records are read; one that has read all it has holds the others for
-        ``ALIGN_IDLE_S`` at most, and so does an unknown one that reads nothing.
+        partition ahead of the slowest one waits (paused) until that one catches up.
+
+        Which partitions hold the others back (Kafka Streams' rule, KIP-695): one with records
+        on the broker not read yet (position below the last high watermark seen), or whose
+        high watermark is not known yet (not fetched since assignment), holds them until it has
+        read them, however long that takes; a partition whose event time is not known yet holds
+        every other one. Only a partition that has read all it has holds them for no more than
+        ``ALIGN_IDLE_S`` (``max.task.idle.ms``): a quiet partition must not stop a live stream.
+        A partition never fetched at all stops holding after ``ALIGN_UNFETCHED_MAX_S``, with a
+        warning, so that one unreachable partition cannot stop the others for good.
         """
-        waiting, now = {}, time.monotonic()
+        now = time.monotonic() if now is None else now
+        waiting = {}
         for tp in consumer.assignment():
             if tp.topic != self.topics.input:
                 continue
             known = self.event_times.get(tp.partition)
+            at = known if known is not None else -ALIGN_MS  # unknown: hold everyone
             end = consumer.highwater(tp)
-            more = end is None or consumer.position(tp) < end
-            if more and known is not None:
+            if end is None:  # not fetched since assignment: how much it has is not known yet
+                since = self._unfetched_since.setdefault(tp, now)
+                if now - since < ALIGN_UNFETCHED_MAX_S:
+                    waiting[tp] = at
+                elif tp not in self._gave_up:
+                    self._gave_up.add(tp)
+                    log.warning("input partition %s not fetched %.0f s after assignment; the others go on "
+                                "without it (its late transactions count in fraud_late_events_total)",
+                                tp, now - since)
+            elif consumer.position(tp) < end:  # records to read: hold the others until they are read
                 self._idle_since.pop(tp, None)
-                waiting[tp] = known
+                self._gave_up.discard(tp)
+                waiting[tp] = at
             elif now - self._idle_since.setdefault(tp, now) < ALIGN_IDLE_S:
-                waiting[tp] = known if known is not None else -ALIGN_MS  # unknown: hold everyone
+                waiting[tp] = at
         floor = min(waiting.values(), default=None)
         ahead = {tp for tp, t in waiting.items() if floor is not None and t > floor + ALIGN_MS}
         paused = {tp for tp in consumer.paused() if tp.topic == self.topics.input}  # of the current assignment
