@@ -313,6 +313,9 @@ class WorkerSettings(SettingsBase):
         "isolation.level=read_committed see each output once)", choices=("at-least-once", "exactly-once"))
     transaction_timeout_ms: int = setting(10_000, "exactly-once: the broker aborts a transaction left open "
                                                    "this long (a crashed worker's), so readers move on")
+    max_in_flight: int = setting(4, "at-least-once, featured input: batches whose outputs may still await "
+                                    "acknowledgement while the next are read and scored (committed in order); "
+                                    "1 waits for each batch's acknowledgements before reading on")
     stall_timeout_s: float = setting(30.0, "a worker with no partition this long, while some input partition "
                                            "has no owner in the group, joins again; 0 disables")
 
@@ -333,6 +336,8 @@ class WorkerSettings(SettingsBase):
         if not 1000 <= self.transaction_timeout_ms <= 900_000:
             raise ConfigError(f"transaction_timeout_ms={self.transaction_timeout_ms} must be between 1000 and "
                               "900000 (the broker's default transaction.max.timeout.ms)")
+        if not 1 <= self.max_in_flight <= 64:
+            raise ConfigError(f"max_in_flight={self.max_in_flight} must be between 1 and 64")
         if self.stall_timeout_s < 0:
             raise ConfigError(f"stall_timeout_s={self.stall_timeout_s} must be >= 0 (0 disables)")
 

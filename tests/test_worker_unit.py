@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from kafka import TopicPartition
 from kafka.errors import KafkaTimeoutError
 from prometheus_client import CollectorRegistry, Histogram
 
@@ -150,6 +151,107 @@ def test_process_commits_only_after_publishing(worker: Worker) -> None:
                 if topic == worker.kafka.alerts_topic]
     alert = orjson.loads(value)
     assert alert["transaction_id"] == "x" and alert["score"] > alert["threshold"]  # finite, not null
+
+
+class PendingFuture:
+    """A send whose acknowledgement the test gives (or refuses) when it likes; ``get`` gives it at once."""
+
+    def __init__(self, log: list[str], name: str) -> None:
+        self.log, self.name, self.is_done, self.error = log, name, False, None
+
+    def ack(self, error: BaseException | None = None) -> None:
+        self.is_done, self.error = True, error
+
+    def get(self, timeout=None):
+        if not self.is_done:
+            self.log.append(f"waited for {self.name}")
+            self.ack()
+        if self.error is not None:
+            raise self.error
+
+
+class HeldProducer:
+    """Hands out PendingFutures; resends (after a failure) are acknowledged at once."""
+
+    def __init__(self, log: list[str]) -> None:
+        self.log, self.futures, self.sent = log, {}, []
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
+        self.sent.append(value)
+        if value in self.futures:
+            return _Done()
+        self.futures[value] = future = PendingFuture(self.log, value.decode())
+        return future
+
+
+class OwningConsumer:
+    def __init__(self, log: list[str], owned: set) -> None:
+        self.log, self.owned, self.commits = log, owned, []
+
+    def assignment(self) -> set:
+        return set(self.owned)
+
+    def commit(self, offsets) -> None:
+        self.commits.append({(tp.partition, meta.offset) for tp, meta in offsets.items()})
+        self.log.append("commit")
+
+
+def pipelined(max_in_flight: int, owned: set | None = None) -> tuple[AtLeastOnce, HeldProducer, OwningConsumer,
+                                                                      list[str]]:
+    log: list[str] = []
+    consumer = OwningConsumer(log, owned if owned is not None else {TopicPartition("in", p) for p in range(3)})
+    delivery = AtLeastOnce({}, consumer, WorkerMetrics(CollectorRegistry()), threading.Event(),  # type: ignore
+                           max_backoff_s=0.01, ack_timeout_s=1, max_in_flight=max_in_flight)
+    delivery.producer = producer = HeldProducer(log)  # type: ignore[assignment]
+    return delivery, producer, consumer, log
+
+
+def test_batches_in_flight_are_committed_in_order_once_acknowledged() -> None:
+    delivery, producer, consumer, log = pipelined(4)
+    tp0, tp1 = TopicPartition("in", 0), TopicPartition("in", 1)
+    delivery.submit([Output("alerts", b"k", b"a")], {tp0: 10}, lambda: log.append("counted a"))
+    delivery.submit([Output("alerts", b"k", b"b")], {tp0: 20, tp1: 5}, lambda: log.append("counted b"))
+    producer.futures[b"b"].ack()  # the later batch first: it waits for the earlier one
+    delivery.settle(block=False)
+    assert consumer.commits == [] and len(delivery.in_flight) == 2
+    producer.futures[b"a"].ack()
+    delivery.settle(block=False)
+    assert consumer.commits == [{(0, 20), (1, 5)}]  # both in one commit, the later offsets
+    assert log == ["commit", "counted a", "counted b"] and not delivery.in_flight
+
+
+def test_batches_in_flight_are_bounded() -> None:
+    delivery, _producer, consumer, log = pipelined(2)
+    for n, name in enumerate((b"a", b"b", b"c")):
+        delivery.submit([Output("alerts", b"k", name)], {TopicPartition("in", 0): n + 1}, lambda: None)
+    assert log == ["waited for a", "commit"] and consumer.commits == [{(0, 1)}]
+    assert len(delivery.in_flight) == 2
+    delivery.settle(block=True)
+    assert consumer.commits[-1] == {(0, 3)} and not delivery.in_flight
+
+
+def test_a_failed_output_in_flight_is_sent_again_before_its_commit() -> None:
+    delivery, producer, _consumer, log = pipelined(4)
+    delivery.submit([Output("alerts", b"k", b"a")], {TopicPartition("in", 0): 1}, lambda: log.append("counted"))
+    producer.futures[b"a"].ack(KafkaTimeoutError("broker away"))
+    delivery.settle(block=False)
+    assert producer.sent == [b"a", b"a"] and log == ["commit", "counted"]
+    assert delivery.metrics.errors.labels("publish_failed")._value.get() == 1
+
+
+def test_offsets_of_partitions_moved_away_are_left_to_their_new_owner() -> None:
+    delivery, _producer, consumer, _log = pipelined(4, owned={TopicPartition("in", 0)})
+    delivery.submit([Output("alerts", b"k", b"a")], {TopicPartition("in", 0): 4, TopicPartition("in", 1): 9},
+                    lambda: None)
+    delivery.settle(block=True)
+    assert consumer.commits == [{(0, 4)}]
+
+
+def test_deliver_commits_what_is_in_flight_first() -> None:
+    delivery, _producer, consumer, log = pipelined(4)
+    delivery.submit([Output("alerts", b"k", b"a")], {TopicPartition("in", 0): 1}, lambda: log.append("counted"))
+    assert delivery.deliver([], {TopicPartition("in", 0): 2})
+    assert consumer.commits == [{(0, 1)}, {(0, 2)}] and log[-3:] == ["commit", "counted", "commit"]
 
 
 def test_stop_event_is_a_threading_event(worker: Worker) -> None:

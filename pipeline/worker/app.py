@@ -121,7 +121,9 @@ class Worker:
         if self.settings.processing_guarantee == "exactly-once":
             options.update(transaction_timeout_ms=self.settings.transaction_timeout_ms)
             return ExactlyOnce(options, *args, transactional_prefix=f"{self.settings.consumer_group}-tx")
-        return AtLeastOnce({**options, "retries": 5}, *args)
+        # raw input waits for each batch: a store restored after a rebalance must hold every acknowledged change
+        in_flight = self.settings.max_in_flight if self.stages is None else 1
+        return AtLeastOnce({**options, "retries": 5}, *args, max_in_flight=in_flight)
 
     def _forget(self, partitions: set[TopicPartition]) -> None:
         self.metrics.forget_partitions(partitions)
@@ -176,6 +178,7 @@ class Worker:
                     self.metrics.errors.labels("stalled").inc()
                     self._rejoin()
             self._process_pending()
+            self._settle()
         except StopWithoutCommit as err:
             log.warning("stopped before the batch in hand was committed (%s); nothing of it was committed", err)
         finally:
@@ -194,8 +197,12 @@ class Worker:
         first_at: float | None = None
         got = 0
         while len(self.pending) < max_batch and not self.stop.is_set() and self.failure is None:
+            if self._in_flight() and self._rebalance_coming():
+                self._settle()  # commit what is in flight while the partitions are surely still ours
             if first_at is None:
-                timeout_ms = 200  # idle: come back often enough to notice stop and new models
+                # idle: come back often enough to notice stop and new models; at once while batches are in
+                # flight, which are then committed before waiting (a quiet stream waits for no commit)
+                timeout_ms = 0 if self._in_flight() else 200
             else:
                 remaining = first_at + wait_s - time.monotonic()
                 if remaining <= 0:
@@ -210,8 +217,13 @@ class Worker:
             for records in polled.values():
                 self.pending.extend(records)
                 got += len(records)
+            if self._in_flight():
+                self.delivery.settle(block=False)  # type: ignore[union-attr]
             if len(self.pending) and first_at is None:
                 first_at = time.monotonic()
+            elif not polled and first_at is None and self._in_flight():
+                self._settle()
+                continue
             elif not polled and first_at is None:
                 if time.monotonic() - asked < timeout_ms / 2000:  # poll returned at once (no partitions yet):
                     self.stop.wait(timeout_ms / 1000)  # do not spin
@@ -236,6 +248,21 @@ class Worker:
             self.ledger.committed(1, outcome, offsets, self.consumer)
             self.consumer.seek(found.topic_partition, found.next_offset)
 
+    def _in_flight(self) -> bool:
+        return isinstance(self.delivery, AtLeastOnce) and bool(self.delivery.in_flight)
+
+    def _settle(self) -> None:
+        """Wait for every batch in flight and commit them (nothing left to overlap with)."""
+        if self._in_flight():
+            self.delivery.settle(block=True)  # type: ignore[union-attr]
+
+    def _rebalance_coming(self) -> bool:
+        """Whether the next poll will rejoin the group (kafka-python's coordinator says so; if its internals
+        change, every poll counts as one that may, and batches are committed before each poll)."""
+        need = getattr(getattr(self.consumer, "_coordinator", None), "need_rejoin", None)
+        rejoining = getattr(getattr(self.consumer, "_coordinator", None), "rejoin_needed", True)
+        return need is None or bool(rejoining) or bool(need())
+
     def _process_pending(self) -> None:
         records = self.pending.take()
         if records:
@@ -249,7 +276,10 @@ class Worker:
         else:
             outcome, consumed = self._process_raw(self.stages, records)
         offsets = offsets_after(records)
-        if self.delivery.deliver(outcome.outputs, offsets):
+        if isinstance(self.delivery, AtLeastOnce) and self.delivery.max_in_flight > 1:
+            self.delivery.submit(outcome.outputs, offsets,
+                                 lambda: self.ledger.committed(consumed, outcome, offsets, self.consumer))
+        elif self.delivery.deliver(outcome.outputs, offsets):
             self.ledger.committed(consumed, outcome, offsets, self.consumer)
         elif self.settings.processing_guarantee == "exactly-once":
             if self.stages is not None:
@@ -286,6 +316,7 @@ class Worker:
     def _rejoin(self) -> None:
         """Leave the group and join again with a new consumer (nothing is pending while unassigned)."""
         assert self.consumer is not None
+        self._settle()
         self.consumer.close(autocommit=False)
         self._connect()
 

@@ -2,6 +2,9 @@
 
 - ``at-least-once``: every output is sent and acknowledged (``acks=all``), then the offsets
   are committed. A crash between the two re-scores the batch: duplicates possible, losses not.
+  Batches can be pipelined (``AtLeastOnce.submit``): the next is read and scored while the
+  outputs of up to ``max_in_flight`` earlier ones are acknowledged; commits stay in batch order,
+  and the worker commits what is in flight before the group rebalances.
 - ``exactly-once`` (:mod:`~pipeline.worker.transactions`): outputs and offsets go into one
   Kafka transaction, committed with the consumer's group metadata so the broker fences a
   stale member (KIP-447). A crash aborts the transaction: a ``read_committed`` reader sees
@@ -26,7 +29,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -166,6 +171,10 @@ class Delivery:
 
     def _send(self, outputs: list[Output]) -> list[tuple[Output, BaseException]]:
         """Send all, wait for every acknowledgement; the outputs that failed, with their errors."""
+        return self._wait(*self._start(outputs))
+
+    def _start(self, outputs: list[Output]) -> tuple[list[tuple[Output, Any]], list[tuple[Output, BaseException]]]:
+        """Hand every output to the producer: their futures, and the ones refused before sending."""
         assert self.producer is not None
         futures, failed = [], []
         for out in outputs:
@@ -174,6 +183,12 @@ class Delivery:
                                                         headers=out.headers, partition=out.partition)))
             except Exception as err:  # refused before sending: size, a value the client cannot encode
                 failed.append((out, err))
+        return futures, failed
+
+    def _wait(self, futures: list[tuple[Output, Any]], failed: list[tuple[Output, BaseException]]
+              ) -> list[tuple[Output, BaseException]]:
+        """Wait for every acknowledgement: all the outputs that failed, with their errors."""
+        failed = list(failed)
         for out, future in futures:
             try:
                 future.get(timeout=self.ack_timeout_s)
@@ -218,23 +233,95 @@ class Delivery:
         return smaller
 
 
+@dataclass
+class InFlight:
+    """A batch whose outputs were handed to the producer and whose offsets wait for their acknowledgements."""
+
+    outputs: list[Output]
+    futures: list[tuple[Output, Any]]
+    refused: list[tuple[Output, BaseException]]
+    offsets: dict[TopicPartition, int]
+    committed: Callable[[], None]  # counts the batch once its offsets are committed
+
+    def acknowledged(self) -> bool:
+        return all(future.is_done for _out, future in self.futures)
+
+
 class AtLeastOnce(Delivery):
-    """Outputs acknowledged first, offsets committed after."""
+    """Outputs acknowledged first, offsets committed after.
+
+    ``submit`` pipelines: it hands a batch's outputs to the producer and returns, so the worker
+    reads and scores the next batch while they are acknowledged. Batches are committed in the
+    order they were submitted, each once its own and every earlier batch's outputs are
+    acknowledged (``settle``); at most ``max_in_flight`` wait at a time (back-pressure: the
+    oldest is waited for). Failed outputs are retried, shrunk or fatal exactly as ``deliver``
+    does, and a batch is committed only after that.
+    """
+
+    def __init__(self, *args: Any, max_in_flight: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_in_flight = max_in_flight
+        self.in_flight: deque[InFlight] = deque()
 
     def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
-        if self.producer is None:
-            self.producer = KafkaProducer(**self.producer_options)
+        self.settle(block=True)  # what is in flight first: commits stay in order
+        self._producer()
         self._publish(outputs)
         return self._commit(offsets)
 
-    def _publish(self, outputs: list[Output]) -> None:
+    def submit(self, outputs: list[Output], offsets: dict[TopicPartition, int], committed: Callable[[], None]
+               ) -> None:
+        """Send a batch's outputs without waiting; ``committed`` is called once its offsets are committed."""
+        self._producer()
+        self.in_flight.append(InFlight(outputs, *self._start(outputs), offsets, committed))
+        while len(self.in_flight) > self.max_in_flight:
+            self._settle(1)
+        self.settle(block=False)
+
+    def settle(self, block: bool) -> None:
+        """Commit the batches in flight whose outputs are acknowledged, oldest first (``block``: all)."""
+        ready = len(self.in_flight) if block else 0
+        if not block:
+            for batch in self.in_flight:
+                if not batch.acknowledged():
+                    break
+                ready += 1
+        if ready:
+            self._settle(ready)
+
+    def _settle(self, count: int) -> None:
+        """Finish the ``count`` oldest batches (retrying what failed) and commit their offsets in one go.
+
+        Offsets of partitions this worker no longer owns are left to their new owner, which reads
+        those records again (at-least-once: repeated outputs, nothing lost)."""
+        done = [self.in_flight.popleft() for _ in range(count)]
+        offsets: dict[TopicPartition, int] = {}
+        for batch in done:
+            failed = self._wait(batch.futures, batch.refused)
+            if failed:
+                self._publish(batch.outputs, failed)
+            offsets.update(batch.offsets)  # later batches of a partition are further on
+        owned = self.consumer.assignment()
+        offsets = {tp: o for tp, o in offsets.items() if tp in owned}
+        if offsets and self._commit(offsets):
+            for batch in done:
+                batch.committed()
+
+    def _producer(self) -> None:
+        if self.producer is None:
+            self.producer = KafkaProducer(**self.producer_options)
+
+    def _publish(self, outputs: list[Output], failed: list[tuple[Output, BaseException]] | None = None) -> None:
+        """Get ``outputs`` acknowledged; ``failed``: the first try was made already and these failed."""
         backoff = self._backoff("publishing outputs", "publish_failed")
         pending = outputs
         while pending:
-            failed = self._send(pending)
+            if failed is None:
+                failed = self._send(pending)
             if not failed:
                 break
             pending, retriable = self._next_try(pending, failed, classify, resend_all=False)
+            failed = None
             if retriable is not None:
                 backoff.wait(retriable)
         backoff.done()
