@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import numpy as np
 import orjson
 
 ID_FIELD = "transaction_id"
@@ -129,29 +128,6 @@ def encode(fields: Mapping[str, Any]) -> bytes:
     return orjson.dumps(fields, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)
 
 
-_NUMBERS = frozenset({int, float})
-
-
-def fill_features(
-    tx: Transaction, names: Sequence[str], out: np.ndarray, check_finite: bool = True
-) -> RecordError | None:
-    """Write the named numeric features of ``tx`` into the float32 row ``out``.
-
-    Returns the first problem found (missing, non-numeric, NaN or infinite), else None. With
-    ``check_finite=False`` the caller checks finiteness itself, e.g. once for a whole batch.
-    """
-    fields = tx.fields
-    values = [fields.get(name) for name in names]
-    if set(map(type, values)) <= _NUMBERS:  # fast path: every value a plain int or float
-        try:
-            out[:] = values
-        except (OverflowError, ValueError):
-            return feature_error(tx, names)
-        if not check_finite or np.isfinite(out).all():
-            return None
-    return feature_error(tx, names)
-
-
 def feature_error(tx: Transaction, names: Sequence[str]) -> RecordError | None:
     """The first feature of ``tx`` that is missing, not a number, or not a finite float32."""
     for name in names:
@@ -160,6 +136,7 @@ def feature_error(tx: Transaction, names: Sequence[str]) -> RecordError | None:
             return RecordError("missing_feature", name, "numeric feature is missing or null")
         if isinstance(value, bool) or not isinstance(value, int | float):
             return RecordError("bad_type", name, f"must be a number, got {type(value).__name__}")
-        if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
-            return RecordError("not_finite", name, f"{value!r} is not a finite float32")
+        if abs(value) > FLOAT32_MAX or not math.isfinite(value):  # an int too large for a float never meets isfinite
+            shown = f"an integer of {value.bit_length()} bits" if isinstance(value, int) else repr(value)
+            return RecordError("not_finite", name, f"{shown} is not a finite float32")
     return None
