@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--second-batch", type=int, default=16384, help="max_batch of the second worker row; 0 skips")
     p.add_argument("--modes", default="at-least-once,exactly-once",
                    help="processing guarantees to measure the worker and its latency in")
+    p.add_argument("--in-flight", default="1",
+                   help="extra at-least-once worker and latency rows with these --max-in-flight values "
+                        "(1: wait for each batch's acknowledgements), comma-separated; empty skips")
     p.add_argument("--processes", default="1,2",
                    help="worker process counts to compare (fraud-worker --processes N), comma-separated; "
                         "empty skips")

@@ -114,13 +114,16 @@ def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
                "--customers", "300", "--terminals", "600", "--warmup-days", "10", "--train-days", "5",
                "--stream-days", "3", "--epochs", "1", "--naive-records", "300", "--rates", "200",
                "--latency-seconds", "2", "--second-batch", "0", "--profile-records", "0",
-               "--max-load-wait", "0", timeout=420)
+               "--in-flight", "1", "--max-load-wait", "0", timeout=420)
     results = json.loads(out.read_text())
     streamed = results["data"]["stream_rows"]
     assert streamed > 0 and results["fill"]["records"] == streamed
     assert results["ceiling"]["records"] == streamed
-    assert [(w["mode"], w["records"]) for w in results["worker"]] == [("at-least-once", streamed),
-                                                                       ("exactly-once", streamed)]
+    assert results["ceiling_confluent"]["records"] == streamed and results["ceiling_confluent"]["undecodable"] == 0
+    assert [(w["mode"], w["records"], w["in_flight"]) for w in results["worker"]] == [
+        ("at-least-once", streamed, 4), ("exactly-once", streamed, 1), ("at-least-once", streamed, 1)]
+    assert [(lat["mode"], lat["in_flight"]) for lat in results["latency"]] == [
+        ("at-least-once", None), ("exactly-once", None), ("at-least-once", 1)]
     assert results["naive"]["records"] == 300
     assert results["latency"][0]["histogram"]["count"] == results["latency"][0]["sent"]
     assert {s["batch"] for s in results["scoring"]} >= {256, 65536}

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.worker.ceiling import bench_ceiling
+from bench.worker.ceiling import bench_ceiling, bench_ceiling_confluent
 from bench.worker.data import feature_matrix, simulate_and_train, wire_records
 from bench.worker.latency import bench_latency
 from bench.worker.naive import bench_naive
@@ -90,19 +90,24 @@ def run(args: argparse.Namespace) -> int:
         log(f"filled: {results['fill']}")
         total = results["fill"]["records"]
         results["ceiling"] = timed("ceiling", lambda: bench_ceiling(settings, total))
+        results["ceiling_confluent"] = timed("ceiling-confluent", lambda: bench_ceiling_confluent(settings, total))
         modes = args.modes.split(",")
         runs = [(modes[0], None)] + ([(modes[0], args.second_batch)] if args.second_batch else []) + \
             [(m, None) for m in modes[1:]]
-        results["worker"] = [timed(f"worker-{m}-{b or 4096}",
-                                   lambda m=m, b=b: bench_worker(settings, model_dir, total, b, m))
-                             for m, b in runs]
+        in_flight = [int(n) for n in args.in_flight.split(",") if n.strip()]
+        runs = [(m, b, None) for m, b in runs] + [(modes[0], None, n) for n in in_flight]
+        results["worker"] = [timed(f"worker-{m}-{b or 4096}" + (f"-in-flight-{n}" if n else ""),
+                                   lambda m=m, b=b, n=n: bench_worker(settings, model_dir, total, b, m, n))
+                             for m, b, n in runs]
         results["naive"] = timed("naive", lambda: bench_naive(settings, model_dir, args.naive_records))
         results["scoring"] = timed("scoring", lambda: bench_scoring(model_dir, matrix)
                                    + bench_scoring(model_dir, matrix, threads=1))
+        rates = args.rates.split(",")
         results["latency"] = [
-            timed(f"latency-{m}-{rate}", lambda r=float(rate), m=m: bench_latency(bootstrap, model_dir, records, r,
-                                                                                  args.latency_seconds, m))
-            for m in modes for rate in args.rates.split(",")]
+            timed(f"latency-{m}-{rate}" + (f"-in-flight-{n}" if n else ""),
+                  lambda r=float(rate), m=m, n=n: bench_latency(bootstrap, model_dir, records, r,
+                                                                args.latency_seconds, m, n))
+            for m, n in [(m, None) for m in modes] + [(modes[0], n) for n in in_flight] for rate in rates]
         results["processes"] = [
             timed(f"processes-{n}", lambda n=n: bench_processes(settings, model_dir, total, n))
             for n in (int(p) for p in args.processes.split(",") if p.strip())]

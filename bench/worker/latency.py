@@ -81,15 +81,18 @@ def alert_latencies(settings: KafkaSettings) -> np.ndarray:
 
 
 def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, seconds: float,
-                  mode: str = "at-least-once") -> dict[str, Any]:
-    """Worker running and idle, then fed at ``rate``; latency from its histogram and from alerts."""
+                  mode: str = "at-least-once", in_flight: int | None = None) -> dict[str, Any]:
+    """Worker running and idle, then fed at ``rate``; latency from its histogram and from alerts.
+
+    ``in_flight``: the worker's ``--max-in-flight`` (None: its default)."""
+    extra = ["--max-in-flight", str(in_flight)] if in_flight else []
     settings = topics_for(bootstrap, f"lat{int(rate)}-{uuid.uuid4().hex[:6]}")
     create_topics(settings)
     port, group, worker = free_port(), "", None
     for dropped in range(3):  # a start whose assignment kafka-python dropped (bench.worker.process.run_to_end)
         group = f"bench-lat-{uuid.uuid4().hex[:8]}"
         worker = WorkerProcess(settings, model_dir, group, "--metrics-port", str(port), "--metrics-host",
-                               "127.0.0.1", "--processing-guarantee", mode)
+                               "127.0.0.1", "--processing-guarantee", mode, *extra)
         try:
             worker.wait_assigned(timeout_s=45)
             break
@@ -109,5 +112,5 @@ def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, s
     exact = {"count": int(alerts.size)}
     if alerts.size:
         exact.update({"p50": float(np.percentile(alerts, 50)), "p99": float(np.percentile(alerts, 99))})
-    return {**fed, "mode": mode, "dropped_starts": dropped, "histogram": hist, "alerts": exact,
+    return {**fed, "mode": mode, "in_flight": in_flight, "dropped_starts": dropped, "histogram": hist, "alerts": exact,
             "worker_peak_rss_mib": usage["peak_rss_mib"], "worker_cpu_s": usage["cpu_user_s"] + usage["cpu_sys_s"]}

@@ -9,6 +9,11 @@ def _ratio(value: float, reference: float | None, digits: int = 2) -> str:
     return f"{value / reference:.{digits}f}" if reference else "–"
 
 
+def _flight(run: dict[str, Any]) -> str:
+    """The run's --max-in-flight, when it was set (runs without it used the worker's default)."""
+    return f", max_in_flight={run['in_flight']}" if run.get("in_flight") and run.get("mode") != "exactly-once" else ""
+
+
 def throughput_table(r: dict[str, Any]) -> list[str]:
     ceiling = r["ceiling"]["tx_s"] if "ceiling" in r else None
     naive = r["naive"]["tx_s"] if "naive" in r else None
@@ -16,11 +21,15 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
     if ceiling:
         lines.append(f"| ceiling: bare KafkaConsumer, fetch + decode | {r['ceiling']['records']:,} | "
                      f"{r['ceiling']['seconds']:.1f} | {ceiling:,.0f} | 1.00 | {_ratio(ceiling, naive, 1)} |")
+    other = r.get("ceiling_confluent", {})
+    if "tx_s" in other:
+        lines.append(f"| the same through {other['client']} | {other['records']:,} | {other['seconds']:.1f} | "
+                     f"{other['tx_s']:,.0f} | {_ratio(other['tx_s'], ceiling)} | {_ratio(other['tx_s'], naive, 1)} |")
     for w in r.get("worker", []):
         for label, secs, rate in (("process start", w["seconds_from_start"], w["tx_s"]),
                                   ("partition assignment", w["seconds_from_assignment"], w["tx_s_from_assignment"])):
-            lines.append(f"| worker {w.get('mode', 'at-least-once')}, max_batch={w['max_batch']}, {label} → last "
-                         f"commit | {w['records']:,} | "
+            lines.append(f"| worker {w.get('mode', 'at-least-once')}, max_batch={w['max_batch']}{_flight(w)}, "
+                         f"{label} → last commit | {w['records']:,} | "
                          f"{secs:.1f} | {rate:,.0f} | {_ratio(rate, ceiling)} | {_ratio(rate, naive, 1)} |")
     if naive:
         n = r["naive"]
@@ -34,7 +43,7 @@ def latency_table(r: dict[str, Any]) -> list[str]:
              "p50 (alerts) | p99 (alerts) | alerts |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lat in r.get("latency", []):
         h, a = lat["histogram"], lat["alerts"]
-        lines.append(f"| {lat.get('mode', 'at-least-once')} | {lat['target_tx_s']:,.0f} | "
+        lines.append(f"| {lat.get('mode', 'at-least-once')}{_flight(lat)} | {lat['target_tx_s']:,.0f} | "
                      f"{lat['achieved_tx_s']:,.0f} | {lat['sent']:,} | "
                      f"{1000 * h['p50']:.0f} ms | {1000 * h['p99']:.0f} ms | {1000 * a.get('p50', float('nan')):.0f} ms"
                      f" | {1000 * a.get('p99', float('nan')):.0f} ms | {a['count']} |")
