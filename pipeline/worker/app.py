@@ -259,9 +259,9 @@ class Worker:
     def _rebalance_coming(self) -> bool:
         """Whether the next poll will rejoin the group (kafka-python's coordinator says so; if its internals
         change, every poll counts as one that may, and batches are committed before each poll)."""
-        need = getattr(getattr(self.consumer, "_coordinator", None), "need_rejoin", None)
-        rejoining = getattr(getattr(self.consumer, "_coordinator", None), "rejoin_needed", True)
-        return need is None or bool(rejoining) or bool(need())
+        coordinator = getattr(self.consumer, "_coordinator", None)
+        need = getattr(coordinator, "need_rejoin", None)
+        return need is None or bool(getattr(coordinator, "rejoin_needed", True)) or bool(need())
 
     def _process_pending(self) -> None:
         records = self.pending.take()
