@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml deploy/install-torch.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	test -x $(BIN)/uv || $(BIN)/python -m pip install -q uv
 	deploy/install-torch.sh $(BIN)/python
-	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[train,test,bench]'
+	$(BIN)/uv pip install -q --python $(BIN)/python -e '.[train,test,bench,confluent]'
 	touch $(STAMP)
 
 # Tools the tests drive for real: kcat (an independent Kafka client), Java and Maven for the

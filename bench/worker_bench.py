@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-flight", default="1",
                    help="extra at-least-once worker and latency rows with these --max-in-flight values "
                         "(1: wait for each batch's acknowledgements), comma-separated; empty skips")
+    p.add_argument("--clients", default="kafka-python,confluent",
+                   help="worker Kafka clients (--kafka-client); each besides kafka-python adds an at-least-once "
+                        "worker row and latency rows (confluent runs at-least-once only)")
     p.add_argument("--processes", default="1,2",
                    help="worker process counts to compare (fraud-worker --processes N), comma-separated; "
                         "empty skips")

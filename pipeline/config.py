@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -318,6 +319,10 @@ class WorkerSettings(SettingsBase):
                                     "1 waits for each batch's acknowledgements before reading on")
     stall_timeout_s: float = setting(30.0, "a worker with no partition this long, while some input partition "
                                            "has no owner in the group, joins again; 0 disables")
+    kafka_client: str = setting(
+        "kafka-python", "Kafka client of the group consumer and the output producer: kafka-python, or confluent "
+        "(confluent-kafka on librdkafka, faster; pip install 'fraud-pipeline[confluent]'; at-least-once only)",
+        choices=("kafka-python", "confluent"))
 
     def validate(self) -> None:
         if not 1 <= self.max_batch <= 1_000_000:
@@ -340,6 +345,20 @@ class WorkerSettings(SettingsBase):
             raise ConfigError(f"max_in_flight={self.max_in_flight} must be between 1 and 64")
         if self.stall_timeout_s < 0:
             raise ConfigError(f"stall_timeout_s={self.stall_timeout_s} must be >= 0 (0 disables)")
+        if self.kafka_client == "confluent":
+            self._check_confluent()
+
+    def _check_confluent(self) -> None:
+        if self.processing_guarantee == "exactly-once":
+            raise ConfigError("kafka_client=confluent runs at-least-once only for now; use kafka_client=kafka-python "
+                              "for processing_guarantee=exactly-once")
+        try:
+            found = importlib.util.find_spec("confluent_kafka") is not None
+        except (ImportError, ValueError):  # blocked or half-installed
+            found = False
+        if not found:
+            raise ConfigError("kafka_client=confluent needs the confluent-kafka package: "
+                              "pip install 'fraud-pipeline[confluent]'")
 
 
 @dataclass(frozen=True, repr=False)

@@ -7,6 +7,7 @@ be had the integration tests fail with the reason; they are never skipped silent
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
@@ -93,6 +94,14 @@ def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
         "labels_topic": f"labels-{tag}",
         "client_id": f"test-{tag}",
     })
+
+
+@pytest.fixture(params=["kafka-python", "confluent"])
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """The worker's Kafka client (``--kafka-client``): tests that take this fixture run on both."""
+    if request.param == "confluent" and importlib.util.find_spec("confluent_kafka") is None:
+        pytest.skip("confluent-kafka is not installed (pip install 'fraud-pipeline[confluent]'; make test does)")
+    return str(request.param)
 
 
 @pytest.fixture

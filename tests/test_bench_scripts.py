@@ -121,9 +121,12 @@ def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert results["ceiling"]["records"] == streamed
     assert results["ceiling_confluent"]["records"] == streamed and results["ceiling_confluent"]["undecodable"] == 0
     assert [(w["mode"], w["records"], w["in_flight"]) for w in results["worker"]] == [
-        ("at-least-once", streamed, 4), ("exactly-once", streamed, 1), ("at-least-once", streamed, 1)]
-    assert [(lat["mode"], lat["in_flight"]) for lat in results["latency"]] == [
-        ("at-least-once", None), ("exactly-once", None), ("at-least-once", 1)]
+        ("at-least-once", streamed, 4), ("exactly-once", streamed, 1), ("at-least-once", streamed, 1),
+        ("at-least-once", streamed, 4)]
+    assert [w["client"] for w in results["worker"]] == ["kafka-python"] * 3 + ["confluent"]
+    assert [(lat["mode"], lat["in_flight"], lat["client"]) for lat in results["latency"]] == [
+        ("at-least-once", None, "kafka-python"), ("exactly-once", None, "kafka-python"),
+        ("at-least-once", 1, "kafka-python"), ("at-least-once", None, "confluent")]
     assert results["naive"]["records"] == 300
     assert results["latency"][0]["histogram"]["count"] == results["latency"][0]["sent"]
     assert {s["batch"] for s in results["scoring"]} >= {256, 65536}

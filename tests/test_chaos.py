@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import importlib.util
 import os
 import random
 import re
@@ -38,6 +39,12 @@ from tests.worker_helpers import alert_ids, committed_to_end, offline_flags, pro
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(1200)]
 MODES = ["at-least-once", "exactly-once"]
+# the worker's Kafka clients too, where the failure touches the client: confluent runs at-least-once only
+BOTH_CLIENTS = [pytest.param("at-least-once", "kafka-python", id="at-least-once"),
+                pytest.param("exactly-once", "kafka-python", id="exactly-once"),
+                pytest.param("at-least-once", "confluent", id="at-least-once-confluent",
+                             marks=pytest.mark.skipif(importlib.util.find_spec("confluent_kafka") is None,
+                                                      reason="confluent-kafka is not installed"))]
 
 
 class Broker:
@@ -97,13 +104,14 @@ def settings(broker: Broker) -> KafkaSettings:
 class Workers:
     """Worker processes of one group, logging to files."""
 
-    def __init__(self, settings: KafkaSettings, model_dir: Path, group: str, mode: str, tmp: Path) -> None:
+    def __init__(self, settings: KafkaSettings, model_dir: Path, group: str, mode: str, tmp: Path,
+                 client: str = "kafka-python") -> None:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
         self.env.update({"FRAUD_BOOTSTRAP_SERVERS": settings.bootstrap_servers,
                          "FRAUD_INPUT_TOPIC": settings.input_topic, "FRAUD_ALERTS_TOPIC": settings.alerts_topic,
                          "FRAUD_DEAD_LETTER_TOPIC": settings.dead_letter_topic, "FRAUD_METRICS_PORT": "0",
                          "FRAUD_PROCESSING_GUARANTEE": mode, "FRAUD_MAX_RETRY_BACKOFF_S": "1",
-                         "PYTHONUNBUFFERED": "1"})
+                         "FRAUD_KAFKA_CLIENT": client, "PYTHONUNBUFFERED": "1"})
         self.cmd = [sys.executable, "-m", "pipeline", "--model-dir", str(model_dir), "--consumer-group", group,
                     "--device", "cpu", "--reload-interval-s", "0", "--max-batch", "300", "--max-wait-ms", "20"]
         self.tmp, self.started, self.exits = tmp, 0, []
@@ -250,12 +258,12 @@ def _stream(stream_frame: pd.DataFrame, settings: KafkaSettings, tmp_path: Path)
     return frame, path
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "client"), BOTH_CLIENTS)
 def test_worker_killed_ten_times_mid_stream(settings: KafkaSettings, model_dir: Path, stream_frame: pd.DataFrame,
-                                            tmp_path: Path, mode: str) -> None:
+                                            tmp_path: Path, mode: str, client: str) -> None:
     frame, path = _stream(stream_frame, settings, tmp_path)
     group = f"kill-{settings.client_id}"
-    workers = Workers(settings, model_dir, group, mode, tmp_path)
+    workers = Workers(settings, model_dir, group, mode, tmp_path, client)
     feeder = feed(settings, path, rate=len(frame) / 100)
     bad = BadFeed(settings)
     rng = random.Random(7)
@@ -280,12 +288,13 @@ def test_worker_killed_ten_times_mid_stream(settings: KafkaSettings, model_dir: 
     assert figures["records"] > 0 and kills == 10
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "client"), BOTH_CLIENTS)
 def test_broker_killed_and_restarted_mid_stream(broker: Broker, settings: KafkaSettings, model_dir: Path,
-                                                stream_frame: pd.DataFrame, tmp_path: Path, mode: str) -> None:
+                                                stream_frame: pd.DataFrame, tmp_path: Path, mode: str, client: str
+                                                ) -> None:
     frame, path = _stream(stream_frame, settings, tmp_path)
     group = f"broker-{settings.client_id}"
-    workers = Workers(settings, model_dir, group, mode, tmp_path)
+    workers = Workers(settings, model_dir, group, mode, tmp_path, client)
     proc, log = workers.start()  # no idle exit: an outage is not idleness
     assert wait_for(lambda: assigned(log), timeout_s=120), log.read_text()[-2000:]
     feeder = feed(settings, path, rate=len(frame) / 40)
@@ -311,16 +320,17 @@ def test_broker_killed_and_restarted_mid_stream(broker: Broker, settings: KafkaS
     errors = sum(" ERROR " in line for line in out.splitlines())
     warnings = sum(" WARNING " in line for line in out.splitlines())
     print(f"chaos: broker back -> first new commit {first_commit_s:.1f}s; worker log: {errors} ERROR, "
-          f"{warnings} WARNING lines, no traceback ({mode})")
+          f"{warnings} WARNING lines, no traceback ({mode}, {client})")
     check_outcome(settings, model_dir, frame, group, mode, "kill -9 and restart the broker", bad_sent)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("mode", "client"), BOTH_CLIENTS)
 def test_rebalance_one_three_one_while_streaming(settings: KafkaSettings, model_dir: Path,
-                                                 stream_frame: pd.DataFrame, tmp_path: Path, mode: str) -> None:
+                                                 stream_frame: pd.DataFrame, tmp_path: Path, mode: str, client: str
+                                                ) -> None:
     frame, path = _stream(stream_frame, settings, tmp_path)
     group = f"reb-{settings.client_id}"
-    workers = Workers(settings, model_dir, group, mode, tmp_path)
+    workers = Workers(settings, model_dir, group, mode, tmp_path, client)
     first, first_log = workers.start("--exit-when-idle", "10")
     assert wait_for(lambda: assigned(first_log), timeout_s=120)
     feeder = feed(settings, path, rate=len(frame) / 60)

@@ -91,11 +91,10 @@ def worker_args(model_dir: Path) -> list[str]:
 
 @pytest.mark.parametrize("name", ["tls", "mtls", "scram"])
 def test_producer_and_worker_over_a_secure_listener(secure: BrokerState, name: str, stream_file: Path,
-                                                    model_dir: Path) -> None:
-    env = cli_env(listener(secure, name))
+                                                    model_dir: Path, kafka_client: str) -> None:
+    env = {**cli_env(listener(secure, name)), "FRAUD_KAFKA_CLIENT": kafka_client}
     produced = run_cli("producer", "replay", str(stream_file), "--no-progress", env=env)
     assert f"{ROWS} acknowledged, 0 failed" in produced.stdout
-    # the idle clock starts before the group join, which took over 3 s once on two busy cores
     scored = run_cli("pipeline", *worker_args(model_dir), "--exit-when-idle", "6", env=env)
     assert f"consumed {ROWS}: {ROWS} scored, 0 dead-lettered" in scored.stdout, scored.stderr[-3000:]
 

@@ -108,14 +108,15 @@ def assert_equal_to_offline(frame: pd.DataFrame, seen: dict[str, list[np.ndarray
 
 
 def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings, raw_model_dir: Path,
-                                                   raw_history: pd.DataFrame) -> None:
+                                                   raw_history: pd.DataFrame, kafka_client: str) -> None:
     settings = with_features_topic(kafka_settings)
     ensure_topics(settings, [settings.input_topic, settings.labels_topic, settings.alerts_topic,
                              settings.dead_letter_topic, settings.features_topic or ""], 3)
     labels, transactions = split_messages(settings, raw_history)
     send(settings, labels)  # labels first: the terminal stage knows each one before the window reaches it
     # batches of 64: in this sparse bank, 512 records of one partition span days of event time
-    worker, thread, _box = start_worker(settings, raw_model_dir, f"g-{uuid.uuid4().hex[:8]}", max_batch=64)
+    worker, thread, _box = start_worker(settings, raw_model_dir, f"g-{uuid.uuid4().hex[:8]}", max_batch=64,
+                                       kafka_client=kafka_client)
     thread.start()
     try:
         assert wait_for(lambda: sum(o for tp, o in worker.stats.committed.items()

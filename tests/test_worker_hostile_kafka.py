@@ -48,7 +48,7 @@ def _kcat_send(kcat: str, bootstrap: str, topic: str, value: bytes, *headers: by
 
 
 def test_poison_records_do_not_stop_the_partition(kafka_settings: KafkaSettings, model_dir: Path,
-                                                  stream_frame: pd.DataFrame, kcat: str) -> None:
+                                                  stream_frame: pd.DataFrame, kcat: str, kafka_client: str) -> None:
     frame = stream_frame.iloc[:1500]
     produce_frame(kafka_settings, frame, partitions=1)  # one partition: poison sits in front of good records
     row = frame.iloc[0]
@@ -67,7 +67,7 @@ def test_poison_records_do_not_stop_the_partition(kafka_settings: KafkaSettings,
     produce_frame(kafka_settings, frame.iloc[:300].assign(TRANSACTION_ID=lambda f: "after-" + f["TRANSACTION_ID"]
                                                           .astype(str)), partitions=1)
     group = f"gp-{kafka_settings.client_id}"
-    worker, thread, box = start_worker(kafka_settings, model_dir, group)
+    worker, thread, box = start_worker(kafka_settings, model_dir, group, kafka_client=kafka_client)
     box["idle_exit_s"] = 4.0
     thread.start()
     thread.join(timeout=180)
@@ -111,10 +111,10 @@ def test_exactly_once_alerts_for_read_committed_readers(kafka_settings: KafkaSet
 
 
 def test_partitions_added_while_running_are_picked_up(kafka_settings: KafkaSettings, model_dir: Path,
-                                                      stream_frame: pd.DataFrame) -> None:
+                                                      stream_frame: pd.DataFrame, kafka_client: str) -> None:
     produce_frame(kafka_settings, stream_frame.iloc[:10], partitions=1)
     group = f"gn-{kafka_settings.client_id}"
-    worker, thread, _box = start_worker(kafka_settings, model_dir, group)
+    worker, thread, _box = start_worker(kafka_settings, model_dir, group, kafka_client=kafka_client)
     thread.start()
     assert wait_for(lambda: worker.metrics.assigned._value.get() == 1, timeout_s=60)
     admin = KafkaAdminClient(**kafka_settings.client_options())

@@ -23,6 +23,7 @@ from tests.worker_helpers import (
     BAD_RECORDS,
     alert_ids,
     committed_to_end,
+    committed_to_end_yet,
     offline_flags,
     produce_bad,
     produce_frame,
@@ -35,12 +36,12 @@ pytestmark = pytest.mark.integration
 
 
 def test_in_process_every_record_accounted_for(kafka_settings: KafkaSettings, model_dir: Path,
-                                               stream_frame: pd.DataFrame) -> None:
+                                               stream_frame: pd.DataFrame, kafka_client: str) -> None:
     frame = stream_frame.iloc[:4000]
     produce_frame(kafka_settings, frame)
     produce_bad(kafka_settings)
     group = f"g-{kafka_settings.client_id}"
-    worker, thread, box = start_worker(kafka_settings, model_dir, group)
+    worker, thread, box = start_worker(kafka_settings, model_dir, group, kafka_client=kafka_client)
     box["idle_exit_s"] = 3.0
     thread.start()
     thread.join(timeout=120)
@@ -74,11 +75,11 @@ def test_in_process_every_record_accounted_for(kafka_settings: KafkaSettings, mo
 
 
 def test_two_workers_share_the_partitions(kafka_settings: KafkaSettings, model_dir: Path,
-                                          stream_frame: pd.DataFrame) -> None:
+                                          stream_frame: pd.DataFrame, kafka_client: str) -> None:
     frame = stream_frame.iloc[:6000]
     produce_frame(kafka_settings, frame.iloc[:10])
     group = f"g2-{kafka_settings.client_id}"
-    pairs = [start_worker(kafka_settings, model_dir, group) for _ in range(2)]
+    pairs = [start_worker(kafka_settings, model_dir, group, kafka_client=kafka_client) for _ in range(2)]
     for _worker, thread, _box in pairs:
         thread.start()
     assert wait_for(lambda: all(w.consumer is not None and w.consumer.assignment() for w, _, _ in pairs))
@@ -101,13 +102,13 @@ def _worker_cmd(model_dir: Path, group: str, *extra: str) -> list[str]:
 
 def test_sigterm_mid_stream_then_restart_loses_nothing(kafka_settings: KafkaSettings, kafka_env: dict,
                                                        model_dir: Path, stream_frame: pd.DataFrame,
-                                                       tmp_path: Path) -> None:
+                                                       tmp_path: Path, kafka_client: str) -> None:
     frame = stream_frame
     path = tmp_path / "stream.parquet"
     frame.to_parquet(path)
     produce_frame(kafka_settings, frame.iloc[:0])  # creates the topics
     group = f"g3-{kafka_settings.client_id}"
-    env = {**kafka_env, "FRAUD_METRICS_PORT": "0"}
+    env = {**kafka_env, "FRAUD_METRICS_PORT": "0", "FRAUD_KAFKA_CLIENT": kafka_client}
     cmd = _worker_cmd(model_dir, group, "--max-batch", "200", "--max-wait-ms", "20")
     first = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     feeder = subprocess.Popen([sys.executable, "-m", "producer", "replay", str(path), "--rate", "600",
@@ -230,14 +231,15 @@ def test_bad_model_dir_is_refused_at_start(kafka_env: dict, tmp_path: Path) -> N
 
 
 def test_broker_outage_mid_stream_loses_nothing(kafka_settings: KafkaSettings, kafka_env: dict, model_dir: Path,
-                                                stream_frame: pd.DataFrame, broker_pid: int) -> None:
+                                                stream_frame: pd.DataFrame, broker_pid: int, kafka_client: str
+                                                ) -> None:
     """The broker freezes (SIGSTOP) for longer than the request timeout while the worker works through a
     backlog in small batches, so the freeze lands on a publish or a commit, never on an idle poll."""
     frame = stream_frame
     produce_frame(kafka_settings, frame)
     group = f"g7-{kafka_settings.client_id}"
     env = {**kafka_env, "FRAUD_METRICS_PORT": "0", "FRAUD_REQUEST_TIMEOUT_MS": "3000",
-           "FRAUD_MAX_RETRY_BACKOFF_S": "1"}
+           "FRAUD_MAX_RETRY_BACKOFF_S": "1", "FRAUD_KAFKA_CLIENT": kafka_client}
     # No idle exit: an outage is not idleness; the worker is stopped with SIGTERM at the end.
     cmd = _worker_cmd(model_dir, group, "--max-batch", "5", "--max-wait-ms", "10")
     worker = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -250,7 +252,7 @@ def test_broker_outage_mid_stream_loses_nothing(kafka_settings: KafkaSettings, k
     finally:
         os.kill(broker_pid, signal.SIGCONT)
     try:
-        assert wait_for(lambda: committed_to_end(kafka_settings, group), timeout_s=240)
+        assert wait_for(lambda: committed_to_end_yet(kafka_settings, group), timeout_s=240)
     finally:
         worker.send_signal(signal.SIGTERM)
         out, _ = worker.communicate(timeout=120)

@@ -298,6 +298,18 @@ def test_revoked_records_are_released_and_their_partition_rewound_if_it_comes_ba
     assert consumer.seeks == {TopicPartition("tx", 0): 7} and not failures
 
 
+def test_the_assignment_counts_as_settled_from_assign_to_the_next_revoke() -> None:
+    """The worker's idle clock runs only while ``joined`` is set: a slow or lost join is not idleness."""
+    listener = ReleaseOnRevoke(PendingRecords(), SeekingConsumer, lambda _err: None, lambda _tps: None)
+    assert not listener.joined.is_set()
+    asyncio.run(listener.on_partitions_assigned(set()))
+    assert listener.joined.is_set()  # an empty assignment is settled too (more members than partitions)
+    asyncio.run(listener.on_partitions_revoked(set()))
+    assert not listener.joined.is_set()
+    asyncio.run(listener.on_partitions_assigned({TopicPartition("tx", 0)}))
+    assert listener.joined.is_set()
+
+
 def test_a_listener_failure_is_kept_for_the_main_loop() -> None:
     failures: list[BaseException] = []
 

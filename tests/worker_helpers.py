@@ -11,6 +11,7 @@ import numpy as np
 import orjson
 import pandas as pd
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
 from pipeline.artifact import load_artifact
@@ -96,6 +97,15 @@ def committed_to_end(settings: KafkaSettings, group: str) -> bool:
         return all(consumer.committed(tp) == ends[tp] for tp in parts)
     finally:
         consumer.close(autocommit=False)
+
+
+def committed_to_end_yet(settings: KafkaSettings, group: str) -> bool:
+    """``committed_to_end`` for polling while a broker comes back: an answer without brokers or leaders
+    (kafka-python's ``MetadataEmptyBrokerList``, a timeout) means not yet."""
+    try:
+        return committed_to_end(settings, group)
+    except KafkaError:
+        return False
 
 
 def offline_flags(model_dir: Path, frame: pd.DataFrame) -> set[str]:

@@ -31,6 +31,8 @@ from bench.worker.scoring import bench_scoring
 from bench.worker.throughput import bench_worker
 from bench.worker.topic import broker, fill_topic, topics_for
 
+KP = "kafka-python"
+
 
 def machine() -> dict[str, Any]:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
@@ -104,19 +106,24 @@ def run(args: argparse.Namespace) -> int:
         runs = [(modes[0], None)] + ([(modes[0], args.second_batch)] if args.second_batch else []) + \
             [(m, None) for m in modes[1:]]
         in_flight = [int(n) for n in args.in_flight.split(",") if n.strip()]
-        runs = [(m, b, None) for m, b in runs] + [(modes[0], None, n) for n in in_flight]
-        results["worker"] = [timed(f"worker-{m}-{b or 4096}" + (f"-in-flight-{n}" if n else ""),
-                                   lambda m=m, b=b, n=n: bench_worker(settings, model_dir, total, b, m, n))
-                             for m, b, n in runs]
+        runs = [(m, b, None, KP) for m, b in runs] + [(modes[0], None, n, KP) for n in in_flight]
+        others = [c for c in args.clients.split(",") if c.strip() and c != KP]  # at-least-once only (README)
+        runs += [("at-least-once", None, None, c) for c in others]
+        results["worker"] = [timed(f"worker-{m}-{b or 4096}" + (f"-in-flight-{n}" if n else "") + (f"-{c}" if c != KP
+                                                                                                  else ""),
+                                   lambda m=m, b=b, n=n, c=c: bench_worker(settings, model_dir, total, b, m, n, c))
+                             for m, b, n, c in runs]
         results["naive"] = timed("naive", lambda: bench_naive(settings, model_dir, args.naive_records))
         results["scoring"] = timed("scoring", lambda: bench_scoring(model_dir, matrix)
                                    + bench_scoring(model_dir, matrix, threads=1))
         rates = args.rates.split(",")
+        latency_runs = [(m, None, KP) for m in modes] + [(modes[0], n, KP) for n in in_flight] + \
+            [("at-least-once", None, c) for c in others]
         results["latency"] = [
-            timed(f"latency-{m}-{rate}" + (f"-in-flight-{n}" if n else ""),
-                  lambda r=float(rate), m=m, n=n: bench_latency(bootstrap, model_dir, records, r,
-                                                                args.latency_seconds, m, n))
-            for m, n in [(m, None) for m in modes] + [(modes[0], n) for n in in_flight] for rate in rates]
+            timed(f"latency-{m}-{rate}" + (f"-in-flight-{n}" if n else "") + (f"-{c}" if c != KP else ""),
+                  lambda r=float(rate), m=m, n=n, c=c: bench_latency(bootstrap, model_dir, records, r,
+                                                                     args.latency_seconds, m, n, c))
+            for m, n, c in latency_runs for rate in rates]
         results["processes"] = [
             timed(f"processes-{n}", lambda n=n: bench_processes(settings, model_dir, total, n))
             for n in (int(p) for p in args.processes.split(",") if p.strip())]

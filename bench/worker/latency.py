@@ -81,11 +81,13 @@ def alert_latencies(settings: KafkaSettings) -> np.ndarray:
 
 
 def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, seconds: float,
-                  mode: str = "at-least-once", in_flight: int | None = None) -> dict[str, Any]:
+                  mode: str = "at-least-once", in_flight: int | None = None, client: str = "kafka-python"
+                  ) -> dict[str, Any]:
     """Worker running and idle, then fed at ``rate``; latency from its histogram and from alerts.
 
-    ``in_flight``: the worker's ``--max-in-flight`` (None: its default)."""
+    ``in_flight``: the worker's ``--max-in-flight`` (None: its default); ``client``: its ``--kafka-client``."""
     extra = ["--max-in-flight", str(in_flight)] if in_flight else []
+    extra += ["--kafka-client", client]
     settings = topics_for(bootstrap, f"lat{int(rate)}-{uuid.uuid4().hex[:6]}")
     create_topics(settings)
     port, group, worker = free_port(), "", None
@@ -112,5 +114,6 @@ def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, s
     exact = {"count": int(alerts.size)}
     if alerts.size:
         exact.update({"p50": float(np.percentile(alerts, 50)), "p99": float(np.percentile(alerts, 99))})
-    return {**fed, "mode": mode, "in_flight": in_flight, "dropped_starts": dropped, "histogram": hist, "alerts": exact,
+    return {**fed, "mode": mode, "client": client, "in_flight": in_flight, "dropped_starts": dropped,
+            "histogram": hist, "alerts": exact,
             "worker_peak_rss_mib": usage["peak_rss_mib"], "worker_cpu_s": usage["cpu_user_s"] + usage["cpu_sys_s"]}

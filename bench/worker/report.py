@@ -10,8 +10,11 @@ def _ratio(value: float, reference: float | None, digits: int = 2) -> str:
 
 
 def _flight(run: dict[str, Any]) -> str:
-    """The run's --max-in-flight, when it was set (runs without it used the worker's default)."""
-    return f", max_in_flight={run['in_flight']}" if run.get("in_flight") and run.get("mode") != "exactly-once" else ""
+    """The run's --max-in-flight, when it was set (runs without it used the worker's default), and its
+    Kafka client when it is not kafka-python."""
+    client = run.get("client", "kafka-python")
+    flight = f", max_in_flight={run['in_flight']}" if run.get("in_flight") and run.get("mode") != "exactly-once" else ""
+    return flight + (f", **{client}**" if client != "kafka-python" else "")
 
 
 def throughput_table(r: dict[str, Any]) -> list[str]:
@@ -74,7 +77,7 @@ def ready_line(r: dict[str, Any]) -> str:
     for w in r.get("worker", []):
         ready = w.get("ready", {})
         steps = ", ".join(f"{name.removesuffix('_s').replace('_', ' ')} {s:.2f} s" for name, s in ready.items())
-        parts.append(f"{w.get('mode', 'at-least-once')} max_batch={w['max_batch']}: {steps}")
+        parts.append(f"{w.get('mode', 'at-least-once')} max_batch={w['max_batch']}{_flight(w)}: {steps}")
     return "Worker time to ready (from process start): " + "; ".join(parts) + "."
 
 
@@ -88,7 +91,8 @@ def table(r: dict[str, Any]) -> str:
     if r.get("processes"):
         lines += ["", *processes_table(r)]
     if r.get("worker"):
-        rss = ", ".join(f"{w.get('mode', 'at-least-once')} max_batch={w['max_batch']}: {w['peak_rss_mib']:.0f} MiB"
+        rss = ", ".join(f"{w.get('mode', 'at-least-once')} max_batch={w['max_batch']}{_flight(w)}: "
+                        f"{w['peak_rss_mib']:.0f} MiB"
                         for w in r["worker"])
         lines += ["", f"Worker peak RSS (/proc VmHWM): {rss}.", "", ready_line(r)]
     dropped = sum(run.get("dropped_starts", 0) for key in ("worker", "latency", "processes") for run in r.get(key, []))

@@ -19,15 +19,22 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, TopicPartition
 from kafka.errors import CorruptRecordError, KafkaError
 
 from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import FraudPipelineError
 from pipeline.schema import RecordError
 from pipeline.scoring import Scorer
-from pipeline.worker import corrupt
-from pipeline.worker.delivery import AtLeastOnce, Delivery, StopWithoutCommit, first_offsets, offsets_after
+from pipeline.worker import clients, corrupt
+from pipeline.worker.delivery import (
+    AtLeastOnce,
+    Delivery,
+    DeliveryError,
+    StopWithoutCommit,
+    first_offsets,
+    offsets_after,
+)
 from pipeline.worker.ledger import Ledger, WorkerStats
 from pipeline.worker.liveness import StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics
@@ -69,9 +76,9 @@ class Worker:
         self.stop = threading.Event()
         self.worker_id = f"{kafka.client_id}-worker-{id(self):x}"
         self.pending = PendingRecords()
-        self.joined = threading.Event()  # the group gave this worker its first assignment
+        self.joined = threading.Event()  # holds a settled assignment: not joining, not between revoke and assign
         self.failure: BaseException | None = None
-        self.consumer: KafkaConsumer | None = None
+        self.consumer: Any = None  # clients.consumer: kafka-python's or the confluent adapter
         self.delivery: Delivery | None = None
         self.stages: FeatureStages | None = None  # raw input only
         self._use(scorer)
@@ -95,14 +102,15 @@ class Worker:
 
     def _connect(self) -> None:
         common = {**self.kafka.client_options(), **RECONNECT}
-        self.consumer = KafkaConsumer(
-            **common, client_id=self.worker_id, group_id=self.settings.consumer_group,
+        self.consumer = clients.consumer(
+            self.settings.kafka_client, **common, client_id=self.worker_id, group_id=self.settings.consumer_group,
             enable_auto_commit=False, auto_offset_reset=self.settings.auto_offset_reset,
             isolation_level="read_committed",  # never score what an upstream transaction aborted
             max_poll_records=self.settings.max_batch, max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=10_000, heartbeat_interval_ms=3000,
             metadata_max_age_ms=15_000,  # notice new partitions of the input topic within seconds
         )
+        self.consumer.before_revoke = self._settle_before_revoke
         listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget, self.joined)
         topics = self.stages.topics.consumed if self.stages is not None else [self.kafka.input_topic]
         self.consumer.subscribe(topics, listener=listener)
@@ -123,7 +131,8 @@ class Worker:
             return ExactlyOnce(options, *args, transactional_prefix=f"{self.settings.consumer_group}-tx")
         # raw input waits for each batch: a store restored after a rebalance must hold every acknowledged change
         in_flight = self.settings.max_in_flight if self.stages is None else 1
-        return AtLeastOnce({**options, "retries": 5}, *args, max_in_flight=in_flight)
+        return AtLeastOnce({**options, "retries": 5}, *args, max_in_flight=in_flight,
+                           client=self.settings.kafka_client)
 
     def _forget(self, partitions: set[TopicPartition]) -> None:
         self.metrics.forget_partitions(partitions)
@@ -139,6 +148,13 @@ class Worker:
         restorer = Restorer(self.kafka, self.worker_id, {**self.kafka.client_options(), **RECONNECT})
         return FeatureStages(topics, artifact.feature_delay_days, restorer, self.metrics,
                              self.settings.max_record_bytes, self.stop)
+
+    def _settle_before_revoke(self) -> None:
+        """librdkafka revokes inside ``poll``, on this thread: commit what is in flight while it is ours."""
+        try:
+            self._settle()
+        except (StopWithoutCommit, DeliveryError) as err:
+            self.failure = self.failure or err  # raised as itself by the main loop after the poll
 
     def _fail(self, err: BaseException) -> None:
         log.error("rebalance listener failed: %s: %s", type(err).__name__, err)
@@ -164,7 +180,9 @@ class Worker:
                 self._check_failure()
                 self.metrics.heartbeat.set(self.clock())
                 self._swap_model_if_new()
-                if self._fill_batch() or not self.joined.is_set():  # idle counts from joining the group
+                # idle counts only while the assignment is settled: a join that takes long (or whose result
+                # kafka-python dropped, until the stall watchdog joins again) is not idleness
+                if self._fill_batch() or not self.joined.is_set():
                     last_record = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - last_record > idle_exit_s:
                     log.info("no records for %.1fs; stopping", idle_exit_s)
@@ -186,6 +204,8 @@ class Worker:
         return self.stats
 
     def _check_failure(self) -> None:
+        if isinstance(self.failure, (StopWithoutCommit, DeliveryError)):
+            raise self.failure
         if self.failure is not None:
             raise WorkerFailed(f"rebalance listener failed: {type(self.failure).__name__}: {self.failure}") \
                 from self.failure
@@ -197,7 +217,7 @@ class Worker:
         first_at: float | None = None
         got = 0
         while len(self.pending) < max_batch and not self.stop.is_set() and self.failure is None:
-            if self._in_flight() and self._rebalance_coming():
+            if self._in_flight() and self.consumer.rebalance_coming():
                 self._settle()  # commit what is in flight while the partitions are surely still ours
             if first_at is None:
                 # idle: come back often enough to notice stop and new models; at once while batches are in
@@ -256,13 +276,6 @@ class Worker:
         if self._in_flight():
             self.delivery.settle(block=True)  # type: ignore[union-attr]
 
-    def _rebalance_coming(self) -> bool:
-        """Whether the next poll will rejoin the group (kafka-python's coordinator says so; if its internals
-        change, every poll counts as one that may, and batches are committed before each poll)."""
-        coordinator = getattr(self.consumer, "_coordinator", None)
-        need = getattr(coordinator, "need_rejoin", None)
-        return need is None or bool(getattr(coordinator, "rejoin_needed", True)) or bool(need())
-
     def _process_pending(self) -> None:
         records = self.pending.take()
         if records:
@@ -271,11 +284,21 @@ class Worker:
     def process(self, records: Sequence[Any]) -> None:
         """Score one batch, deliver its outputs with its offsets, count it once committed."""
         assert self.delivery is not None
+        offsets = offsets_after(records)  # the unreadable ones' too: their dead letters go with the batch
+        unreadable = [r for r in records if getattr(r, "unreadable", None)]  # confluent adapter only
+        if unreadable:
+            records = [r for r in records if not getattr(r, "unreadable", None)]
         if self.stages is None:
             outcome, consumed = self.processor.process(records), len(records)
         else:
             outcome, consumed = self._process_raw(self.stages, records)
-        offsets = offsets_after(records)
+        for record in unreadable:
+            log.warning("%s[%d]@%d cannot be read (%s); dead-lettered", record.topic, record.partition,
+                        record.offset, record.unreadable)
+            outcome.outputs.append(self.processor.dead_letter(
+                record, RecordError("corrupt_record", None, record.unreadable)))
+            outcome.dead_letters["corrupt_record"] += 1
+        consumed += len(unreadable)
         if isinstance(self.delivery, AtLeastOnce) and self.delivery.max_in_flight > 1:
             self.delivery.submit(outcome.outputs, offsets,
                                  lambda: self.ledger.committed(consumed, outcome, offsets, self.consumer))

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     KafkaSettings.add_arguments(parser)
     WorkerSettings.add_arguments(parser)
     parser.add_argument("--exit-when-idle", type=float, default=None, metavar="SECONDS",
-                        help="stop after this long without records, counted from joining the consumer group "
-                             "(batch jobs, benchmarks)")
+                        help="stop after this long without records, counted while the worker holds a settled "
+                             "assignment (time spent joining or rebalancing does not count; batch jobs, "
+                             "benchmarks)")
     parser.add_argument("--partitions", type=int, default=3,
                         help="partitions for topics this worker has to create")
     parser.add_argument("--processes", type=int, default=1, metavar="N",

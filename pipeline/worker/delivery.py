@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import (
     AuthorizationError,
     CommitFailedError,
@@ -54,6 +54,7 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.errors import FraudPipelineError
+from pipeline.worker import clients
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.outputs import Output
 
@@ -150,11 +151,14 @@ def to_commit(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, Offset
 class Delivery:
     """Sends outputs with a producer the subclass owns; ``deliver`` is the one entry point."""
 
-    def __init__(self, producer_options: dict[str, Any], consumer: KafkaConsumer, metrics: WorkerMetrics,
-                 stop: threading.Event, max_backoff_s: float, ack_timeout_s: float) -> None:
+    def __init__(self, producer_options: dict[str, Any], consumer: Any, metrics: WorkerMetrics,
+                 stop: threading.Event, max_backoff_s: float, ack_timeout_s: float, client: str = "kafka-python"
+                 ) -> None:
+        """``consumer`` and ``client``: see :mod:`~pipeline.worker.clients`."""
         self.producer_options, self.consumer, self.metrics = producer_options, consumer, metrics
         self.stop, self.max_backoff_s, self.ack_timeout_s = stop, max_backoff_s, ack_timeout_s
-        self.producer: KafkaProducer | None = None
+        self.client = client
+        self.producer: Any = None
 
     def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
         """Publish ``outputs`` and commit ``offsets``; False when the group moved on (nothing committed)."""
@@ -309,7 +313,7 @@ class AtLeastOnce(Delivery):
 
     def _producer(self) -> None:
         if self.producer is None:
-            self.producer = KafkaProducer(**self.producer_options)
+            self.producer = clients.producer(self.client, **self.producer_options)
 
     def _publish(self, outputs: list[Output], failed: list[tuple[Output, BaseException]] | None = None) -> None:
         """Get ``outputs`` acknowledged; ``failed``: the first try was made already and these failed."""

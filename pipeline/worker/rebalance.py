@@ -60,10 +60,13 @@ class ReleaseOnRevoke(AsyncConsumerRebalanceListener):
     def __init__(self, pending: PendingRecords, consumer: Callable[[], Any], fail: Callable[[BaseException], None],
                  forget: Callable[[set[TopicPartition]], None], joined: threading.Event | None = None) -> None:
         self.pending, self.consumer, self.fail, self.forget = pending, consumer, fail, forget
-        self.joined = joined or threading.Event()  # set at the first assignment, even an empty one
+        # set while the member holds a settled assignment (even an empty one), clear from a revoke until the
+        # next assignment: the worker's idle clock runs only while it is set
+        self.joined = joined or threading.Event()
         self.rewind: dict[TopicPartition, int] = {}
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.joined.clear()  # a rebalance has begun
         self._release(set(revoked), "revoked")
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from typing import Any, TypeVar
 from kafka import KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from pipeline.worker.clients import Call
 from pipeline.worker.delivery import (
     FENCED,
     REBALANCED,
@@ -128,26 +128,14 @@ class ExactlyOnce(Delivery):
     def _bounded(self, call: Callable[[], T]) -> T:
         """Run a blocking transactional call (kafka-python gives them no timeout) so that a worker
         asked to stop leaves after ``STOP_GRACE_S`` instead of waiting for a broker that is away."""
-        box: dict[str, Any] = {}
-
-        def target() -> None:
-            try:
-                box["value"] = call()
-            except BaseException as err:
-                box["error"] = err
-
-        thread = threading.Thread(target=target, name="txn-call", daemon=True)
-        thread.start()
+        running = Call(call, "txn-call")
         waited_stopping, reported = 0.0, time.monotonic()
-        while thread.is_alive():
-            thread.join(0.5)
-            if thread.is_alive() and time.monotonic() - reported > REPORT_EVERY_S:
+        while not running.wait(0.5):
+            if time.monotonic() - reported > REPORT_EVERY_S:
                 reported = time.monotonic()
                 log.warning("a transactional call has been waiting on Kafka for over %.0fs", REPORT_EVERY_S)
             if self.stop.is_set():
                 waited_stopping += 0.5
-                if thread.is_alive() and waited_stopping >= STOP_GRACE_S:
+                if waited_stopping >= STOP_GRACE_S:
                     raise StopWithoutCommit("Kafka did not answer a transactional call while stopping")
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")  # type: ignore[return-value]
+        return running.result()
