@@ -221,7 +221,7 @@ def _poll_until(consumer: Any, condition: Any, timeout_s: float = 60) -> None:
 def test_a_wedged_consumer_is_replaced_and_its_partitions_count_as_lost(kafka_settings: KafkaSettings) -> None:
     topic = kafka_settings.input_topic
     ensure_topics(kafka_settings, [topic], 2)
-    consumer = clients.consumer("confluent", **kafka_settings.client_options(), request_timeout_ms=1000,
+    consumer = clients.consumer("confluent", **{**kafka_settings.client_options(), "request_timeout_ms": 1000},
                                 group_id=f"gw-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     listener = Listener()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from pipeline.artifact import load_artifact
 from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.schema import RecordError, Transaction, encode
 from pipeline.scoring import Scorer
+from pipeline.worker import delivery as delivery_module
 from pipeline.worker.app import Worker
 from pipeline.worker.batch import decode_batch
 from pipeline.worker.delivery import AtLeastOnce, StopWithoutCommit
@@ -114,6 +117,36 @@ def test_publish_retries_until_acknowledged() -> None:
     delivery._publish(outputs)
     assert sorted(v for _, _, v in delivery.producer.sent) == [b"v1", b"v2"]  # type: ignore[union-attr]
     assert delivery.metrics.errors.labels("publish_failed")._value.get() == 2
+
+
+class SlowFuture:
+    """Acknowledged ``after_s`` after it was made; ``get`` raises KafkaTimeoutError before that."""
+
+    def __init__(self, after_s: float) -> None:
+        self.at = time.monotonic() + after_s
+
+    @property
+    def is_done(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def get(self, timeout=None):
+        time.sleep(max(0.0, min(timeout, self.at - time.monotonic())))
+        if not self.is_done:
+            raise KafkaTimeoutError("not yet")
+
+
+def test_a_slow_acknowledgement_is_logged_once_and_waited_for(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(delivery_module, "SLOW_ACK_S", 0.1)
+    delivery = at_least_once(None)
+    futures = [(Output("alerts", b"k", b"v1"), SlowFuture(0.3)), (Output("alerts", b"k", b"v2"), SlowFuture(0.4))]
+    with caplog.at_level(logging.WARNING):
+        assert delivery._wait(futures, []) == []  # both acknowledged within ack_timeout_s (1 s)
+    slow = [r.getMessage() for r in caplog.records if "not acknowledged after" in r.getMessage()]
+    assert len(slow) == 1, caplog.text
+    late = [(Output("alerts", b"k", b"v3"), SlowFuture(5.0))]
+    (failed,) = delivery._wait(late, [])  # past ack_timeout_s: failed, retried by the caller
+    assert isinstance(failed[1], KafkaTimeoutError)
 
 
 def test_stop_during_outage_leaves_without_commit() -> None:

@@ -66,6 +66,7 @@ FENCED = (ProducerFencedError, InvalidProducerEpochError)
 FATAL = (AuthorizationError, InvalidTopicError, UnsupportedVersionError, IllegalStateError)
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 REPORT_EVERY_S = 30.0
+SLOW_ACK_S = 5.0  # an acknowledgement this late is logged (once per batch)
 
 
 class StopWithoutCommit(Exception):
@@ -191,13 +192,27 @@ class Delivery:
 
     def _wait(self, futures: list[tuple[Output, Any]], failed: list[tuple[Output, BaseException]]
               ) -> list[tuple[Output, BaseException]]:
-        """Wait for every acknowledgement: all the outputs that failed, with their errors."""
+        """Wait for every acknowledgement (each up to ``ack_timeout_s``): the outputs that failed, with
+        their errors. Both clients retry a broker that does not answer on their own, without a word: a wait
+        longer than ``SLOW_ACK_S`` is logged, once per call."""
         failed = list(failed)
+        started, said = time.monotonic(), False
         for out, future in futures:
-            try:
-                future.get(timeout=self.ack_timeout_s)
-            except Exception as err:
-                failed.append((out, err))
+            deadline = time.monotonic() + self.ack_timeout_s
+            while True:
+                now = time.monotonic()
+                step = deadline - now if said else min(deadline - now, started + SLOW_ACK_S - now)
+                try:
+                    future.get(timeout=max(0.0, step))
+                    break
+                except Exception as err:
+                    if future.is_done or time.monotonic() >= deadline:
+                        failed.append((out, err))
+                        break
+                    if not said and time.monotonic() >= started + SLOW_ACK_S:
+                        said = True
+                        log.warning("outputs not acknowledged after %.0fs (a broker slow or away?); waiting up to "
+                                    "%.0fs", time.monotonic() - started, self.ack_timeout_s)
         return failed
 
     def _next_try(self, pending: list[Output], failed: list[tuple[Output, BaseException]],
