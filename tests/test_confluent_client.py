@@ -244,3 +244,19 @@ def test_a_wedged_consumer_is_replaced_and_its_partitions_count_as_lost(kafka_se
         assert consumer.committed(tp) == 0
     finally:
         consumer.close()
+
+
+# -- kafka-python's side of the interface ------------------------------------------------------------
+def test_kafka_python_awaits_a_join_under_way() -> None:
+    """kafka-python 3.0.12 re-awaits a join only while need_rejoin() holds; it must hold until the join's
+    result is applied (``rejoining``), or the assignment is dropped (clients.KafkaPythonConsumer)."""
+    consumer = clients.KafkaPythonConsumer(bootstrap_servers="127.0.0.1:1", group_id="g", api_version=(3, 0),
+                                           enable_auto_commit=False)
+    try:
+        coordinator = consumer._coordinator
+        coordinator.rejoining = False
+        assert not coordinator.need_rejoin()  # not subscribed: kafka-python's own answer, no join to await
+        coordinator.rejoining = True  # a join prepared, its SyncGroup answer not applied yet
+        assert coordinator.need_rejoin() and consumer.rebalance_coming()
+    finally:
+        consumer.close(autocommit=False)

@@ -42,9 +42,26 @@ T = TypeVar("T")
 
 
 class KafkaPythonConsumer(KafkaConsumer):
-    """kafka-python's consumer with the two rebalance hooks of the interface."""
+    """kafka-python's consumer with the two rebalance hooks of the interface, and one repair.
+
+    The repair: kafka-python 3.0.12 drops the result of a join that outlives the ``poll`` that
+    started it. ``poll`` re-awaits a join in flight only while ``need_rejoin()`` is true, and that
+    turns false as soon as the join is prepared (after a metadata change: the snapshots it compares
+    are reset) or the leader has computed the assignment, before the SyncGroup answer is in. The
+    answer is then never applied: the member holds nothing while the group lists partitions for it,
+    with heartbeats off, until the stall watchdog joins again (30 s at start, seen in the benchmark
+    and once in CI). Here ``need_rejoin()`` also holds while a join is under way (``rejoining``,
+    set when it is prepared, cleared when its result is applied), so the next poll awaits it.
+    """
 
     before_revoke: Callable[[], None] | None = None  # not called: kafka-python revokes on its IO thread
+
+    def __init__(self, *topics: str, **options: Any) -> None:
+        super().__init__(*topics, **options)
+        coordinator = getattr(self, "_coordinator", None)
+        plain = getattr(coordinator, "need_rejoin", None)
+        if plain is not None and hasattr(coordinator, "rejoining"):
+            coordinator.need_rejoin = lambda: bool(coordinator.rejoining) or plain()  # type: ignore[union-attr]
 
     def rebalance_coming(self) -> bool:
         """Whether the next poll will rejoin the group (the coordinator says so; if kafka-python's internals
