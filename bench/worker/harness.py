@@ -128,13 +128,14 @@ def run(args: argparse.Namespace) -> int:
             timed(f"processes-{n}", lambda n=n: bench_processes(settings, model_dir, total, n))
             for n in (int(p) for p in args.processes.split(",") if p.strip())]
         if args.profile_records:
-            results["profile"] = timed("profile", lambda: profile_worker(settings, model_dir, args.profile_records))
+            results["profile"] = [timed(f"profile-{c}", lambda c=c: profile_worker(settings, model_dir,
+                                                                                  args.profile_records, c))
+                                  for c in [KP, *others]]
     harness.save()
     print(table(results))
     print("\n1-minute load average before each measurement: "
           + ", ".join(f"{k} {v['load1']:.2f}" for k, v in harness.loads.items()))
-    if "profile" in results:
-        p = results["profile"]
-        print(f"\nprofile: {p['records']:,} records, wall {p['wall_s']:.1f}s, process CPU {p['process_cpu_s']:.1f}s, "
-              f"main thread CPU {p['main_thread_cpu_s']:.1f}s\n{p['top_tottime']}")
+    for p in results.get("profile", []):
+        print(f"\nprofile ({p['client']}): {p['records']:,} records, wall {p['wall_s']:.1f}s, process CPU "
+              f"{p['process_cpu_s']:.1f}s, main thread CPU {p['main_thread_cpu_s']:.1f}s\n{p['top_tottime']}")
     return 0

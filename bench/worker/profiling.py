@@ -14,8 +14,9 @@ from typing import Any
 from pipeline.config import KafkaSettings
 
 
-def profile_worker(settings: KafkaSettings, model_dir: Path, records: int) -> dict[str, Any]:
-    """cProfile of an in-process Worker (main thread) over the first ``records`` records."""
+def profile_worker(settings: KafkaSettings, model_dir: Path, records: int, client: str = "kafka-python"
+                   ) -> dict[str, Any]:
+    """cProfile of an in-process Worker (main thread) over the first ``records`` records, on ``client``."""
     from prometheus_client import CollectorRegistry
 
     from pipeline.artifact import load_artifact
@@ -26,7 +27,7 @@ def profile_worker(settings: KafkaSettings, model_dir: Path, records: int) -> di
 
     ws = WorkerSettings.build(environ={}, overrides={
         "model_dir": str(model_dir), "consumer_group": f"bench-prof-{uuid.uuid4().hex[:8]}", "device": "cpu",
-        "metrics_port": 0, "reload_interval_s": 0})
+        "metrics_port": 0, "reload_interval_s": 0, "kafka_client": client})
     worker = Worker(settings, ws, Scorer(load_artifact(model_dir), device="cpu", max_batch=ws.max_batch),
                     WorkerMetrics(CollectorRegistry()))
 
@@ -42,5 +43,5 @@ def profile_worker(settings: KafkaSettings, model_dir: Path, records: int) -> di
     cpu, main_cpu, wall = time.process_time() - cpu0, time.thread_time() - thread0, time.perf_counter() - wall0
     out = io.StringIO()
     pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(25)
-    return {"records": worker.stats.consumed, "wall_s": wall, "process_cpu_s": cpu, "main_thread_cpu_s": main_cpu,
-            "top_tottime": out.getvalue()}
+    return {"client": client, "records": worker.stats.consumed, "wall_s": wall, "process_cpu_s": cpu,
+            "main_thread_cpu_s": main_cpu, "top_tottime": out.getvalue()}
