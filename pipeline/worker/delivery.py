@@ -199,20 +199,18 @@ class Delivery:
         started, said = time.monotonic(), False
         for out, future in futures:
             deadline = time.monotonic() + self.ack_timeout_s
-            while True:
-                now = time.monotonic()
-                step = deadline - now if said else min(deadline - now, started + SLOW_ACK_S - now)
+            if not said:  # first wait until the slow mark, and say so once if that passes
                 try:
-                    future.get(timeout=max(0.0, step))
-                    break
-                except Exception as err:
-                    if future.is_done or time.monotonic() >= deadline:
-                        failed.append((out, err))
-                        break
-                    if not said and time.monotonic() >= started + SLOW_ACK_S:
+                    future.get(timeout=max(0.0, min(started + SLOW_ACK_S, deadline) - time.monotonic()))
+                except Exception:
+                    if not future.is_done:
                         said = True
-                        log.warning("outputs not acknowledged after %.0fs (a broker slow or away?); waiting up to "
-                                    "%.0fs", time.monotonic() - started, self.ack_timeout_s)
+                        log.warning("outputs not acknowledged after %.0fs (a broker slow or away?); waiting up "
+                                    "to %.0fs", time.monotonic() - started, self.ack_timeout_s)
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as err:
+                failed.append((out, err))
         return failed
 
     def _next_try(self, pending: list[Output], failed: list[tuple[Output, BaseException]],
