@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.scores import BatchScorer
 from pipeline.scoring import Scorer, available_cpus
 
 SCORES = ("reconstruction", "hybrid")  # the two ways a version scores (README, *Model quality*)
@@ -76,15 +77,22 @@ def _version_in(folder: Path) -> Path | None:
     return versions[-1] if versions else None
 
 
-def worker_scorer(model_dir: Path, device: str, max_batch: int) -> Scorer:
-    """The Scorer a worker builds with these settings, its thread rule included (one PyTorch
-    thread per CPU but one)."""
+def worker_scorer(model_dir: Path, device: str, max_batch: int) -> BatchScorer:
+    """The scorer a worker builds with these settings, its engine (NumPy on the CPU) and thread rule
+    (one thread per CPU but one) included."""
     from pipeline.config import WorkerSettings
     from pipeline.worker.cli import load_scorer
 
     settings = WorkerSettings.build(environ={}, overrides={"model_dir": str(model_dir), "device": device,
                                                            "max_batch": max_batch})
     return load_scorer(model_dir, settings)
+
+
+def torch_scorer(model_dir: Path, device: str, max_batch: int) -> Scorer:
+    """PyTorch's Scorer on ``device`` with the worker's thread rule: the kernels CPU and CUDA share."""
+    from pipeline.artifact import load_artifact
+
+    return Scorer(load_artifact(model_dir), device=device, max_batch=max_batch, threads=max(1, available_cpus() - 1))
 
 
 def devices() -> list[str]:

@@ -75,8 +75,8 @@ def measure(scorer: Scorer, raw: np.ndarray, path: str, min_s: float) -> dict[st
 
 def agreement(model_dir: Path, raw: np.ndarray) -> dict[str, Any]:
     """How far CUDA scores stray from CPU scores on the same rows."""
-    cpu = worker_scorer(model_dir, "cpu", len(raw)).score(raw)
-    gpu = worker_scorer(model_dir, "cuda", len(raw)).score(raw)
+    cpu = torch_scorer(model_dir, "cpu", len(raw)).score(raw)
+    gpu = torch_scorer(model_dir, "cuda", len(raw)).score(raw)
     diff = np.abs(cpu.scores - gpu.scores)
     return {"rows": len(raw), "max_abs_diff": float(diff.max()),
             "max_rel_diff": float((diff / np.maximum(np.abs(cpu.scores), 1e-6)).max()),
@@ -90,7 +90,7 @@ def bench_model(score: str, model_dir: Path, sizes: list[int], cpu_max: int, min
     results = []
     for device in devices():
         wanted = [s for s in sizes if device != "cpu" or s <= cpu_max]
-        scorer = worker_scorer(model_dir, device, max(wanted))
+        scorer = torch_scorer(model_dir, device, max(wanted))
         for size in wanted:
             raw = standard_rows(scorer.artifact, size)
             for path in PATHS:
@@ -149,7 +149,7 @@ if __name__ == "__main__":
         prepare_models,
         reset_peak_memory,
         time_calls,
-        worker_scorer,
+        torch_scorer,
         write_json,
     )
     from pipeline.artifact import ModelArtifact

@@ -18,19 +18,30 @@ import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load as load_arrays
 
-from pipeline.classifier import ClassifierSpec, FineTuned, Stacked, build_classifier
 from pipeline.errors import ModelArtifactError
 from pipeline.features import HANDBOOK_FEATURES
-from pipeline.models import MODELS, Autoencoder, ModelConfig, build_model
-from pipeline.neighbours import ScoreSpec
+from pipeline.layout import (
+    MODEL_NAMES,
+    ClassifierSpec,
+    ModelConfig,
+    ScoreSpec,
+    check_weights,
+    classifier_shapes,
+    weight_shapes,
+)
 from pipeline.preprocess import Preprocessing
+
+if TYPE_CHECKING:  # PyTorch only where a caller builds modules: the CPU worker serves without it
+    import torch
+
+    from pipeline.classifier import FineTuned, Stacked
+    from pipeline.models import Autoencoder
 
 FORMAT_VERSION = 1  # reconstruction-only versions: what every reader of this format understands
 HYBRID_FORMAT_VERSION = 2  # versions with a "scoring" section and a bank of training rows
@@ -85,14 +96,29 @@ class ModelArtifact:
 
     path: Path
     manifest: dict[str, Any]
-    state_dict: dict[str, torch.Tensor]
+    weights: dict[str, np.ndarray]  # the model's tensors by state-dict name, float32
     preprocessing: Preprocessing
     explanation: Explanation
     score_histogram: ScoreHistogram
     scoring: ScoreSpec = field(default_factory=ScoreSpec)  # format 1: the reconstruction error alone
-    bank: torch.Tensor | None = None  # (rows, features) standardized normal training rows, hybrid scoring only
+    bank_rows: np.ndarray | None = None  # (rows, features) standardized normal training rows, hybrid scoring only
     classifier: ClassifierSpec | None = None  # format 3: the score is this classifier's fraud probability
-    classifier_state: dict[str, torch.Tensor] | None = None
+    classifier_weights: dict[str, np.ndarray] | None = None
+
+    @property
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's weights as tensors (sharing memory with ``weights``)."""
+        return _tensors(self.weights)
+
+    @property
+    def bank(self) -> torch.Tensor | None:
+        """The hybrid's bank of training rows as a tensor, None for other versions."""
+        return None if self.bank_rows is None else _tensors({"bank": self.bank_rows})["bank"]
+
+    @property
+    def classifier_state(self) -> dict[str, torch.Tensor] | None:
+        """The classifier's weights as tensors, None for versions without one."""
+        return None if self.classifier_weights is None else _tensors(self.classifier_weights)
 
     @property
     def version(self) -> str:
@@ -132,17 +158,27 @@ class ModelArtifact:
 
     def build_model(self) -> Autoencoder:
         """A fresh model on CPU in eval mode with the weights loaded."""
+        from pipeline.models import build_model
+
         model = build_model(self.model_class, ModelConfig.from_dict(self.manifest["hyperparameters"]))
         model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
 
     def build_classifier(self) -> FineTuned | Stacked | None:
         """A fresh fraud classifier on CPU in eval mode with its weights loaded (None for unsupervised versions)."""
-        if self.classifier is None or self.classifier_state is None:
+        if self.classifier is None or self.classifier_weights is None:
             return None
+        from pipeline.classifier import build_classifier
+
         classifier = build_classifier(self.classifier, ModelConfig.from_dict(self.manifest["hyperparameters"]))
         classifier.load_state_dict(self.classifier_state, strict=True)
         return classifier.eval()
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    import torch
+
+    return {name: torch.from_numpy(array) for name, array in arrays.items()}
 
 
 def content_hash(weights: bytes, manifest: dict[str, Any]) -> str:
@@ -166,6 +202,9 @@ def save_artifact(root: str | Path, model: Autoencoder, fields: dict[str, Any], 
     scoring (a ScoreSpec) and bank ((rows, features) float32 standardized training rows); for a
     version scored by a fraud classifier, classifier (the fitted ``pipeline.classifier`` module).
     """
+    import torch
+    from safetensors.torch import save_file
+
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     created = dt.datetime.now(dt.UTC)
@@ -265,11 +304,12 @@ def load_artifact(path: str | Path) -> ModelArtifact:
     weights_path = folder / WEIGHTS
     if not weights_path.is_file():
         raise ModelArtifactError(f"{folder}: {WEIGHTS} is missing")
-    if content_hash(weights_path.read_bytes(), manifest) != manifest[HASH_KEY]:
+    data = weights_path.read_bytes()
+    if content_hash(data, manifest) != manifest[HASH_KEY]:
         raise ModelArtifactError(f"{folder}: content hash mismatch: weights or manifest were modified after export")
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError) as err:
+    try:  # NumPy arrays: a dtype NumPy lacks (bfloat16) is refused here, said as unreadable
+        state = {name: np.asarray(array, np.float32) for name, array in load_arrays(data).items()}
+    except (SafetensorError, OSError, TypeError, ValueError) as err:
         raise ModelArtifactError(f"{weights_path}: not a readable safetensors file ({err})") from err
     try:
         return _assemble(folder, manifest, state)
@@ -308,8 +348,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise ModelArtifactError(f"{MANIFEST}: key {key!r} has type {type(value).__name__}, expected {kind}")
     _check_input(manifest)
-    if manifest["model_class"] not in MODELS:
-        raise ModelArtifactError(f"{MANIFEST}: unknown model_class {manifest['model_class']!r}; known: {list(MODELS)}")
+    if manifest["model_class"] not in MODEL_NAMES:
+        raise ModelArtifactError(f"{MANIFEST}: unknown model_class {manifest['model_class']!r}; "
+                                 f"known: {list(MODEL_NAMES)}")
     return manifest
 
 
@@ -329,7 +370,7 @@ def _check_input(manifest: dict[str, Any]) -> None:
                                      f"1 to 365, got {delay!r}")
 
 
-def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> ModelArtifact:
+def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, np.ndarray]) -> ModelArtifact:
     """The artifact, after checking every per-feature array against the feature count and weights."""
     n = len(manifest["feature_names"])
     config = ModelConfig.from_dict(manifest["hyperparameters"])
@@ -342,13 +383,13 @@ def _assemble(folder: Path, manifest: dict[str, Any], state: dict[str, torch.Ten
     classifier_state = {k.removeprefix(CLASSIFIER_PREFIX): state.pop(k) for k in list(state)
                         if k.startswith(CLASSIFIER_PREFIX)}
     if classifier is not None:
-        build_classifier(classifier, config).load_state_dict(classifier_state, strict=True)  # shapes vs features
+        check_weights(classifier_state, classifier_shapes(classifier, config), "the classifier")
     elif classifier_state:
         raise ValueError(f"{CLASSIFIER_PREFIX}* tensors but no 'classifier' section")
     if scoring.uses_bank and (bank is None or bank.ndim != 2 or bank.shape[1] != n or bank.shape[0] < 1
-                              or not bool(torch.isfinite(bank).all())):
+                              or not bool(np.isfinite(bank).all())):
         raise ValueError(f"hybrid scoring needs a finite (rows, {n}) {BANK_KEY} tensor")
-    build_model(manifest["model_class"], config).load_state_dict(state, strict=True)  # shapes vs features
+    check_weights(state, weight_shapes(manifest["model_class"], config), f"the {manifest['model_class']} model")
     preprocessing = Preprocessing.from_dict(manifest["preprocessing"])
     if preprocessing.feature_names != tuple(manifest["feature_names"]):
         raise ValueError("preprocessing.feature_names differ from feature_names")

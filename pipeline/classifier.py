@@ -25,41 +25,19 @@ torch.Size([3])
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from pipeline.models import _ACTIVATIONS, Autoencoder, ModelConfig, _stack
+from pipeline.layout import CLASSIFIER_KINDS, ClassifierSpec, ModelConfig
+from pipeline.models import _ACTIVATIONS, Autoencoder, _stack
 
-KINDS = ("finetuned", "stacked")
+__all__ = ["ATTRIBUTION_STEPS", "CLASSIFIERS", "KINDS", "ClassifierSpec", "FineTuned", "Stacked", "attributions",
+           "build_classifier", "fraud_logits"]
+
+KINDS = CLASSIFIER_KINDS
 ATTRIBUTION_STEPS = 32  # integrated-gradient steps, for flagged rows only (16 left errors of 0.1-0.4 in the sum)
-
-
-@dataclass(frozen=True)
-class ClassifierSpec:
-    """Which classifier a version carries and its width; the rest comes from the autoencoder's config."""
-
-    kind: str
-    width: int = 32
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"classifier kind {self.kind!r}: use one of {', '.join(KINDS)}")
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 2:
-            raise ValueError(f"classifier width {self.width!r} must be an integer >= 2")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form for the manifest."""
-        return {"kind": self.kind, "width": self.width}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClassifierSpec:
-        """Inverse of ``to_dict``; ValueError on an unknown kind or a bad width."""
-        if not isinstance(data, dict) or not {"kind", "width"} <= set(data):
-            raise ValueError("the classifier section needs 'kind' and 'width'")
-        return cls(str(data["kind"]), data["width"])
 
 
 class FineTuned(nn.Module):

@@ -12,53 +12,17 @@ torch.Size([4, 15])
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.layout import ModelConfig, default_bottleneck
 
-def default_bottleneck(n_features: int) -> int:
-    """Code size when none is given: 6 for the handbook's 15 features (chosen on its validation
-    week), about 40 % of the features on narrow tables, at most 16.
-
-    >>> [default_bottleneck(n) for n in (1, 3, 8, 15, 36, 100)]
-    [1, 1, 3, 6, 14, 16]
-    """
-    return max(1, min(16, round(0.4 * n_features)))
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Hyperparameters of every model type; each type reads the ones it needs."""
-
-    n_features: int
-    hidden: tuple[int, ...] = (64, 32)  # encoder widths; the decoder mirrors them
-    bottleneck: int = 6  # chosen on the validation week of the reference data (4, 6, 8, 12 tried)
-    activation: str = "elu"
-    noise_std: float = 0.1  # denoising: Gaussian noise on standardized inputs while training
-    memory_slots: int = 100  # memae: N
-    shrink_threshold: float = 0.02  # memae: λ, in [1/N, 3/N]
-    entropy_weight: float = 0.0002  # memae: weight of the addressing entropy loss
-    extra: dict[str, Any] = field(default_factory=dict)  # reserved, kept in the manifest
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict (tuples become lists)."""
-        data = dataclasses.asdict(self)
-        data["hidden"] = list(self.hidden)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; unknown keys raise TypeError."""
-        values = dict(data)
-        if "hidden" in values:
-            values["hidden"] = tuple(int(h) for h in values["hidden"])
-        return cls(**values)
+__all__ = ["DEFAULT_MODEL", "MODELS", "Autoencoder", "DenoisingAutoencoder", "MemAE", "ModelConfig",
+           "build_model", "default_bottleneck"]
 
 
 _ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU, "tanh": nn.Tanh, "gelu": nn.GELU}

@@ -13,8 +13,7 @@ classifier instead, and its alerts list the features by their contribution to th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,68 +23,10 @@ from pipeline.classifier import ATTRIBUTION_STEPS, attributions
 from pipeline.cpus import available_cpus
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.neighbours import knn_distance
-from pipeline.preprocess import Preprocessing
+from pipeline.scores import BatchScorer, ScoreBatch
 
 if TYPE_CHECKING:  # pandas costs ~0.8 s to import; only offline scoring needs it
     import pandas as pd
-
-
-@dataclass
-class ScoreBatch:
-    """Scores, flags and explanations of one batch of transactions."""
-
-    scores: np.ndarray  # (n,) float32, higher = more anomalous (see the module docstring)
-    flags: np.ndarray  # (n,) bool, scores > artifact.threshold
-    feature_errors: np.ndarray  # (n, f) float32 squared error per feature, standardized space
-    standardized_reconstruction: np.ndarray  # (n, f) float32, the model's output
-    feature_names: tuple[str, ...] = ()
-    error_means: np.ndarray | None = None  # (f,) explanation statistics of the artifact
-    error_stds: np.ndarray | None = None  # (f,)
-    preprocessing: Preprocessing | None = None  # maps the reconstruction back to raw units; None: identity
-    # (n, f) float32 contribution of each feature to the fraud log-odds, for the flagged rows of a
-    # version with a classifier (NaN elsewhere); None for versions without one
-    contributions: np.ndarray | None = None
-
-    @property
-    def reconstruction(self) -> np.ndarray:
-        """(n, f) float32 reconstruction in raw units. Computed on demand: explanations map only the
-        rows they explain (see ``top_features``), not every row of a batch."""
-        return self._raw_reconstruction(slice(None))
-
-    def _raw_reconstruction(self, rows: slice) -> np.ndarray:
-        z = self.standardized_reconstruction[rows]
-        return z if self.preprocessing is None else self.preprocessing.inverse_transform(z)
-
-    def top_features(self, i: int, raw_row: np.ndarray, k: int = 3) -> list[dict[str, Any]]:
-        """The k features of row i that explain its score best, as dicts.
-
-        Each dict: name, value (raw), reconstruction (raw), z = (error - mean) / std, with
-        mean and std of that feature's error on normal validation data. Sorted by z descending;
-        for a version with a classifier, by ``contribution`` (to the fraud log-odds) descending,
-        added to each dict (null, and the z order, for a row without contributions).
-        """
-        errors = self.feature_errors[i].astype(np.float64)
-        means = np.zeros_like(errors) if self.error_means is None else self.error_means
-        stds = np.ones_like(errors) if self.error_stds is None else self.error_stds
-        z = (errors - means) / stds  # (f,)
-        contributions = None if self.contributions is None else self.contributions[i].astype(np.float64)
-        explained = contributions is not None and bool(np.isfinite(contributions).all())
-        order = np.argsort(-(contributions if explained else z), kind="stable")[: max(k, 0)]
-        names = self.feature_names or tuple(f"f{j}" for j in range(errors.size))
-        reconstruction = self._raw_reconstruction(slice(i, i + 1))[0]  # (f,) raw units
-        tops = [
-            {
-                "name": names[j],
-                "value": _shortest(raw_row[j]),
-                "reconstruction": _shortest(reconstruction[j]),
-                "z": round(float(z[j]), 3),
-            }
-            for j in order
-        ]
-        if contributions is not None:
-            for top, j in zip(tops, order, strict=True):
-                top["contribution"] = round(float(contributions[j]), 3) if explained else None
-        return tops
 
 
 def resolve_device(device: str) -> torch.device:
@@ -101,18 +42,10 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def _shortest(value: np.floating) -> float:
-    """A float32 as the shortest decimal that reads back to it, so 0.8979592 does not travel
-    as 0.8979591727256775 (the same number widened to float64).
+class Scorer(BatchScorer):
+    """Scores raw feature rows with a loaded artifact on CPU or CUDA, through PyTorch."""
 
-    >>> _shortest(np.float32(57.16)), float(np.float32(57.16))
-    (57.16, 57.15999984741211)
-    """
-    return float(str(np.float32(value)))
-
-
-class Scorer:
-    """Scores raw feature rows with a loaded artifact on CPU or CUDA."""
+    engine = "torch"
 
     def __init__(self, artifact: ModelArtifact, device: str = "auto", max_batch: int = 65536,
                  threads: int | None = None) -> None:
@@ -122,6 +55,7 @@ class Scorer:
             raise ConfigError(f"max_batch={max_batch} must be >= 1")
         self.artifact = artifact
         self.device = resolve_device(device)
+        self.device_name = str(self.device)
         self.max_batch = max_batch
         self._model = artifact.build_model().to(self.device).float()
         self._pinned: dict[str, torch.Tensor] = {}  # CUDA only: host buffers for inputs and results, reused
@@ -135,35 +69,15 @@ class Scorer:
             if torch.get_num_threads() != wanted:  # avoid oversubscribing a CPU-limited container
                 torch.set_num_threads(wanted)
 
-    def score(self, raw: np.ndarray) -> ScoreBatch:
-        """Score raw (n, f) rows in the artifact's feature order, un-preprocessed."""
-        names = self.artifact.feature_names
-        raw = np.asarray(raw, dtype=np.float32)
-        if raw.ndim != 2 or raw.shape[1] != len(names):
-            raise InputDataError(f"expected raw features of shape (n, {len(names)}), got {raw.shape}")
-        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: inf, scored as out of range
-            x = self.artifact.preprocessing.transform(raw)  # (n, f) standardized
-        f = x.shape[1]
-        out = np.empty((len(x), 2 * f + 1), np.float32)  # per row: squared errors, reconstruction, score
-        for start in range(0, len(x), self.max_batch):
-            chunk = x[start : start + self.max_batch]
-            self._score_chunk(chunk, out[start : start + len(chunk)])
-        scores = out[:, 2 * f].copy()
-        flags = scores > self.artifact.threshold
-        return ScoreBatch(
-            scores=scores,
-            flags=flags,
-            feature_errors=out[:, :f],
-            standardized_reconstruction=out[:, f : 2 * f],
-            feature_names=names,
-            error_means=self.artifact.explanation.means,
-            error_stds=self.artifact.explanation.stds,
-            preprocessing=self.artifact.preprocessing,
-            contributions=None if self._classifier is None else self._contributions(x, flags),
-        )
+    @property
+    def where(self) -> str:
+        """``cuda:0``, or ``cpu (N threads)`` with PyTorch's intra-op threads."""
+        return str(self.device) if self.device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
 
-    def _contributions(self, x: np.ndarray, flags: np.ndarray) -> np.ndarray:
+    def _contributions(self, x: np.ndarray, flags: np.ndarray) -> np.ndarray | None:
         """Each feature's contribution to the fraud log-odds (n, f) for the flagged rows, NaN elsewhere."""
+        if self._classifier is None:
+            return None
         out = np.full(x.shape, np.nan, np.float32)
         rows = np.flatnonzero(flags)
         per_pass = max(1, self.max_batch // ATTRIBUTION_STEPS)  # every step of every row goes through at once
@@ -215,7 +129,7 @@ class Scorer:
         return self._pinned[name]
 
 
-def score_frame(scorer: Scorer, frame: pd.DataFrame, chunk_rows: int = 262_144) -> ScoreBatch:
+def score_frame(scorer: BatchScorer, frame: pd.DataFrame, chunk_rows: int = 262_144) -> ScoreBatch:
     """Score a whole DataFrame holding the artifact's feature columns, in chunks, for offline use."""
     names = list(scorer.artifact.feature_names)
     missing = [n for n in names if n not in frame.columns]

@@ -213,11 +213,12 @@ def test_metrics_endpoint_exposes_the_series(kafka_settings: KafkaSettings, kafk
         assert samples["fraud_score_drift_psi"] >= 0
         assert any(k.startswith("fraud_consumer_lag{") for k in samples)
         assert samples["fraud_assigned_partitions"] == 3  # the only worker in its group owns them all
-        assert 'fraud_model_info{device="cpu"' in text
+        assert 'fraud_model_info{device="cpu"' in text and 'engine="numpy"' in text  # no GPU: served without torch
     finally:
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
+    assert "on cpu (NumPy, " in out
 
 
 def test_bad_model_dir_is_refused_at_start(kafka_env: dict, tmp_path: Path) -> None:

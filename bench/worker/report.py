@@ -10,11 +10,12 @@ def _ratio(value: float, reference: float | None, digits: int = 2) -> str:
 
 
 def _flight(run: dict[str, Any]) -> str:
-    """The run's --max-in-flight, when it was set (runs without it used the worker's default), and its
-    Kafka client when it is not kafka-python."""
-    client = run.get("client", "kafka-python")
+    """The run's --max-in-flight, when it was set (runs without it used the worker's default), its
+    Kafka client when it is not kafka-python and its device when it is not the CPU."""
+    client, device = run.get("client", "kafka-python"), run.get("device", "cpu")
     flight = f", max_in_flight={run['in_flight']}" if run.get("in_flight") and run.get("mode") != "exactly-once" else ""
-    return flight + (f", **{client}**" if client != "kafka-python" else "")
+    return (flight + (f", **{client}**" if client != "kafka-python" else "")
+            + (f", **{device}**" if device != "cpu" else ""))
 
 
 def throughput_table(r: dict[str, Any]) -> list[str]:
@@ -54,9 +55,10 @@ def latency_table(r: dict[str, Any]) -> list[str]:
 
 
 def scoring_table(r: dict[str, Any]) -> list[str]:
-    lines = ["| Scorer.score batch | device | torch threads | ms/batch | tx/s |", "|---:|---|---:|---:|---:|"]
-    return lines + [f"| {s['batch']:,} | {s['device']} | {s['torch_threads']} | {s['ms_per_batch']:.2f} | "
-                    f"{s['tx_s']:,.0f} |" for s in r.get("scoring", [])]
+    lines = ["| score batch | engine | device | threads | ms/batch | tx/s |", "|---:|---|---|---:|---:|---:|"]
+    return lines + [f"| {s['batch']:,} | {s.get('engine', 'torch')} | {s['device']} | "
+                    f"{s.get('threads', s.get('torch_threads'))} | {s['ms_per_batch']:.2f} | {s['tx_s']:,.0f} |"
+                    for s in r.get("scoring", [])]
 
 
 def processes_table(r: dict[str, Any]) -> list[str]:

@@ -18,14 +18,13 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from kafka import KafkaAdminClient, TopicPartition
 from kafka.errors import CorruptRecordError, KafkaError
 
 from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import FraudPipelineError
 from pipeline.schema import RecordError
-from pipeline.scoring import Scorer
+from pipeline.scores import BatchScorer
 from pipeline.worker import clients, corrupt
 from pipeline.worker.delivery import (
     AtLeastOnce,
@@ -60,10 +59,10 @@ class Worker:
         self,
         kafka: KafkaSettings,
         settings: WorkerSettings,
-        scorer: Scorer,
+        scorer: BatchScorer,
         metrics: WorkerMetrics,
         *,
-        take_new_scorer: Callable[[], Scorer | None] = lambda: None,
+        take_new_scorer: Callable[[], BatchScorer | None] = lambda: None,
         clock: Callable[[], float] = time.time,
         state_topics: StateTopics | None = None,
     ) -> None:
@@ -84,7 +83,7 @@ class Worker:
         self._use(scorer)
 
     # -- set-up -----------------------------------------------------------------------
-    def _use(self, scorer: Scorer) -> None:
+    def _use(self, scorer: BatchScorer) -> None:
         artifact = scorer.artifact
         self.scorer = scorer
         self.processor = BatchProcessor(
@@ -95,10 +94,9 @@ class Worker:
         self.ledger.use(scorer)
         self.metrics.threshold.set(artifact.threshold)
         self.metrics.alert_rate.set(artifact.alert_rate)
-        self.metrics.model.info({"version": artifact.version, "device": str(scorer.device),
-                                 "model_class": artifact.model_class})
-        where = str(scorer.device) if scorer.device.type != "cpu" else f"cpu ({torch.get_num_threads()} threads)"
-        log.info("serving model %s (threshold %.4g) on %s", artifact.version, artifact.threshold, where)
+        self.metrics.model.info({"version": artifact.version, "device": scorer.device_name,
+                                 "engine": scorer.engine, "model_class": artifact.model_class})
+        log.info("serving model %s (threshold %.4g) on %s", artifact.version, artifact.threshold, scorer.where)
 
     def _connect(self) -> None:
         common = {**self.kafka.client_options(), **RECONNECT}

@@ -23,7 +23,7 @@ from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import ConfigError, FraudPipelineError
 
 if TYPE_CHECKING:  # torch and kafka load only once the arguments are known to be good
-    from pipeline.scoring import Scorer
+    from pipeline.scores import BatchScorer
     from pipeline.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("pipeline")
@@ -50,13 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_scorer(path: Path, settings: WorkerSettings) -> Scorer:
-    """Load and validate a model version and put it on the configured device."""
+def load_scorer(path: Path, settings: WorkerSettings) -> BatchScorer:
+    """Load and validate a model version and put it on the configured device: scored in NumPy on the
+    CPU where it can be, so that PyTorch is imported only for CUDA or a model that needs it."""
     from pipeline.artifact import load_artifact
-    from pipeline.scoring import Scorer, available_cpus
+    from pipeline.cpus import available_cpus
+    from pipeline.npscorer import serve
 
     threads = settings.torch_threads or max(1, available_cpus() - 1)
-    return Scorer(load_artifact(path), device=settings.device, max_batch=settings.max_batch, threads=threads)
+    return serve(load_artifact(path), device=settings.device, max_batch=settings.max_batch, threads=threads)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from pipeline.scoring import Scorer
+from pipeline.scores import BatchScorer
 from pipeline.worker.drift import ScoreDrift
 from pipeline.worker.metrics import WorkerMetrics, observe_many
 from pipeline.worker.processing import BatchOutcome
@@ -47,7 +47,7 @@ class Ledger:
         self.assigned: set[TopicPartition] = set()
         self._missing_reported_at = -3600.0
 
-    def use(self, scorer: Scorer) -> None:
+    def use(self, scorer: BatchScorer) -> None:
         """The model in service: its threshold scales score ratios, its validation scores anchor drift."""
         self.scorer = scorer
         self.drift = ScoreDrift.from_artifact(scorer.artifact)

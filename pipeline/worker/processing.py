@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.schema import RecordError, encode
-from pipeline.scoring import ScoreBatch, Scorer
+from pipeline.scores import BatchScorer, ScoreBatch
 from pipeline.worker.batch import Enrich, decode_batch
 from pipeline.worker.outputs import (
     MAX_MESSAGE_CHARS,
@@ -67,7 +67,7 @@ class Topics:
 class BatchProcessor:
     """Turns records into alerts and dead letters with the model in service."""
 
-    def __init__(self, scorer: Scorer, topics: Topics, worker_id: str, *, max_record_bytes: int,
+    def __init__(self, scorer: BatchScorer, topics: Topics, worker_id: str, *, max_record_bytes: int,
                  top_features: int, clock: Callable[[], float] = time.time) -> None:
         self.scorer, self.topics, self.worker_id = scorer, topics, worker_id
         self.max_record_bytes, self.top_features, self.clock = max_record_bytes, top_features, clock
@@ -152,7 +152,7 @@ class BatchProcessor:
                 ("dlq.worker", self.worker_id.encode())])
 
 
-def score_isolated(scorer: Scorer, matrix: np.ndarray) -> tuple[ScoreBatch | None, dict[int, BaseException]]:
+def score_isolated(scorer: BatchScorer, matrix: np.ndarray) -> tuple[ScoreBatch | None, dict[int, BaseException]]:
     """Score the whole matrix; if that raises, bisect until the failing rows are alone.
 
     Returns one ScoreBatch over every row (failed rows hold NaN) and the failures by row.
@@ -201,7 +201,7 @@ def _join(parts: list[tuple[int, ScoreBatch]], n: int) -> ScoreBatch | None:
     return joined
 
 
-def out_of_range_features(scorer: Scorer, raw_row: np.ndarray, k: int) -> list[dict[str, Any]]:
+def out_of_range_features(scorer: BatchScorer, raw_row: np.ndarray, k: int) -> list[dict[str, Any]]:
     """For a row whose score overflowed: the k features furthest from the training data,
     those whose standardized value is not finite first (``z`` is null: it has no finite value)."""
     with np.errstate(all="ignore"):
