@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", default="kafka-python,confluent",
                    help="worker Kafka clients (--kafka-client); each besides kafka-python adds an at-least-once "
                         "worker row and latency rows (confluent runs at-least-once only)")
+    p.add_argument("--devices", default="cpu",
+                   help="scoring devices of the worker rows (fraud-worker --device), comma-separated: each worker "
+                        "row runs once per device, e.g. cpu,cuda; the other measurements stay on cpu")
     p.add_argument("--processes", default="1,2",
                    help="worker process counts to compare (fraud-worker --processes N), comma-separated; "
                         "empty skips")

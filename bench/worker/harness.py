@@ -109,13 +109,16 @@ def run(args: argparse.Namespace) -> int:
         runs = [(m, b, None, KP) for m, b in runs] + [(modes[0], None, n, KP) for n in in_flight]
         others = [c for c in args.clients.split(",") if c.strip() and c != KP]  # at-least-once only (README)
         runs += [("at-least-once", None, None, c) for c in others]
-        results["worker"] = [timed(f"worker-{m}-{b or 4096}" + (f"-in-flight-{n}" if n else "") + (f"-{c}" if c != KP
-                                                                                                  else ""),
-                                   lambda m=m, b=b, n=n, c=c: bench_worker(settings, model_dir, total, b, m, n, c))
-                             for m, b, n, c in runs]
+        devices = [d for d in args.devices.split(",") if d.strip()]  # each worker row once per device
+        results["worker"] = [timed(f"worker-{m}-{b or 4096}" + (f"-in-flight-{n}" if n else "")
+                                   + (f"-{c}" if c != KP else "") + (f"-{d}" if d != "cpu" else ""),
+                                   lambda m=m, b=b, n=n, c=c, d=d: bench_worker(settings, model_dir, total, b, m, n,
+                                                                                c, d))
+                             for m, b, n, c in runs for d in devices]
         results["naive"] = timed("naive", lambda: bench_naive(settings, model_dir, args.naive_records))
-        results["scoring"] = timed("scoring", lambda: bench_scoring(model_dir, matrix)
-                                   + bench_scoring(model_dir, matrix, threads=1))
+        results["scoring"] = timed("scoring", lambda: [row for engine in ("numpy", "torch") for threads in (None, 1)
+                                                       for row in bench_scoring(model_dir, matrix, threads=threads,
+                                                                                engine=engine)])
         rates = args.rates.split(",")
         latency_runs = [(m, None, KP) for m in modes] + [(modes[0], n, KP) for n in in_flight] + \
             [("at-least-once", None, c) for c in others]

@@ -27,13 +27,13 @@ class WorkerProcess:
     the peak RSS of each process of the tree is sampled.
     """
 
-    def __init__(self, settings: KafkaSettings, model_dir: Path, group: str, *extra: str) -> None:
+    def __init__(self, settings: KafkaSettings, model_dir: Path, group: str, *extra: str, device: str = "cpu") -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
         env["PYTHONUNBUFFERED"] = "1"
         cmd = [sys.executable, "-m", "pipeline", "--bootstrap-servers", settings.bootstrap_servers,
                "--input-topic", settings.input_topic, "--alerts-topic", settings.alerts_topic,
                "--dead-letter-topic", settings.dead_letter_topic, "--client-id", settings.client_id,
-               "--model-dir", str(model_dir), "--consumer-group", group, "--device", "cpu",
+               "--model-dir", str(model_dir), "--consumer-group", group, "--device", device,
                "--reload-interval-s", "0", *extra]
         self.command = cmd
         self.started = time.perf_counter()
@@ -115,21 +115,22 @@ class WorkerProcess:
 
 
 def run_to_end(settings: KafkaSettings, model_dir: Path, group_prefix: str, *extra: str,
-               attempts: int = 3) -> tuple[WorkerProcess, float, dict[str, Any], int]:
+               attempts: int = 3, device: str = "cpu") -> tuple[WorkerProcess, float, dict[str, Any], int]:
     """Start the worker in a fresh group and wait for its last commit at the input topic's end.
 
     A start whose worker leaves cleanly (``--exit-when-idle``) before the end was handed no
     partition: kafka-python 3.0.12 can drop an assignment that arrives while a short poll times
     out (the member then idles, the group believing it owns the partitions). Such a start is
     counted and made again in a new group, ``attempts`` times at most. Returns the worker, the
-    perf_counter time of the last commit, its ``finish()`` result and the dropped starts.
+    perf_counter time of the last commit, its ``finish()`` result and the dropped starts. ``device``:
+    the worker's ``--device``.
     """
     from bench.worker.topic import end_offsets, wait_committed
 
     ends = end_offsets(settings)
     for dropped in range(attempts):
         group = f"{group_prefix}-{uuid.uuid4().hex[:8]}"
-        worker = WorkerProcess(settings, model_dir, group, *extra)
+        worker = WorkerProcess(settings, model_dir, group, *extra, device=device)
         try:
             done_at = wait_committed(settings.bootstrap_servers, group, ends, alive=worker.alive, tail=worker.tail)
         except SystemExit:

@@ -14,23 +14,24 @@ DEFAULT_IN_FLIGHT = 4  # the worker's default --max-in-flight (at-least-once, fe
 
 
 def bench_worker(settings: KafkaSettings, model_dir: Path, total: int, max_batch: int | None,
-                 mode: str = "at-least-once", in_flight: int | None = None, client: str = "kafka-python"
-                 ) -> dict[str, Any]:
+                 mode: str = "at-least-once", in_flight: int | None = None, client: str = "kafka-python",
+                 device: str = "cpu") -> dict[str, Any]:
     """Process start (and partition assignment) to the last commit; the idle-exit wait is not counted.
 
-    ``in_flight``: the worker's ``--max-in-flight`` (None: its default); ``client``: its ``--kafka-client``."""
+    ``in_flight``: the worker's ``--max-in-flight`` (None: its default); ``client``: its ``--kafka-client``;
+    ``device``: its ``--device``."""
     extra = ["--metrics-port", "0", "--exit-when-idle", "3", "--processing-guarantee", mode,
              "--kafka-client", client]
     if in_flight:
         extra += ["--max-in-flight", str(in_flight)]
     if max_batch:
         extra += ["--max-batch", str(max_batch)]
-    worker, done_at, result, dropped = run_to_end(settings, model_dir, "bench-worker", *extra)
+    worker, done_at, result, dropped = run_to_end(settings, model_dir, "bench-worker", *extra, device=device)
     from_start = done_at - worker.started
     from_assign = done_at - (worker.assigned_at or worker.started)
     flight = 1 if mode == "exactly-once" else in_flight or DEFAULT_IN_FLIGHT
-    return {"mode": mode, "client": client, "max_batch": max_batch or DEFAULT_BATCH, "in_flight": flight,
-            "records": total,
+    return {"mode": mode, "client": client, "device": device, "max_batch": max_batch or DEFAULT_BATCH,
+            "in_flight": flight, "records": total,
             "seconds_from_start": from_start,
             "seconds_from_assignment": from_assign, "tx_s": total / from_start,
             "tx_s_from_assignment": total / from_assign, "startup_s": from_start - from_assign,
