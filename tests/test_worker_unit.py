@@ -149,6 +149,30 @@ def test_a_slow_acknowledgement_is_logged_once_and_waited_for(monkeypatch: pytes
     assert isinstance(failed[1], KafkaTimeoutError)
 
 
+class MetadataProducer:
+    """Answers partitions_for, or raises as a broker away at start would."""
+
+    def __init__(self, broken: bool = False) -> None:
+        self.asked: list[str] = []
+        self.broken = broken
+
+    def partitions_for(self, topic: str) -> set[int]:
+        self.asked.append(topic)
+        if self.broken:
+            raise KafkaTimeoutError("no metadata")
+        return {0, 1, 2}
+
+
+def test_warm_fetches_every_output_topic_and_never_stops_start_up(caplog: pytest.LogCaptureFixture) -> None:
+    delivery = at_least_once(MetadataProducer())
+    delivery.warm(["alerts", "dead-letters"])
+    assert delivery.producer.asked == ["alerts", "dead-letters"]  # type: ignore[union-attr]
+    broken = at_least_once(MetadataProducer(broken=True))
+    with caplog.at_level(logging.DEBUG, logger="pipeline.worker.delivery"):
+        broken.warm(["alerts"])  # a broker slow at start: said at DEBUG, left to the first send
+    assert "the first send will wait for it" in caplog.text
+
+
 def test_stop_during_outage_leaves_without_commit() -> None:
     stop = threading.Event()
     stop.set()

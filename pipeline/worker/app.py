@@ -171,6 +171,9 @@ class Worker:
         """
         self.stages = self._stateful_stages()
         self._connect()
+        assert self.delivery is not None
+        outputs = (self.kafka.alerts_topic, self.kafka.dead_letter_topic, self.kafka.features_topic)
+        self.delivery.warm([t for t in outputs if t])
         watchdog = StallWatchdog(self.settings.stall_timeout_s, self._unowned)
         last_record = time.monotonic()
         try:

@@ -499,6 +499,14 @@ class ConfluentProducer:
             except ck.KafkaException as err:
                 raise translate(err) from err
 
+    def partitions_for(self, topic: str) -> set[int]:
+        """The topic's partitions, from a metadata request (kafka-python's name; up to ``max_block_ms``)."""
+        try:
+            metadata = self._producer.list_topics(topic, timeout=self._max_block_s)
+        except ck.KafkaException as err:
+            raise translate(err) from err
+        return set(metadata.topics[topic].partitions)
+
     def flush(self, timeout: float | None = None) -> None:
         left = self._producer.flush(-1 if timeout is None else timeout)
         if left:

@@ -165,6 +165,22 @@ class Delivery:
         """Publish ``outputs`` and commit ``offsets``; False when the group moved on (nothing committed)."""
         raise NotImplementedError
 
+    def warm(self, topics: list[str]) -> None:
+        """Start the producer and fetch the output topics' metadata before the first batch: a first send
+        waits for its topic's leaders (150 ms seen, records piling up behind it at 10k tx/s). A broker slow
+        to answer here is left to the first send, which waits and retries as always."""
+        try:
+            producer = self._started_producer()
+            for topic in topics:
+                producer.partitions_for(topic)
+        except Exception as err:  # never a reason not to start
+            log.debug("output topics' metadata not fetched ahead (%s: %s); the first send will wait for it",
+                      type(err).__name__, err)
+
+    def _started_producer(self) -> Any:
+        """The producer, started if it was not."""
+        raise NotImplementedError
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Close the producer (``timeout_s`` to flush what is in flight; 0 to drop it)."""
         if self.producer is not None:
@@ -327,6 +343,10 @@ class AtLeastOnce(Delivery):
     def _producer(self) -> None:
         if self.producer is None:
             self.producer = clients.producer(self.client, **self.producer_options)
+
+    def _started_producer(self) -> Any:
+        self._producer()
+        return self.producer
 
     def _publish(self, outputs: list[Output], failed: list[tuple[Output, BaseException]] | None = None) -> None:
         """Get ``outputs`` acknowledged; ``failed``: the first try was made already and these failed."""

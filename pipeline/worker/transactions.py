@@ -97,6 +97,9 @@ class ExactlyOnce(Delivery):
                 self._abort()
                 backoff.wait(err)
 
+    def _started_producer(self) -> KafkaProducer:
+        return self._ready_producer()
+
     def _ready_producer(self) -> KafkaProducer:
         backoff = self._backoff("starting the transactional producer", "transaction_retry")
         while self.producer is None:
