@@ -130,6 +130,10 @@ def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
     assert results["naive"]["records"] == 300
     assert results["latency"][0]["histogram"]["count"] == results["latency"][0]["sent"]
     assert {s["batch"] for s in results["scoring"]} >= {256, 65536}
+    assert {(s["engine"], s["device"]) for s in results["scoring"]} == {("numpy", "cpu"), ("torch", "cpu")}
+    assert [(f["client"], f["consumer_only"]["count"]) for f in results["floor"]] == [
+        ("kafka-python", results["floor"][0]["sent"]), ("confluent", results["floor"][1]["sent"])]
+    assert [w["device"] for w in results["worker"]] == ["cpu"] * 4
     assert [(p["processes"], p["records"], p["returncode"]) for p in results["processes"]] == [(1, streamed, 0),
                                                                                               (2, streamed, 0)]
     assert list(results["worker"][0]["ready"]) == ["settings_parsed_s", "model_served_s", "assigned_s"]

@@ -30,6 +30,7 @@ from bench.worker.report import table
 from bench.worker.scoring import bench_scoring
 from bench.worker.throughput import bench_worker
 from bench.worker.topic import broker, fill_topic, topics_for
+from bench.worker.transport import bench_transport
 
 KP = "kafka-python"
 
@@ -127,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
                   lambda r=float(rate), m=m, n=n, c=c: bench_latency(bootstrap, model_dir, records, r,
                                                                      args.latency_seconds, m, n, c))
             for m, n, c in latency_runs for rate in rates]
+        results["floor"] = [  # what a consumer that only reads sees: the worker's latency rows less its own share
+            timed(f"floor-{rate}" + (f"-{c}" if c != KP else ""),
+                  lambda r=float(rate), c=c: bench_transport(bootstrap, records, r, args.latency_seconds, c))
+            for c in [KP, *others] for rate in rates]
         results["processes"] = [
             timed(f"processes-{n}", lambda n=n: bench_processes(settings, model_dir, total, n))
             for n in (int(p) for p in args.processes.split(",") if p.strip())]

@@ -44,13 +44,20 @@ def throughput_table(r: dict[str, Any]) -> list[str]:
 
 def latency_table(r: dict[str, Any]) -> list[str]:
     lines = ["| mode | input rate target | achieved | sent | p50 (histogram) | p99 (histogram) | "
-             "p50 (alerts) | p99 (alerts) | alerts |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "p50 (alerts) | p99 (alerts) | p99 (alerts after the first second) | alerts |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for lat in r.get("latency", []):
         h, a = lat["histogram"], lat["alerts"]
         lines.append(f"| {lat.get('mode', 'at-least-once')}{_flight(lat)} | {lat['target_tx_s']:,.0f} | "
                      f"{lat['achieved_tx_s']:,.0f} | {lat['sent']:,} | "
                      f"{1000 * h['p50']:.0f} ms | {1000 * h['p99']:.0f} ms | {1000 * a.get('p50', float('nan')):.0f} ms"
-                     f" | {1000 * a.get('p99', float('nan')):.0f} ms | {a['count']} |")
+                     f" | {1000 * a.get('p99', float('nan')):.0f} ms"
+                     f" | {1000 * a.get('p99_after_1s', float('nan')):.0f} ms | {a['count']} |")
+    for floor in r.get("floor", []):
+        f = floor["consumer_only"]
+        lines.append(f"| floor: a bare {floor['client']} consumer, receive - event time | "
+                     f"{floor['target_tx_s']:,.0f} | {floor['achieved_tx_s']:,.0f} | {floor['sent']:,} | "
+                     f"{1000 * f['p50']:.0f} ms | {1000 * f['p99']:.0f} ms | | | | |")
     return lines
 
 
