@@ -34,20 +34,9 @@ exec > >(tee "$OUT/device_broker.log") 2>&1
 [ -f "$KIT/kafka-jre.tar.xz" ] || { echo "no kit in $KIT: run bench/device_broker.sh --prepare and carry $KIT"; exit 2; }
 cp "$KIT/kit.json" "$OUT/" 2>/dev/null
 
-echo "== machine $(date -u +%FT%TZ)"
-uname -srm
-echo "cpus: $(nproc)"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available',
-torch.cuda.is_available(), *(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))"
-sampler=
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv -lms 500 \
-    >"$OUT/gpu_samples.csv" &
-  sampler=$!
-else
-  echo "no nvidia-smi here"
-fi
+# shellcheck source=bench/devicelib.sh
+source bench/devicelib.sh
+machine_report "$OUT" "$PY"  # sets $sampler, stopped in cleanup below
 
 echo "== unpacking the kit into $WORK"
 rm -rf "$WORK"

@@ -36,21 +36,10 @@ else
   worker=(--records 200000 --batches 4096,16384,65536)
 fi
 
-echo "== machine $(date -u +%FT%TZ)"
-uname -srm
-echo "cpus: $(nproc)"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available',
-torch.cuda.is_available(), *(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))"
-sampler=
-if command -v nvidia-smi >/dev/null; then
-  nvidia-smi | tee "$OUT/nvidia-smi.txt"
-  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used,power.draw --format=csv -lms 500 \
-    >"$OUT/gpu_samples.csv" &
-  sampler=$!
-  trap 'kill "$sampler"' EXIT
-else
-  echo "no nvidia-smi here"
-fi
+# shellcheck source=bench/devicelib.sh
+source bench/devicelib.sh
+machine_report "$OUT" "$PY"
+[ -n "$sampler" ] && trap 'kill "$sampler"' EXIT
 
 missing=$("$PY" -c "import importlib.util as u; print(*[m for m in ('orjson', 'safetensors') if not u.find_spec(m)])")
 if [ -n "$missing" ]; then
