@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive-records", type=int, default=20000, help="prefix the naive consumer reads")
     p.add_argument("--rates", default="1000,10000", help="input rates (tx/s) for the latency runs")
     p.add_argument("--latency-seconds", type=float, default=20.0, help="feeding time per latency run")
+    p.add_argument("--max-wait-ms", type=int, default=None,
+                   help="the worker's --max-wait-ms in the latency runs (default: the worker's own, 50)")
     p.add_argument("--second-batch", type=int, default=16384, help="max_batch of the second worker row; 0 skips")
     p.add_argument("--modes", default="at-least-once,exactly-once",
                    help="processing guarantees to measure the worker and its latency in")

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         results["latency"] = [
             timed(f"latency-{m}-{rate}" + (f"-in-flight-{n}" if n else "") + (f"-{c}" if c != KP else ""),
                   lambda r=float(rate), m=m, n=n, c=c: bench_latency(bootstrap, model_dir, records, r,
-                                                                     args.latency_seconds, m, n, c))
+                                                                     args.latency_seconds, m, n, c, args.max_wait_ms))
             for m, n, c in latency_runs for rate in rates]
         results["floor"] = [  # what a consumer that only reads sees: the worker's latency rows less its own share
             timed(f"floor-{rate}" + (f"-{c}" if c != KP else ""),

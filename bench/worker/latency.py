@@ -88,12 +88,14 @@ def alert_latencies(settings: KafkaSettings, skip_s: float = 0.0) -> np.ndarray:
 
 
 def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, seconds: float,
-                  mode: str = "at-least-once", in_flight: int | None = None, client: str = "kafka-python"
-                  ) -> dict[str, Any]:
+                  mode: str = "at-least-once", in_flight: int | None = None, client: str = "kafka-python",
+                  max_wait_ms: int | None = None) -> dict[str, Any]:
     """Worker running and idle, then fed at ``rate``; latency from its histogram and from alerts.
 
-    ``in_flight``: the worker's ``--max-in-flight`` (None: its default); ``client``: its ``--kafka-client``."""
+    ``in_flight``: the worker's ``--max-in-flight`` (None: its default); ``client``: its ``--kafka-client``;
+    ``max_wait_ms``: its ``--max-wait-ms`` (None: its default)."""
     extra = ["--max-in-flight", str(in_flight)] if in_flight else []
+    extra += ["--max-wait-ms", str(max_wait_ms)] if max_wait_ms is not None else []
     extra += ["--kafka-client", client]
     settings = topics_for(bootstrap, f"lat{int(rate)}-{uuid.uuid4().hex[:6]}")
     create_topics(settings)
@@ -123,6 +125,7 @@ def bench_latency(bootstrap: str, model_dir: Path, records: list, rate: float, s
         exact.update({"p50": float(np.percentile(alerts, 50)), "p99": float(np.percentile(alerts, 99))})
     if settled.size:  # the first second of traffic left out: first sends and commits, first batches' backlog
         exact.update({"p99_after_1s": float(np.percentile(settled, 99))})
-    return {**fed, "mode": mode, "client": client, "in_flight": in_flight, "dropped_starts": dropped,
+    return {**fed, "mode": mode, "client": client, "in_flight": in_flight, "max_wait_ms": max_wait_ms,
+            "dropped_starts": dropped,
             "histogram": hist, "alerts": exact,
             "worker_peak_rss_mib": usage["peak_rss_mib"], "worker_cpu_s": usage["cpu_user_s"] + usage["cpu_sys_s"]}
