@@ -91,8 +91,10 @@ def worker_scorer(model_dir: Path, device: str, max_batch: int) -> BatchScorer:
 def torch_scorer(model_dir: Path, device: str, max_batch: int) -> Scorer:
     """PyTorch's Scorer on ``device`` with the worker's thread rule: the kernels CPU and CUDA share."""
     from pipeline.artifact import load_artifact
+    from pipeline.worker.cli import scoring_threads
 
-    return Scorer(load_artifact(model_dir), device=device, max_batch=max_batch, threads=max(1, available_cpus() - 1))
+    return Scorer(load_artifact(model_dir), device=device, max_batch=max_batch,
+                  threads=scoring_threads(0, available_cpus()))
 
 
 def devices() -> list[str]:

@@ -91,11 +91,9 @@ class MemAE(Autoencoder):
     name: ClassVar[str] = "memae"
 
     def __init__(self, config: ModelConfig) -> None:
+        config.check(self.name)  # the shrink threshold in [1/N, 3/N], as the artifact loader checks it
         super().__init__(config)
-        n = config.memory_slots
-        if not 1 / n <= config.shrink_threshold <= 3 / n:
-            raise ValueError(f"shrink_threshold={config.shrink_threshold} must lie in [1/N, 3/N] for N={n}")
-        self.memory = nn.Parameter(torch.empty(n, config.bottleneck))  # (slots, bottleneck)
+        self.memory = nn.Parameter(torch.empty(config.memory_slots, config.bottleneck))  # (slots, bottleneck)
         nn.init.kaiming_uniform_(self.memory)
 
     def address(self, z: torch.Tensor) -> torch.Tensor:

@@ -95,7 +95,8 @@ class BatchScorer:
 
     @property
     def where(self) -> str:
-        """Where scores are computed, for the log and the model-info metric (``cpu``, ``cuda:0``)."""
+        """Where and how scores are computed, for the log (``cuda:0``, ``cpu (NumPy, 1 threads)``); the
+        model-info metric carries ``device_name`` and ``engine``."""
         raise NotImplementedError
 
     def score(self, raw: np.ndarray) -> ScoreBatch:

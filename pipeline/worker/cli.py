@@ -57,8 +57,14 @@ def load_scorer(path: Path, settings: WorkerSettings) -> BatchScorer:
     from pipeline.cpus import available_cpus
     from pipeline.npscorer import serve
 
-    threads = settings.torch_threads or max(1, available_cpus() - 1)
-    return serve(load_artifact(path), device=settings.device, max_batch=settings.max_batch, threads=threads)
+    return serve(load_artifact(path), device=settings.device, max_batch=settings.max_batch,
+                 threads=scoring_threads(settings.torch_threads, available_cpus()))
+
+
+def scoring_threads(torch_threads: int, cpus: int) -> int:
+    """CPU scoring threads: ``--torch-threads``, or (0) one per CPU but one, which decoding and Kafka's IO
+    thread need."""
+    return torch_threads or max(1, cpus - 1)
 
 
 def install_signal_handlers(stop: threading.Event) -> None:
