@@ -68,7 +68,7 @@ from bench.worker.topic import end_offsets, fill_topic  # noqa: E402
 from deploy.ports import free_port  # noqa: E402
 from pipeline.config import KafkaSettings  # noqa: E402
 from pipeline.streamfeatures import DELAY_DAYS, CustomerWindows, feature_rows  # noqa: E402
-from pipeline.worker.stateful import Store  # noqa: E402
+from pipeline.worker.state import Store  # noqa: E402
 
 PARTS = ("features", "memory", "restore", "worker")
 
@@ -180,7 +180,7 @@ def bench_stages(frame: pd.DataFrame, max_batch: int) -> dict[str, Any]:
 
     from pipeline.schema import DEFAULT_MAX_BYTES
     from pipeline.worker.metrics import WorkerMetrics
-    from pipeline.worker.stateful import FeatureStages, StateTopics
+    from pipeline.worker.state import FeatureStages, StateTopics
     from producer.rawfeed import raw_messages
     from producer.tables import resolve_spec
 
@@ -380,7 +380,7 @@ def warm_changelogs(settings: KafkaSettings, group: str, stores: tuple[dict[str,
     as the featured run's table has them, rather than from empty state (which makes every
     customer look new: features far from the training data, most records alerts).
     """
-    from pipeline.worker.stateful import prepare_topics
+    from pipeline.worker.state import prepare_topics
 
     customers, terminals = stores
     topics = prepare_topics(settings, group)

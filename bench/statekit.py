@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipeline.config import KafkaSettings
 from pipeline.streamfeatures import CustomerWindows, TerminalWindows
-from pipeline.worker.stateful import Store
+from pipeline.worker.state import Store
 
 TERMINAL_HORIZON_MS = TerminalWindows().horizon_ms  # label delay + longest window + grace: 38 days
 
@@ -161,7 +161,7 @@ def memory_child(spec: dict[str, Any]) -> dict[str, Any]:
 # -- restore (in a child process) ------------------------------------------------------------
 def restore_child(spec: dict[str, Any]) -> dict[str, Any]:
     """``Restorer.restore`` of every partition of the topic into its own Store, as the worker's sync does."""
-    from pipeline.worker.stateful import Restorer
+    from pipeline.worker.state import Restorer
 
     settings = KafkaSettings.build(environ={}, overrides={"bootstrap_servers": spec["bootstrap"]})
     restorer = Restorer(settings, "state-bench", settings.client_options())

@@ -321,6 +321,12 @@ class WorkerSettings(SettingsBase):
                                     "1 waits for each batch's acknowledgements before reading on")
     stall_timeout_s: float = setting(30.0, "a worker with no partition this long, while some input partition "
                                            "has no owner in the group, joins again; 0 disables")
+    max_event_ahead_days: float = setting(
+        7.0, "raw input: an event time this far ahead of its input partition's stream time is dead-lettered as "
+        "bad_time (one record dated 2100 would otherwise empty its customer's and terminal's windows); 0: no limit")
+    min_amount: float = setting(0.0, "raw input: a smaller TX_AMOUNT is dead-lettered as out_of_range")
+    max_amount: float = setting(1e9, "raw input: a larger TX_AMOUNT is dead-lettered as out_of_range (one absurd "
+                                     "amount would otherwise poison its customer's mean amounts for 30 days)")
     kafka_client: str = setting(
         "kafka-python", "Kafka client of the group consumer and the output producer: kafka-python, or confluent "
         "(confluent-kafka on librdkafka, faster; pip install 'fraud-pipeline[confluent]'; at-least-once only)",
@@ -347,6 +353,10 @@ class WorkerSettings(SettingsBase):
             raise ConfigError(f"max_in_flight={self.max_in_flight} must be between 1 and 64")
         if self.stall_timeout_s < 0:
             raise ConfigError(f"stall_timeout_s={self.stall_timeout_s} must be >= 0 (0 disables)")
+        if self.max_event_ahead_days < 0:
+            raise ConfigError(f"max_event_ahead_days={self.max_event_ahead_days} must be >= 0 (0: no limit)")
+        if not self.min_amount <= self.max_amount:
+            raise ConfigError(f"min_amount={self.min_amount} must be <= max_amount={self.max_amount}")
         if self.kafka_client == "confluent":
             self._check_confluent()
 

@@ -26,7 +26,7 @@ import hashlib
 import math
 import struct
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 DAY_MS = 86_400_000
 DELAY_DAYS = 7  # the handbook's label delay for terminal risk
-GRACE_MS = DAY_MS  # how far out of event-time order an event may arrive and still be placed exactly
+GRACE_MS = DAY_MS  # how far out of event-time order a customer's event may arrive and still be placed exactly
+HOT_EVENTS = 64  # an entity holding more events than this indexes their ids in a set (O(1) membership)
 
 CALENDAR_FEATURES = ("TX_DURING_WEEKEND", "TX_DURING_NIGHT")
 CUSTOMER_FEATURES = (*(f"CUSTOMER_ID_NB_TX_{w}DAY_WINDOW" for w in WINDOWS),
@@ -49,6 +50,10 @@ DERIVED_FEATURES = (*CALENDAR_FEATURES, *CUSTOMER_FEATURES, *TERMINAL_FEATURES)
 
 _WINDOWS_MS = tuple(w * DAY_MS for w in WINDOWS)
 _FORMAT = 1  # first byte of every serialized state; bump when the layout changes
+
+
+class DuplicateConflict(ValueError):
+    """A transaction id seen before with other content (another time, or another amount)."""
 
 
 def event_id(transaction_id: str) -> int:
@@ -64,38 +69,114 @@ def calendar(t_ms: int) -> tuple[float, float]:
     return float(weekday >= 5), float(hour <= 6)
 
 
-class CustomerWindows:
+class _Events:
+    """An entity's events sorted by time (arrival order for ties), with their ids.
+
+    Finding an id costs O(log n): a set of the ids once the entity holds more than
+    ``HOT_EVENTS`` (a busy merchant), then a binary search by the event's time; a linear scan
+    of a few dozen ids below that, where a set would cost more memory than it saves time.
+    """
+
+    __slots__ = ("_index", "ids", "times")
+
+    def __init__(self) -> None:
+        self.times, self.ids = array("q"), array("q")
+        self._index: set[int] | None = None
+
+    @property
+    def newest(self) -> int | None:
+        return self.times[-1] if self.times else None
+
+    def find(self, eid: int, t_ms: int) -> int:
+        """The position of event ``eid`` (at ``t_ms``), or -1 when unseen; DuplicateConflict when the id
+        was seen at another time."""
+        ids, index = self.ids, self._index
+        if index is None:
+            if eid not in ids:
+                return -1
+            at = ids.index(eid)
+            if self.times[at] != t_ms:
+                raise DuplicateConflict(f"transaction seen before at {self.times[at]} ms, now at {t_ms} ms")
+            return at
+        if eid not in index:
+            return -1
+        times = self.times
+        for at in range(bisect_left(times, t_ms), bisect_right(times, t_ms)):
+            if ids[at] == eid:
+                return at
+        raise DuplicateConflict(f"transaction seen before at another time than {t_ms} ms")
+
+    def _insert(self, eid: int, t_ms: int, *values: tuple[array, float]) -> int:
+        """Place a new event; the position after it."""
+        times, ids = self.times, self.ids
+        if not times or t_ms >= times[-1]:  # the usual case: events in time order
+            at = len(times)
+            times.append(t_ms)
+            ids.append(eid)
+            for column, value in values:
+                column.append(value)
+        else:
+            at = bisect_right(times, t_ms)
+            times.insert(at, t_ms)
+            ids.insert(at, eid)
+            for column, value in values:
+                column.insert(at, value)
+        if self._index is not None:
+            self._index.add(eid)
+        elif len(ids) > HOT_EVENTS:
+            self._index = set(ids)
+        return at + 1
+
+    def _remove(self, at: int, *others: array) -> None:
+        if self._index is not None:
+            self._index.discard(self.ids[at])
+        for column in (self.times, self.ids, *others):
+            del column[at]
+
+    def _evict(self, cutoff: int, *others: array) -> None:
+        """Drop the events at or before ``cutoff``."""
+        k = bisect_right(self.times, cutoff)
+        if not k:
+            return
+        if self._index is not None:
+            self._index.difference_update(self.ids[:k])
+        for column in (self.times, self.ids, *others):
+            del column[:k]
+        if self._index is not None and len(self.ids) <= HOT_EVENTS // 2:
+            self._index = None
+
+    def _reindex(self) -> None:
+        self._index = set(self.ids) if len(self.ids) > HOT_EVENTS else None
+
+
+class CustomerWindows(_Events):
     """One customer's recent events: time (ms), amount, id; sorted by time, arrival order for ties."""
 
-    __slots__ = ("amounts", "ids", "times")
+    __slots__ = ("amounts",)
     HORIZON_MS = max(_WINDOWS_MS) + GRACE_MS
 
     def __init__(self) -> None:
-        self.times, self.amounts, self.ids = array("q"), array("d"), array("q")
+        super().__init__()
+        self.amounts = array("d")
 
     def update(self, eid: int, t_ms: int, amount: float) -> tuple[float, ...]:
-        """Add an event (once) and return its 6 features: counts, then mean amounts, per window."""
-        times, amounts, ids = self.times, self.amounts, self.ids
+        """Add an event (once) and return its 6 features: counts, then mean amounts, per window.
+
+        An event seen before (a replay) changes nothing and gets its first features back; one
+        with the same id but another time or amount raises DuplicateConflict.
+        """
+        times, amounts = self.times, self.amounts
         late = False
-        if eid in ids:  # seen before: as of its first arrival
-            end = ids.index(eid) + 1
-            t_ms = times[end - 1]
+        end = self.find(eid, t_ms) + 1
+        if end:  # seen before: as of its first arrival
+            if amounts[end - 1] != amount:
+                raise DuplicateConflict(f"transaction seen before with amount {amounts[end - 1]!r}, now {amount!r}")
         else:
             newest = times[-1] if times else t_ms
             cutoff = (newest if newest > t_ms else t_ms) - self.HORIZON_MS
-            if times[0] <= cutoff if times else False:
-                _evict(cutoff, times, amounts, ids)
-            if not times or t_ms >= times[-1]:  # the usual case: events in time order
-                times.append(t_ms)
-                amounts.append(amount)
-                ids.append(eid)
-                end = len(times)
-            else:
-                end = bisect_right(times, t_ms)
-                times.insert(end, t_ms)
-                amounts.insert(end, amount)
-                ids.insert(end, eid)
-                end += 1
+            if times and times[0] <= cutoff:
+                self._evict(cutoff, amounts)
+            end = self._insert(eid, t_ms, (amounts, amount))
             late = t_ms <= cutoff  # too late to keep: its features from what is kept, then dropped
         counts, means = [], []
         for window in _WINDOWS_MS:
@@ -103,8 +184,7 @@ class CustomerWindows:
             counts.append(float(end - lo))
             means.append(math.fsum(amounts[lo:end]) / (end - lo))
         if late:
-            for column in (times, amounts, ids):
-                del column[end - 1]
+            self._remove(end - 1, amounts)
         return (*counts, *means)
 
     def to_bytes(self) -> bytes:
@@ -113,62 +193,99 @@ class CustomerWindows:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CustomerWindows:
-        n = _header(data)
+        n = _header(data, 5, 24)
         state = cls()
         state.times.frombytes(data[5: 5 + 8 * n])
         state.amounts.frombytes(data[5 + 8 * n: 5 + 16 * n])
         state.ids.frombytes(data[5 + 16 * n: 5 + 24 * n])
+        state._reindex()
         return state
 
 
-class TerminalWindows:
-    """One terminal's events (time, id; sorted by time) and the fraud labels known for it (id -> time)."""
+class TerminalWindows(_Events):
+    """One terminal's events (time, id; sorted by time) and the fraud labels known for it (id -> time).
 
-    __slots__ = ("delay_ms", "frauds", "ids", "times")
+    Events up to the label delay out of event-time order are placed exactly (the store keeps
+    ``delay`` of grace beyond the look-back): an event later than that is one a transaction
+    already scored should have counted, which the worker counts as a late event. The times of
+    the labelled events held are kept sorted too, so a window's fraud share is two binary
+    searches however busy the terminal.
+    """
+
+    __slots__ = ("_fraud_times", "delay_ms", "frauds", "last_new")
 
     def __init__(self, delay_ms: int = DELAY_DAYS * DAY_MS) -> None:
+        super().__init__()
         self.delay_ms = delay_ms
-        self.times, self.ids = array("q"), array("q")
         self.frauds: dict[int, int] = {}
+        self._fraud_times = array("q")  # times of the held events that carry a fraud label, sorted
+        self.last_new = False  # whether the last update added its event (False: a replay, or too late to keep)
 
     @property
     def horizon_ms(self) -> int:
-        return self.delay_ms + max(_WINDOWS_MS) + GRACE_MS
+        return 2 * self.delay_ms + max(_WINDOWS_MS)
 
     def update(self, eid: int, t_ms: int) -> tuple[float, ...]:
         """Add an event (once) and return its 6 features: counts, then fraud shares, per window."""
-        times, ids = self.times, self.ids
-        if eid not in ids:
+        times = self.times
+        self.last_new = False
+        if self.find(eid, t_ms) < 0:
             newest = times[-1] if times else t_ms
             cutoff = (newest if newest > t_ms else t_ms) - self.horizon_ms
-            if times[0] <= cutoff if times else False:
-                self._evict(cutoff)
+            if times and times[0] <= cutoff:
+                self._evict_to(cutoff)
             if t_ms > cutoff:
-                at = bisect_right(times, t_ms)
-                times.insert(at, t_ms)
-                ids.insert(at, eid)
-        hi = bisect_right(times, t_ms - self.delay_ms)
+                self._insert(eid, t_ms)
+                self.last_new = True
+                if eid in self.frauds:
+                    insort(self._fraud_times, t_ms)
+        top = t_ms - self.delay_ms
+        hi = bisect_right(times, top)
+        fraud_times = self._fraud_times
+        frauds_hi = bisect_right(fraud_times, top) if fraud_times else 0
         counts, risks = [], []
-        frauds = self.frauds
         for window in _WINDOWS_MS:
-            lo = bisect_right(times, t_ms - self.delay_ms - window, 0, hi)
+            lo = bisect_right(times, top - window, 0, hi)
             n = hi - lo
             counts.append(float(n))
-            risks.append(sum(1 for j in range(lo, hi) if ids[j] in frauds) / n if frauds and n else 0.0)
+            risks.append((frauds_hi - bisect_right(fraud_times, top - window, 0, frauds_hi)) / n
+                         if frauds_hi and n else 0.0)
         return (*counts, *risks)
 
     def label(self, eid: int, t_ms: int, fraud: bool = True) -> None:
         """A label for the transaction ``eid`` (at ``t_ms``): fraud, or not (a label withdrawn)."""
+        if fraud == (eid in self.frauds):
+            return
+        at = self._held(eid)
         if fraud:
             self.frauds[eid] = t_ms
+            if at >= 0:
+                insort(self._fraud_times, self.times[at])
         else:
-            self.frauds.pop(eid, None)
+            del self.frauds[eid]
+            if at >= 0:
+                fraud_times = self._fraud_times
+                del fraud_times[bisect_left(fraud_times, self.times[at])]
 
-    def _evict(self, cutoff: int) -> None:
-        _evict(cutoff, self.times, self.ids)
+    def _held(self, eid: int) -> int:
+        """Where event ``eid`` is held, whatever its time; -1 when it is not."""
+        if self._index is not None and eid not in self._index:
+            return -1
+        try:
+            return self.ids.index(eid)
+        except ValueError:
+            return -1
+
+    def _evict_to(self, cutoff: int) -> None:
+        self._evict(cutoff)
+        fraud_times = self._fraud_times
+        if fraud_times and fraud_times[0] <= cutoff:
+            del fraud_times[:bisect_right(fraud_times, cutoff)]
+
+    def forget_labels_before(self, cutoff: int) -> None:
+        """Drop the labels of transactions at or before ``cutoff`` (no window reaches them any more)."""
         if self.frauds:
-            for eid in [e for e, t in self.frauds.items() if t <= cutoff]:
-                del self.frauds[eid]
+            self.frauds = {eid: t for eid, t in self.frauds.items() if t > cutoff}
 
     def to_bytes(self) -> bytes:
         labels = array("q", [x for item in self.frauds.items() for x in item])
@@ -177,8 +294,10 @@ class TerminalWindows:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TerminalWindows:
-        n = _header(data)
+        n = _header(data, 17, 16)
         (m, delay_ms) = struct.unpack_from("<Iq", data, 5)
+        if len(data) != 17 + 16 * n + 16 * m or delay_ms <= 0:
+            raise ValueError(f"not a feature state of format {_FORMAT} ({len(data)} bytes)")
         state = cls(delay_ms)
         body = 17
         state.times.frombytes(data[body: body + 8 * n])
@@ -186,20 +305,20 @@ class TerminalWindows:
         labels = array("q")
         labels.frombytes(data[body + 16 * n: body + 16 * n + 16 * m])
         state.frauds = dict(zip(labels[::2], labels[1::2], strict=True))
+        state._reindex()
+        held = [state.times[at] for at in map(state._held, state.frauds) if at >= 0]
+        state._fraud_times = array("q", sorted(held))
         return state
 
 
-def _header(data: bytes) -> int:
-    if len(data) < 5 or data[0] != _FORMAT:
+def _header(data: bytes, head: int, per_event: int) -> int:
+    """The event count of a serialized state, checked against its length."""
+    if len(data) < head or data[0] != _FORMAT:
         raise ValueError(f"not a feature state of format {_FORMAT} ({len(data)} bytes)")
-    return struct.unpack_from("<I", data, 1)[0]
-
-
-def _evict(cutoff: int, times: array, *others: array) -> None:
-    k = bisect_right(times, cutoff)
-    if k:
-        for column in (times, *others):
-            del column[:k]
+    n = struct.unpack_from("<I", data, 1)[0]
+    if len(data) < head + per_event * n or (head == 5 and len(data) != head + per_event * n):
+        raise ValueError(f"not a feature state of format {_FORMAT} ({len(data)} bytes, {n} events)")
+    return n
 
 
 def feature_rows(

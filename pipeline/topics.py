@@ -94,3 +94,22 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: in
         raise BrokerError(f"cannot create topics {list(topics)}: {err}") from err
     finally:
         admin.close()
+
+
+def committed_topics(settings: KafkaSettings, group: str, wait_s: float = 15.0) -> set[str]:
+    """The topics on which consumer group ``group`` has committed offsets (empty for a new group)."""
+    admin = _admin(settings)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                if "__consumer_offsets" not in set(admin.list_topics()):
+                    return set()  # no group has committed anything on this cluster yet
+                offsets = admin.list_group_offsets(group).get(group, {})
+                return {tp.topic for tp, meta in offsets.items() if meta.offset >= 0}
+            except KafkaError as err:
+                if not getattr(err, "retriable", False) or time.monotonic() > deadline:
+                    raise BrokerError(f"cannot read the committed offsets of group '{group}': {err}") from err
+                time.sleep(0.5)  # the group coordinator is being elected
+    finally:
+        admin.close()

@@ -138,7 +138,7 @@ def test_saved_version_loads_and_scores_without_torch(model_dir: Path) -> None:
         "import sys, json, types, numpy as np\n"
         "from pathlib import Path\n"
         "from pipeline.worker.cli import load_scorer\n"
-        "import pipeline.worker.app, pipeline.worker.reload, pipeline.worker.stateful\n"
+        "import pipeline.worker.app, pipeline.worker.reload, pipeline.worker.state\n"
         "s = load_scorer(Path(sys.argv[1]), types.SimpleNamespace(torch_threads=1, device='cpu', max_batch=64))\n"
         "b = s.score(np.zeros((2, len(s.artifact.feature_names)), np.float32))\n"
         "print(json.dumps({'engine': s.engine, 'torch': 'torch' in sys.modules, 'n': len(b.scores)}))\n")

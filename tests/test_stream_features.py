@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,8 @@ from pipeline.streamfeatures import (
     feature_table,
 )
 from pipeline.worker.metrics import WorkerMetrics
-from pipeline.worker.stateful import FeatureStages, StateTopics, _judge
+from pipeline.worker.state import FeatureStages, StateTopics
+from pipeline.worker.state.topology import judge as _judge
 from producer.rawfeed import raw_messages
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
@@ -161,9 +163,9 @@ class NoRestore:
         return 0
 
 
-def stages() -> FeatureStages:
+def stages(clock: Any = None) -> FeatureStages:
     made = FeatureStages(TOPICS, 7, NoRestore(), WorkerMetrics(CollectorRegistry()), 65536,  # type: ignore[arg-type]
-                         threading.Event())
+                         threading.Event(), clock=clock or time.monotonic)
     made.sync({TopicPartition(t, p) for t in TOPICS.consumed for p in range(3)})
     return made
 
@@ -220,7 +222,7 @@ def test_every_raw_or_label_record_is_staged_or_refused_never_raised(customer: A
     assert len(raw.outputs) + len(raw.failed) == 1  # staged, or refused with a reason
     assert labels.outputs == [] and len(labels.failed) <= 1
     for _record, error in raw.failed + labels.failed:
-        assert error.reason in {"missing_field", "bad_type", "not_finite", "not_json"}, error  # not a crash
+        assert error.reason in {"missing_field", "bad_type", "out_of_range", "not_json"}, error  # not a crash
     if raw.outputs:
         hop = raw.outputs[0]
         assert hop.key and isinstance(hop.value, bytes)
@@ -298,7 +300,7 @@ class StuckChangelog:
 def test_a_stop_during_restore_never_leaves_a_half_restored_store_in_service() -> None:
     from pipeline.config import KafkaSettings
     from pipeline.worker.delivery import StopWithoutCommit
-    from pipeline.worker.stateful import Restorer, Store
+    from pipeline.worker.state import Restorer, Store
 
     restorer = Restorer(KafkaSettings.build(environ={}, overrides={}), "w", {})
     restorer.consumer = StuckChangelog()  # type: ignore[assignment]
@@ -340,59 +342,68 @@ class AligningConsumer:
 HOUR = 3_600_000
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def aligned(made: FeatureStages, consumer: AligningConsumer, clock: Clock, now: float) -> set[TopicPartition]:
+    clock.now = now
+    made.align(consumer)
+    return consumer.held
+
+
 def test_a_partition_not_fetched_yet_holds_the_others_past_the_idle_limit(caplog: pytest.LogCaptureFixture) -> None:
     """Just assigned, partition 0 has read a day of its backlog while 1 and 2 were not fetched yet (a slow
-    first batch): 0 waits for them, however long past ALIGN_IDLE_S, until they are read, or until
-    ALIGN_UNFETCHED_MAX_S if they never are (then with one warning)."""
-    made, consumer = stages(), AligningConsumer()
+    first batch): 0 waits for them, however long past IDLE_S, until they are read, or until
+    UNFETCHED_MAX_S if they never are (then with one warning)."""
+    clock = Clock()
+    made, consumer = stages(clock), AligningConsumer()
     p0, p1, p2 = consumer.parts
-    made.event_times[0] = 24 * HOUR
+    made.watermarks.stream[0] = 24 * HOUR
     consumer.ends[p0], consumer.positions[p0] = 9000, 3000
     for now in (0.0, 0.5, 5.0, 29.0):
-        made.align(consumer, now=now)
-        assert consumer.held == {p0}, now
+        assert aligned(made, consumer, clock, now) == {p0}, now
     consumer.ends[p1], consumer.positions[p1] = 8000, 0  # fetched: records to read, event time not known yet
-    made.align(consumer, now=29.5)
-    assert consumer.held == {p0}
-    made.event_times[1] = HOUR  # read: 23 h behind partition 0
-    made.align(consumer, now=40.0)  # partition 2 never fetched: the others go on without it, with a warning
-    assert consumer.held == {p0}
-    made.event_times[1] = 23 * HOUR + 1
-    made.align(consumer, now=41.0)
-    assert consumer.held == set()
+    assert aligned(made, consumer, clock, 29.5) == {p0}
+    made.watermarks.stream[1] = HOUR  # read: 23 h behind partition 0
+    assert aligned(made, consumer, clock, 40.0) == {p0}  # partition 2 never fetched: given up on, with a warning
+    made.watermarks.stream[1] = 23 * HOUR + 1
+    assert aligned(made, consumer, clock, 41.0) == set()
     assert [r.getMessage() for r in caplog.records].count(
         f"input partition {p2} not fetched 40 s after assignment; the others go on without it (its late "
         "transactions count in fraud_late_events_total)") == 1
 
 
 def test_a_partition_with_records_to_read_holds_the_others_however_long() -> None:
-    made, consumer = stages(), AligningConsumer(2)
+    clock = Clock()
+    made, consumer = stages(clock), AligningConsumer(2)
     p0, p1 = consumer.parts
-    made.event_times.update({0: 10 * HOUR, 1: 2 * HOUR})
+    made.watermarks.stream.update({0: 10 * HOUR, 1: 2 * HOUR})
     consumer.ends.update({p0: 500, p1: 500})
     consumer.positions.update({p0: 100, p1: 100})
     for now in (0.0, 10.0, 100.0):
-        made.align(consumer, now=now)
-        assert consumer.held == {p0}
-    consumer.positions[p1] = 500  # read all it has: it holds partition 0 for ALIGN_IDLE_S, no longer
-    made.align(consumer, now=100.5)
-    assert consumer.held == {p0}
-    made.align(consumer, now=101.6)
-    assert consumer.held == set()
+        assert aligned(made, consumer, clock, now) == {p0}
+    consumer.positions[p1] = 500  # read all it has: it holds partition 0 for IDLE_S, no longer
+    assert aligned(made, consumer, clock, 100.5) == {p0}
+    assert aligned(made, consumer, clock, 101.6) == set()
     consumer.ends[p1] = 600  # more arrives, behind partition 0: it holds again
-    made.align(consumer, now=102.0)
-    assert consumer.held == {p0}
+    assert aligned(made, consumer, clock, 102.0) == {p0}
 
 
 def test_alignment_timers_start_again_when_a_partition_comes_back() -> None:
-    made, consumer = stages(), AligningConsumer(2)
+    clock = Clock()
+    made, consumer = stages(clock), AligningConsumer(2)
     p0, p1 = consumer.parts
-    made.event_times[0] = 10 * HOUR
+    made.watermarks.stream[0] = 10 * HOUR
     consumer.ends[p0] = 500
-    made.align(consumer, now=0.0)
-    made.align(consumer, now=31.0)  # partition 1 never fetched: given up on
-    assert consumer.held == set()
-    made.forget({p1})  # revoked, then assigned again: a new wait
-    made.align(consumer, now=32.0)
-    made.align(consumer, now=40.0)
-    assert consumer.held == {p0}
+    aligned(made, consumer, clock, 0.0)
+    assert aligned(made, consumer, clock, 31.0) == set()  # partition 1 never fetched: given up on
+    consumer.parts = [p0]  # revoked, then assigned again: a new wait
+    aligned(made, consumer, clock, 31.5)
+    consumer.parts = [p0, p1]
+    aligned(made, consumer, clock, 32.0)
+    assert aligned(made, consumer, clock, 40.0) == {p0}

@@ -25,6 +25,7 @@ from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import FraudPipelineError
 from pipeline.schema import RecordError
 from pipeline.scores import BatchScorer
+from pipeline.streamfeatures import DAY_MS
 from pipeline.worker import clients, corrupt
 from pipeline.worker.delivery import (
     AtLeastOnce,
@@ -39,7 +40,7 @@ from pipeline.worker.liveness import StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
-from pipeline.worker.stateful import FeatureStages, Restorer, StateTopics, prepare_topics
+from pipeline.worker.state import Bounds, FeatureStages, Restorer, StateTopics, prepare_topics
 from pipeline.worker.transactions import ExactlyOnce
 
 log = logging.getLogger(__name__)
@@ -143,9 +144,11 @@ class Worker:
         if artifact.input_form != "raw":
             return None
         topics = self.state_topics or prepare_topics(self.kafka, self.settings.consumer_group)
-        restorer = Restorer(self.kafka, self.worker_id, {**self.kafka.client_options(), **RECONNECT})
+        restorer = Restorer(self.kafka, self.worker_id, {**self.kafka.client_options(), **RECONNECT}, self.metrics)
+        bounds = Bounds(self.settings.min_amount, self.settings.max_amount,
+                        int(self.settings.max_event_ahead_days * DAY_MS))
         return FeatureStages(topics, artifact.feature_delay_days, restorer, self.metrics,
-                             self.settings.max_record_bytes, self.stop)
+                             self.settings.max_record_bytes, self.stop, bounds)
 
     def _settle_before_revoke(self) -> None:
         """librdkafka revokes inside ``poll``, on this thread: commit what is in flight while it is ours."""
@@ -193,6 +196,7 @@ class Worker:
                 self._process_pending()
                 if self.stages is not None:
                     self.stages.align(self.consumer)
+                    self._publish_marks(self.stages)
                 if watchdog.check(len(self.ledger.assigned)):
                     self.metrics.errors.labels("stalled").inc()
                     self._rejoin()
@@ -235,9 +239,9 @@ class Worker:
             except CorruptRecordError as err:
                 self._skip_corrupt(err)
                 break
-            for records in polled.values():
+            for tp, records in polled.items():
                 self.pending.extend(records)
-                got += len(records)
+                got += len(records) if self.stages is None else self.stages.activity(tp, records)
             if self._in_flight():
                 self.delivery.settle(block=False)  # type: ignore[union-attr]
             if len(self.pending) and first_at is None:
@@ -292,7 +296,12 @@ class Worker:
         if self.stages is None:
             outcome, consumed = self.processor.process(records), len(records)
         else:
-            outcome, consumed = self._process_raw(self.stages, records)
+            outcome, consumed, handed_back = self._process_raw(self.stages, records)
+            if handed_back:  # read again from there: commit only what came before
+                offsets = offsets_after([r for r in [*records, *unreadable] if r.offset < handed_back.get(
+                    TopicPartition(r.topic, r.partition), r.offset + 1)])
+                for tp, offset in handed_back.items():
+                    self.consumer.seek(tp, offset)
         for record in unreadable:
             log.warning("%s[%d]@%d cannot be read (%s); dead-lettered", record.topic, record.partition,
                         record.offset, record.unreadable)
@@ -310,15 +319,29 @@ class Worker:
                 self.stages.discard(records)  # the aborted batch's state changes are gone with it
             self._rewind(records)
 
-    def _process_raw(self, stages: FeatureStages, records: Sequence[Any]) -> tuple[BatchOutcome, int]:
-        """Raw input: customer stage, labels, terminal stage and scoring, then the changed state."""
+    def _process_raw(self, stages: FeatureStages, records: Sequence[Any]
+                     ) -> tuple[BatchOutcome, int, dict[TopicPartition, int]]:
+        """Raw input: customer stage, labels, terminal stage and scoring, then the changed state; the input
+        offsets handed back (see ``state.eventtime``)."""
         assert self.consumer is not None
         stages.sync(self.consumer.assignment())
         raw, labels, featured = stages.split(records)
         staged = stages.stage(raw, labels)
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed)
         outcome.outputs += staged.outputs + stages.changelog()
-        return outcome, len(raw)
+        back = staged.handed_back
+        consumed = sum(1 for r in raw if r.offset < back.get(TopicPartition(r.topic, r.partition), r.offset + 1))
+        return outcome, consumed, back
+
+    def _publish_marks(self, stages: FeatureStages) -> None:
+        """Watermark marks due between batches (a partition turned idle, or the periodic repeat)."""
+        assert self.delivery is not None
+        if len(self.pending) or not self.joined.is_set():
+            return
+        marks = stages.watermarks.marks_due()
+        if marks:
+            self._settle()
+            self.delivery.deliver(marks, {})
 
     def _rewind(self, records: Sequence[Any]) -> None:
         """After an aborted transaction: read the batch again where this worker still owns it."""

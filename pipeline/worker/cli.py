@@ -133,7 +133,7 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
         return 0
     from pipeline.worker.app import Worker
     from pipeline.worker.reload import ModelWatcher
-    from pipeline.worker.stateful import check_input_form, prepare_topics
+    from pipeline.worker.state import check_input_form, prepare_topics
 
     scorer = load_scorer(Path(settings.model_dir), settings)
     if stop.is_set():

@@ -63,6 +63,19 @@ class KafkaPythonConsumer(KafkaConsumer):
         if plain is not None and hasattr(coordinator, "rejoining"):
             coordinator.need_rejoin = lambda: bool(coordinator.rejoining) or plain()  # type: ignore[union-attr]
 
+    def poll(self, *args: Any, **kwargs: Any) -> Any:
+        self._unpark_resumed()
+        return super().poll(*args, **kwargs)
+
+    def _unpark_resumed(self) -> None:
+        """Work around kafka-python 3.0.12: records parked while their partition was paused are put back
+        only when the fetcher's in-line slot is None, but a drained slot is left empty (falsy), not None,
+        so a resumed partition could stay parked (and unfetched) for good. Empty the drained slot."""
+        fetcher = getattr(self, "_fetcher", None)
+        slot = getattr(fetcher, "_next_partition_records", None)
+        if slot is not None and not slot:
+            fetcher._next_partition_records = None  # type: ignore[union-attr]
+
     def rebalance_coming(self) -> bool:
         """Whether the next poll will rejoin the group (the coordinator says so; if kafka-python's internals
         change, every poll counts as one that may, and in-flight batches are committed before each poll)."""

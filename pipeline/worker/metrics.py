@@ -44,7 +44,8 @@ SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 SCORE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 100.0, 1000.0)
 DEAD_LETTER_REASONS = ("empty", "oversized", "not_json", "not_object", "missing_field", "bad_type", "bad_time",
-                       "missing_feature", "not_finite", "processing_error", "corrupt_record")
+                       "missing_feature", "not_finite", "processing_error", "corrupt_record", "out_of_range",
+                       "duplicate_conflict")
 ERROR_KINDS = ("publish_failed", "commit_retry", "commit_failed", "transaction_retry", "producer_fenced",
                "output_shrunk", "output_dropped", "stalled", "model_watch")
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 100.0)
@@ -108,6 +109,15 @@ class WorkerMetrics:
         self.late_events = Counter("late_events", "Raw input: transactions that reached the terminal stage after a "
                                    "later one (by the label delay or more) was scored without them",
                                    namespace=ns, registry=registry)
+        self.handed_back = Counter("records_handed_back", "Raw input: records read again later because their "
+                                   "input partition ran ahead of the others in event time (watermark alignment)",
+                                   namespace=ns, registry=registry)
+        self.state_swept = Counter("state_swept_entities", "Raw input: customers or terminals dropped from the "
+                                   "window stores once nothing of theirs was left in any window",
+                                   ["store"], namespace=ns, registry=registry)
+        self.state_corrupt = Counter("state_corrupt_records", "Raw input: changelog records skipped at restore "
+                                     "because they are not a window state", ["topic"], namespace=ns,
+                                     registry=registry)
         self.state_restore_seconds = Counter("state_restore_seconds", "Raw input: time spent restoring window "
                                              "stores from their changelogs", ["store"], namespace=ns,
                                              registry=registry)

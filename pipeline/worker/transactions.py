@@ -74,9 +74,10 @@ class ExactlyOnce(Delivery):
                     if retriable is not None:
                         backoff.wait(retriable)
                     continue
-                send_offsets = functools.partial(producer.send_offsets_to_transaction, meta,
-                                                 self.consumer.group_metadata())
-                self._bounded(send_offsets)
+                if meta:  # none: outputs alone (raw input's watermark marks between batches)
+                    send_offsets = functools.partial(producer.send_offsets_to_transaction, meta,
+                                                     self.consumer.group_metadata())
+                    self._bounded(send_offsets)
                 self._bounded(producer.commit_transaction)
                 backoff.done()
                 return True

@@ -1,0 +1,318 @@
+"""The two stateful stages of raw input, for the partitions this worker owns.
+
+The customer stage reads raw transactions (keyed by customer), adds the calendar and customer
+features and writes each to the repartition topic keyed by terminal; the terminal stage reads
+the repartition topic and the labels topic, adds the terminal features, and hands each record
+to scoring. Both run in one worker; N workers share them by partition. Event time across the
+hop is kept in order by :mod:`~pipeline.worker.state.eventtime`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from kafka import TopicPartition
+
+from pipeline.schema import ID_FIELD, RecordError, Transaction, decode, encode, format_event_time
+from pipeline.streamfeatures import (
+    CALENDAR_FEATURES,
+    CUSTOMER_FEATURES,
+    DAY_MS,
+    TERMINAL_FEATURES,
+    CustomerWindows,
+    DuplicateConflict,
+    TerminalWindows,
+    calendar,
+    event_id,
+)
+from pipeline.worker.outputs import Output, processing_error
+from pipeline.worker.state.eventtime import Mark, Watermarks, is_mark
+from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key
+from pipeline.worker.state.store import Restorer, Store
+from pipeline.worker.state.topology import StateTopics
+
+log = logging.getLogger(__name__)
+
+SWEEP_EVERY_MS = DAY_MS  # a store drops its idle entities each time its stream time has moved this far
+LATE_LOG_EVERY_S = 60.0
+
+
+@dataclass
+class Staged:
+    """What the customer and label stages made of a batch: repartition records, the records that failed, and
+    per input partition the offset handed back (read again later: too far ahead in event time)."""
+
+    outputs: list[Output]
+    failed: list[tuple[Any, RecordError]]
+    handed_back: dict[TopicPartition, int] = field(default_factory=dict)
+
+
+class FeatureStages:
+    """The two stateful stages and their stores, for the partitions this worker owns."""
+
+    def __init__(self, topics: StateTopics, delay_days: int, restorer: Restorer, metrics: Any,
+                 max_record_bytes: int, stop: threading.Event, bounds: Bounds | None = None,
+                 wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic) -> None:
+        self.topics, self.restorer, self.metrics = topics, restorer, metrics
+        self.delay_ms, self.max_record_bytes, self.stop = delay_days * DAY_MS, max_record_bytes, stop
+        self.bounds = bounds or Bounds()
+        self.wall, self.clock = wall, clock
+        self.watermarks = Watermarks(topics, clock)
+        self.customers: dict[int, Store[CustomerWindows]] = {}
+        self.terminals: dict[int, Store[TerminalWindows]] = {}
+        self.terminal_times: dict[int, int] = {}  # repartition partition -> newest event time enriched there
+        self._terminal_horizon_ms = TerminalWindows(self.delay_ms).horizon_ms
+        self._lock = threading.Lock()
+        self._stale: set[int] = set()  # partitions whose stores must be restored again (revoked meanwhile)
+        self.late_events = 0  # as fraud_late_events_total counts them, for the end-of-run summary
+        self._late_since_log = 0
+        self._late_example = ""
+        self._late_logged_at = clock()
+
+    # -- ownership ----------------------------------------------------------------------
+    def forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Partitions revoked or lost (may run on the consumer's IO thread): restore them if they come back."""
+        with self._lock:
+            self._stale.update(tp.partition for tp in partitions if tp.topic in self.topics.consumed)
+
+    def discard(self, records: Sequence[Any]) -> None:
+        """After an aborted transaction: the stores the batch touched are restored before their next use, and
+        what the batch taught of its input partitions' event time is forgotten."""
+        touched = {TopicPartition(r.topic, r.partition) for r in records}
+        self.forget(touched)
+        for tp in touched:
+            if tp.topic == self.topics.input:
+                self.watermarks.stream.pop(tp.partition, None)
+                self.watermarks.heads.pop(tp.partition, None)
+
+    def sync(self, assigned: set[TopicPartition]) -> None:
+        """Restore the stores of newly assigned (or stale) partitions; drop those of partitions gone."""
+        with self._lock:
+            stale, self._stale = self._stale, set()
+        customer_parts = {tp.partition for tp in assigned if tp.topic == self.topics.input}
+        terminal_parts = {tp.partition for tp in assigned if tp.topic in (self.topics.repartition,
+                                                                          self.topics.labels)}
+        for stores, owned, topic, name, factory, parse in (
+            (self.customers, customer_parts, self.topics.customer_changelog, "customer", CustomerWindows,
+             CustomerWindows.from_bytes),
+            (self.terminals, terminal_parts, self.topics.terminal_changelog, "terminal",
+             lambda: TerminalWindows(self.delay_ms), TerminalWindows.from_bytes),
+        ):
+            for partition in [p for p in stores if p not in owned or p in stale]:
+                del stores[partition]
+                if stores is self.terminals:
+                    self.terminal_times.pop(partition, None)
+            for partition in sorted(owned - stores.keys()):
+                store: Store[Any] = Store(factory, parse)
+                started = time.monotonic()
+                count = self.restorer.restore(topic, partition, store, self.stop)
+                seconds = time.monotonic() - started
+                stores[partition] = store
+                self.metrics.state_restored.labels(name).inc(count)
+                self.metrics.state_restore_seconds.labels(name).inc(seconds)
+                log.info("restored %s store %d: %d keys from %d changelog records in %.2fs", name, partition,
+                         len(store.entities), count, seconds)
+            self.metrics.state_entities.labels(name).set(sum(len(s.entities) for s in stores.values()))
+
+    # -- the stages ---------------------------------------------------------------------
+    def activity(self, tp: TopicPartition, records: Sequence[Any]) -> int:
+        """How many of ``records`` are data (watermark marks are not: a quiet stream stays quiet)."""
+        if tp.topic != self.topics.repartition:
+            return len(records)
+        return sum(1 for r in records if not is_mark(r))
+
+    def split(self, records: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        """The batch's raw input records, its label records, and its records to score (repartitioned).
+        Watermark marks are taken in here."""
+        raw, labels, featured = [], [], []
+        for record in records:
+            if record.topic == self.topics.input:
+                raw.append(record)
+            elif record.topic == self.topics.labels:
+                labels.append(record)
+            elif is_mark(record):
+                self._hear(record)
+            else:
+                featured.append(record)
+        return raw, labels, featured
+
+    def _hear(self, record: Any) -> None:
+        try:
+            partition, mark = Mark.decode(record.value or b"")
+        except ValueError as err:
+            log.warning("%s[%d]@%d: %s; ignored", record.topic, record.partition, record.offset, err)
+            return
+        self.watermarks.hear(partition, mark)
+
+    def stage(self, raw: Sequence[Any], labels: Sequence[Any]) -> Staged:
+        """Customer stage on raw records (repartition records out) and label records into terminal state.
+
+        A partition's records are processed in offset order up to the first one further ahead in
+        event time than the other partitions allow (``Watermarks.limits``); that one and the rest
+        are handed back, to be read again.
+        """
+        out = Staged([], [])
+        now_ms = int(self.wall() * 1000)
+        marks = self.watermarks
+        by_partition: dict[int, list[tuple[Any, Transaction | RecordError]]] = {}
+        for record in raw:
+            by_partition.setdefault(record.partition, []).append((record, self._decode(record)))
+        first = {}
+        for p, items in by_partition.items():
+            for _record, tx in items:
+                if isinstance(tx, Transaction) and self.bounds.event_time(
+                        tx.event_time_ms, marks.stream.get(p), now_ms) is None:
+                    first[p] = tx.event_time_ms
+                    break
+        limits = marks.limits(first)
+        for p, items in by_partition.items():
+            limit = limits.get(p)
+            resume_at = None
+            for i, (record, tx) in enumerate(items):
+                if isinstance(tx, Transaction):
+                    t = tx.event_time_ms
+                    result = self.bounds.event_time(t, marks.stream.get(p), now_ms)
+                    if result is None and limit is not None and t > limit:
+                        out.handed_back[TopicPartition(record.topic, p)] = record.offset
+                        self.metrics.handed_back.inc(len(items) - i)
+                        resume_at = t
+                        break
+                    if result is None:
+                        result = self._step(record, tx, self._customer)
+                        if not isinstance(result, RecordError) and t > marks.stream.get(p, t - 1):
+                            marks.stream[p] = t
+                else:
+                    result = tx
+                self._collect(record, result, out)
+            marks.processed(p, None, resume_at)
+        for record in labels:
+            tx = self._decode(record)
+            self._collect(record, tx if isinstance(tx, RecordError) else self._step(record, tx, self._label), out)
+        return out
+
+    def _decode(self, record: Any) -> Transaction | RecordError:
+        try:
+            return decode(record.value, self.max_record_bytes)
+        except Exception as err:  # one record's failure never stops the batch
+            return processing_error("features", err)
+
+    @staticmethod
+    def _step(record: Any, tx: Transaction, step: Callable[[Any, Transaction], Output | RecordError | None]
+              ) -> Output | RecordError | None:
+        try:
+            return step(record, tx)
+        except DuplicateConflict as err:
+            return RecordError("duplicate_conflict", ID_FIELD, str(err))
+        except Exception as err:  # one record's failure never stops the batch
+            return processing_error("features", err)
+
+    @staticmethod
+    def _collect(record: Any, result: Output | RecordError | None, out: Staged) -> None:
+        if isinstance(result, RecordError):
+            out.failed.append((record, result))
+        elif result is not None:
+            out.outputs.append(result)
+
+    def _customer(self, record: Any, tx: Transaction) -> Output | RecordError:
+        fields = tx.fields
+        customer, terminal, amount = (entity_key(fields, CUSTOMER), entity_key(fields, TERMINAL),
+                                      self.bounds.amount(fields))
+        for checked in (customer, terminal, amount):
+            if isinstance(checked, RecordError):
+                return checked
+        assert isinstance(customer, str) and isinstance(terminal, str) and isinstance(amount, float)
+        store = self.customers[record.partition]
+        windows = store.entities.get(customer) or store.factory()
+        derived = (*calendar(tx.event_time_ms), *windows.update(event_id(tx.transaction_id), tx.event_time_ms,
+                                                                  amount))
+        store.keep(customer, windows)  # only once the update succeeded
+        value = encode({**fields, **dict(zip((*CALENDAR_FEATURES, *CUSTOMER_FEATURES), derived, strict=True))})
+        return Output(self.topics.repartition, terminal.encode(), value)
+
+    def _label(self, record: Any, tx: Transaction) -> RecordError | None:
+        terminal = entity_key(tx.fields, TERMINAL)
+        if isinstance(terminal, RecordError):
+            return terminal
+        fraud = tx.fields.get(LABEL)
+        if fraud not in (0, 1) or isinstance(fraud, float):
+            return RecordError("bad_type", LABEL, f"a label must be 0 or 1, got {fraud!r}")
+        stale = self.bounds.event_time(tx.event_time_ms, None, int(self.wall() * 1000))
+        if stale is not None:
+            return stale
+        store = self.terminals[record.partition]
+        store.get(terminal).label(event_id(tx.transaction_id), tx.event_time_ms, bool(fraud))
+        return None
+
+    def enrich(self, record: Any, tx: Transaction) -> RecordError | None:
+        """Terminal stage, per record to score: add the terminal features to its fields."""
+        terminal = entity_key(tx.fields, TERMINAL)
+        if isinstance(terminal, RecordError):
+            return terminal
+        store = self.terminals[record.partition]
+        windows = store.entities.get(terminal) or store.factory()
+        t = tx.event_time_ms
+        newest = windows.newest
+        try:
+            derived = windows.update(event_id(tx.transaction_id), t)
+        except DuplicateConflict as err:
+            return RecordError("duplicate_conflict", ID_FIELD, str(err))
+        store.keep(terminal, windows)
+        if newest is not None and newest - t >= self.delay_ms and (windows.last_new or t <= newest -
+                                                                   windows.horizon_ms):
+            self._late(tx, terminal, newest)
+        if t > self.terminal_times.get(record.partition, t - 1):
+            self.terminal_times[record.partition] = t
+        tx.fields.update(zip(TERMINAL_FEATURES, derived, strict=True))
+        return None
+
+    def _late(self, tx: Transaction, terminal: str, newest: int) -> None:
+        """A transaction a window scored earlier should have counted: count it, and say so once a minute."""
+        self.metrics.late_events.inc()
+        self.late_events += 1
+        self._late_since_log += 1
+        if not self._late_example:
+            self._late_example = (f"transaction {tx.transaction_id} at {format_event_time(tx.event_time_ms)} on "
+                                  f"terminal {terminal}, {(newest - tx.event_time_ms) / DAY_MS:.1f} days behind "
+                                  "the terminal's newest")
+        now = self.clock()
+        if now - self._late_logged_at >= LATE_LOG_EVERY_S or self.late_events == 1:
+            log.warning("%d transactions reached the terminal stage later than the label delay (%d days) allows "
+                        "in the last %.0f s, e.g. %s: features scored before them miss them (input partitions "
+                        "out of event-time order beyond what alignment bounds)", self._late_since_log,
+                        self.delay_ms // DAY_MS, now - self._late_logged_at, self._late_example)
+            self._late_since_log, self._late_example, self._late_logged_at = 0, "", now
+
+    def align(self, consumer: Any) -> None:
+        """Keep this worker's input partitions aligned in event time with every other (``eventtime``)."""
+        self.watermarks.align(consumer)
+
+    def changelog(self) -> list[Output]:
+        """The changelog records of every key the batch changed (tombstones for idle entities swept away), to each
+        store's own partition, and the watermark marks due."""
+        self._sweep()
+        outputs = []
+        for stores, topic in ((self.customers, self.topics.customer_changelog),
+                              (self.terminals, self.topics.terminal_changelog)):
+            for partition, store in stores.items():
+                outputs += store.flush(topic, partition)
+        return outputs + self.watermarks.marks_due()
+
+    def _sweep(self) -> None:
+        for name, stores, times, horizon in (
+            ("customer", self.customers, self.watermarks.stream, CustomerWindows.HORIZON_MS),
+            ("terminal", self.terminals, self.terminal_times, self._terminal_horizon_ms),
+        ):
+            for partition, store in stores.items():
+                now = times.get(partition)
+                if now is None or (store.swept_at is not None and now - store.swept_at < SWEEP_EVERY_MS):
+                    continue
+                store.swept_at = now
+                removed = store.sweep(now - horizon)
+                if removed:
+                    self.metrics.state_swept.labels(name).inc(removed)
+                    self.metrics.state_entities.labels(name).set(sum(len(s.entities) for s in stores.values()))

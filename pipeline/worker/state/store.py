@@ -1,0 +1,147 @@
+"""Window state in memory, one store per stage and partition, and its restore from a changelog.
+
+Every key a batch changed is written whole to the store's compacted changelog in the batch's
+delivery: inside its transaction under exactly-once, acknowledged before the offsets are
+committed under at-least-once. An entity the sweep removed is written as a tombstone. A store
+is restored from its changelog (read_committed, to the end offset) whenever its partition is
+assigned, and after an aborted transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+from kafka import KafkaConsumer, TopicPartition
+
+from pipeline.config import KafkaSettings
+from pipeline.errors import FraudPipelineError
+from pipeline.streamfeatures import CustomerWindows, TerminalWindows
+from pipeline.worker.delivery import StopWithoutCommit
+from pipeline.worker.outputs import Output
+
+log = logging.getLogger(__name__)
+
+RESTORE_STALL_S = 60.0  # a restore that makes no progress this long stops the worker
+W = TypeVar("W", CustomerWindows, TerminalWindows)
+
+
+class RestoreFailed(FraudPipelineError):
+    """A changelog could not be read to its end: the worker stops rather than score from partial state."""
+
+
+class Store(Generic[W]):
+    """One stage's state for one partition: entity key -> windows, and the keys changed since the last flush."""
+
+    def __init__(self, factory: Callable[[], W], parse: Callable[[bytes], W]) -> None:
+        self.factory, self.parse = factory, parse
+        self.entities: dict[str, W] = {}
+        self.dirty: set[str] = set()
+        self.swept_at: int | None = None  # the stream time of the last sweep
+
+    def get(self, key: str) -> W:
+        state = self.entities.get(key)
+        if state is None:
+            state = self.entities[key] = self.factory()
+        self.dirty.add(key)
+        return state
+
+    def keep(self, key: str, state: W) -> None:
+        """Hold ``state`` for ``key`` (changed: written at the next flush)."""
+        self.entities[key] = state
+        self.dirty.add(key)
+
+    def load(self, key: bytes | None, value: bytes | None) -> None:
+        """Apply one changelog record (a whole state; an empty value deletes the key). ValueError: not a state."""
+        if key is None:
+            raise ValueError("a changelog record without a key")
+        name = key.decode("utf-8", "surrogateescape")
+        if value:
+            self.entities[name] = self.parse(value)
+        else:
+            self.entities.pop(name, None)
+
+    def sweep(self, cutoff: int) -> int:
+        """Remove the entities with nothing after ``cutoff`` (their windows are empty for any event still to come);
+        the number removed. Each is written as a tombstone at the next flush."""
+        gone = []
+        for key, state in self.entities.items():
+            if isinstance(state, TerminalWindows):
+                state.forget_labels_before(cutoff)
+                if state.frauds:
+                    continue
+            newest = state.newest
+            if newest is None or newest <= cutoff:
+                gone.append(key)
+        for key in gone:
+            del self.entities[key]
+            self.dirty.add(key)
+        return len(gone)
+
+    def flush(self, topic: str, partition: int) -> list[Output]:
+        """The changelog records of every key changed since the last flush (a tombstone for a key removed)."""
+        entities = self.entities
+        outputs = []
+        for key in sorted(self.dirty):
+            state = entities.get(key)
+            outputs.append(Output(topic, key.encode("utf-8", "surrogateescape"),
+                                  state.to_bytes() if state is not None else b"", partition=partition))
+        self.dirty.clear()
+        return outputs
+
+
+class Restorer:
+    """Reads a changelog partition to its end with a group-less, read_committed consumer.
+
+    A record that is not a state (garbage written to the topic by hand, a format from another
+    version) is skipped: an ERROR line names its topic, partition and offset, and
+    ``fraud_state_corrupt_records_total`` counts it. Its key is served from empty windows.
+    """
+
+    def __init__(self, kafka: KafkaSettings, client_id: str, options: dict[str, Any], metrics: Any = None) -> None:
+        self.kafka, self.client_id, self.options, self.metrics = kafka, client_id, options, metrics
+        self.consumer: KafkaConsumer | None = None
+
+    def restore(self, topic: str, partition: int, store: Store[Any], stop: threading.Event) -> int:
+        """Load every record of ``topic``[``partition``] into ``store``; the number of records read."""
+        if self.consumer is None:
+            self.consumer = KafkaConsumer(**self.options, client_id=f"{self.client_id}-restore", group_id=None,
+                                          enable_auto_commit=False, isolation_level="read_committed",
+                                          max_partition_fetch_bytes=8 * 1024 * 1024)
+        tp = TopicPartition(topic, partition)
+        consumer = self.consumer
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end = consumer.end_offsets([tp])[tp]  # read_committed: the last stable offset
+        count, progress_at = 0, time.monotonic()
+        while consumer.position(tp) < end and not stop.is_set():
+            got = consumer.poll(timeout_ms=500).get(tp, [])
+            for record in got:
+                self.load(store, record)
+            count += len(got)
+            if got:
+                progress_at = time.monotonic()
+            elif time.monotonic() - progress_at > RESTORE_STALL_S:
+                raise RestoreFailed(f"restoring {topic}[{partition}] stalled at offset "
+                                    f"{consumer.position(tp)} of {end} for {RESTORE_STALL_S:.0f}s")
+        if stop.is_set() and consumer.position(tp) < end:  # never score from a half-restored store
+            raise StopWithoutCommit(f"asked to stop while restoring {topic}[{partition}]")
+        return count
+
+    def load(self, store: Store[Any], record: Any) -> None:
+        try:
+            store.load(record.key, record.value)
+        except Exception as err:  # a record that is not a state must not stop the worker for good
+            log.error("changelog record %s[%d]@%d is not a window state (%s: %s); skipped (its key keeps what "
+                      "earlier records of it held)", record.topic, record.partition, record.offset,
+                      type(err).__name__, err)
+            if self.metrics is not None:
+                self.metrics.state_corrupt.labels(record.topic).inc()
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.close(autocommit=False)
+            self.consumer = None
