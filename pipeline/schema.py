@@ -110,7 +110,10 @@ def parse_event_time(value: Any) -> int:
         raise ValueError(f"{value!r} is not RFC 3339") from err
     if parsed.tzinfo is None:
         raise ValueError(f"{value!r} has no UTC offset; RFC 3339 needs 'Z' or '+hh:mm'")
-    return int(parsed.timestamp() * 1000)
+    ms = int(parsed.timestamp() * 1000)
+    if not _MIN_MS <= ms < _MAX_MS:
+        raise ValueError(f"{value!r} out of range (1990..2200)")
+    return ms
 
 
 def format_event_time(epoch_ms: int) -> str:

@@ -38,7 +38,8 @@ def entity_key(fields: dict[str, Any], name: str) -> str | RecordError:
 class Bounds:
     """What the customer stage accepts: amounts in ``[min_amount, max_amount]``; event times no more than
     ``max_ahead_ms`` ahead of the input partition's stream time (0: no such limit), nor past the wall
-    clock by a day, nor behind the stream time by more than a customer window holds."""
+    clock by a day, nor behind the stream time by more than a customer window holds. A time within a day
+    of the wall clock is always accepted (a live stream back after a long outage is not refused)."""
 
     min_amount: float = 0.0
     max_amount: float = 1e9
@@ -60,7 +61,7 @@ class Bounds:
         if t_ms > now_ms + FUTURE_MS:
             return RecordError("bad_time", "event_time", f"{format_event_time(t_ms)} is more than a day past "
                                f"the clock ({format_event_time(now_ms)})")
-        if stream_ms is None:
+        if stream_ms is None or abs(t_ms - now_ms) <= FUTURE_MS:  # no reference yet, or a live stream's present
             return None
         if self.max_ahead_ms and t_ms > stream_ms + self.max_ahead_ms:
             return RecordError("bad_time", "event_time", f"{format_event_time(t_ms)} is {_days(t_ms - stream_ms)} "

@@ -113,6 +113,10 @@ class FeatureStages:
                 count = self.restorer.restore(topic, partition, store, self.stop)
                 seconds = time.monotonic() - started
                 stores[partition] = store
+                if stores is self.customers:  # the stream time the bounds check against, until records move it
+                    newest = max((n for w in store.entities.values() if (n := w.newest) is not None), default=None)
+                    if newest is not None:
+                        self.watermarks.stream.setdefault(partition, newest)
                 self.metrics.state_restored.labels(name).inc(count)
                 self.metrics.state_restore_seconds.labels(name).inc(seconds)
                 log.info("restored %s store %d: %d keys from %d changelog records in %.2fs", name, partition,
@@ -312,7 +316,8 @@ class FeatureStages:
                 if now is None or (store.swept_at is not None and now - store.swept_at < SWEEP_EVERY_MS):
                     continue
                 store.swept_at = now
-                removed = store.sweep(now - horizon)
+                # the margin: the bounds let a stream time run up to max_ahead_ms ahead of the true one
+                removed = store.sweep(now - horizon - self.bounds.max_ahead_ms)
                 if removed:
                     self.metrics.state_swept.labels(name).inc(removed)
                     self.metrics.state_entities.labels(name).set(sum(len(s.entities) for s in stores.values()))

@@ -1,0 +1,195 @@
+"""Hostile input against the raw path's state: nothing a producer sends may poison, empty or crash it.
+
+Each test is one bullet of what a producer (or a hand on a changelog topic) was seen to do to the
+window stores: a record dated 2100, absurd amounts, a transaction id reused with other content,
+garbage in a changelog, customers and terminals that never come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from typing import Any
+
+import orjson
+import pytest
+from kafka import TopicPartition
+from prometheus_client import CollectorRegistry
+
+from pipeline.schema import RecordError, decode
+from pipeline.streamfeatures import DAY_MS, HOT_EVENTS, CustomerWindows, TerminalWindows
+from pipeline.worker.metrics import WorkerMetrics
+from pipeline.worker.state import FeatureStages, Restorer, StateTopics, Store
+from tests.worker_helpers import Record
+
+TOPICS = StateTopics("raw", "labels", "g-by-terminal-repartition", "g-customer-windows-changelog",
+                     "g-terminal-windows-changelog")
+T0 = 1_522_540_800_000  # 2018-04-01
+
+
+class NoRestore:
+    def restore(self, topic: str, partition: int, store: Any, stop: threading.Event) -> int:
+        return 0
+
+
+def stages() -> FeatureStages:
+    made = FeatureStages(TOPICS, 7, NoRestore(), WorkerMetrics(CollectorRegistry()), 65536,  # type: ignore[arg-type]
+                         threading.Event())
+    made.sync({TopicPartition(t, 0) for t in TOPICS.consumed})
+    return made
+
+
+def raw(tx_id: str, t: Any, customer: Any = 1, terminal: Any = 7, amount: Any = 20.0) -> bytes:
+    return orjson.dumps({"transaction_id": tx_id, "event_time": t, "CUSTOMER_ID": customer, "TERMINAL_ID": terminal,
+                         "TX_AMOUNT": amount})
+
+
+class Feed:
+    """Records through both stages of one worker; each transaction's features, or its dead-letter reason."""
+
+    def __init__(self) -> None:
+        self.stages = stages()
+        self.offset = 0
+
+    def send(self, value: bytes) -> dict[str, Any] | str:
+        self.offset += 1
+        staged = self.stages.stage([Record(value, self.offset, TOPICS.input, 0)], [])
+        if staged.failed:
+            return staged.failed[0][1].reason
+        hop = staged.outputs[0]
+        tx = decode(hop.value)
+        assert not isinstance(tx, RecordError)
+        error = self.stages.enrich(Record(hop.value, self.offset, TOPICS.repartition, 0, hop.key), tx)
+        return error.reason if error else tx.fields
+
+
+def history(feed: Feed, days: int = 20, customer: int = 1) -> list[dict[str, Any] | str]:
+    return [feed.send(raw(f"c{customer}-{d}", T0 + d * DAY_MS, customer, 7 + d % 3)) for d in range(days)]
+
+
+@pytest.mark.parametrize("when", [4_102_444_800_000, "2100-01-01T00:00:00Z", "9999-12-31T00:00:00Z",
+                                  "0001-01-01T00:00:00Z", "2024-06-01T00:00:00Z"])
+def test_an_event_time_far_from_the_stream_is_dead_lettered_and_moves_no_window(when: Any) -> None:
+    clean, poisoned = Feed(), Feed()
+    history(clean)
+    history(poisoned)
+    assert poisoned.send(raw("evil", when)) == "bad_time"
+    after = [raw(f"later-{d}", T0 + (20 + d) * DAY_MS, 1, 7) for d in range(10)]
+    assert [poisoned.send(v) for v in after] == [clean.send(v) for v in after]
+
+
+@pytest.mark.parametrize("amount", [3e38, -5.0, 1e10, 1e308])
+def test_an_absurd_amount_is_dead_lettered_and_poisons_no_mean(amount: float) -> None:
+    clean, poisoned = Feed(), Feed()
+    history(clean)
+    history(poisoned)
+    assert poisoned.send(raw("evil", T0 + 20 * DAY_MS, amount=amount)) == "out_of_range"
+    after = [raw(f"later-{d}", T0 + (21 + d) * DAY_MS) for d in range(5)]
+    assert [poisoned.send(v) for v in after] == [clean.send(v) for v in after]
+
+
+def test_a_transaction_id_reused_with_other_content_is_dead_lettered() -> None:
+    feed = Feed()
+    history(feed, 5)
+    first = feed.send(raw("dup", T0 + 5 * DAY_MS, amount=10.0))
+    assert feed.send(raw("dup", T0 + 5 * DAY_MS, amount=10.0)) == first  # a replay: its first features
+    assert feed.send(raw("dup", T0 + 5 * DAY_MS, amount=99.0)) == "duplicate_conflict"
+    assert feed.send(raw("dup", T0 + 6 * DAY_MS, amount=10.0)) == "duplicate_conflict"
+    assert feed.stages.metrics.dead_letters.labels("duplicate_conflict")._value.get() == 0  # counted on delivery
+
+
+class Changelog:
+    """A restore consumer over a fixed list of changelog records."""
+
+    def __init__(self, records: list[Record]) -> None:
+        self.records, self.at = records, 0
+
+    def assign(self, partitions: list) -> None: ...
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.at = 0
+
+    def end_offsets(self, partitions: list) -> dict:
+        return {tp: len(self.records) for tp in partitions}
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.at
+
+    def poll(self, timeout_ms: int) -> dict:
+        got, self.at = self.records[self.at:], len(self.records)
+        return {TopicPartition(TOPICS.customer_changelog, 0): got}
+
+
+def test_garbage_in_a_changelog_is_skipped_with_an_error_line_and_a_metric(caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.config import KafkaSettings
+
+    good = CustomerWindows()
+    good.update(1, T0, 5.0)
+    records = [Record(good.to_bytes(), 0, TOPICS.customer_changelog, 0, b"alice"),
+               Record(b"\x01garbag", 1, TOPICS.customer_changelog, 0, b"bob"),
+               Record(b"{}", 2, TOPICS.customer_changelog, 0, None),
+               Record(good.to_bytes(), 3, TOPICS.customer_changelog, 0, b"carol")]
+    metrics = WorkerMetrics(CollectorRegistry())
+    restorer = Restorer(KafkaSettings.build(environ={}, overrides={}), "w", {}, metrics)
+    restorer.consumer = Changelog(records)  # type: ignore[assignment]
+    store: Store[CustomerWindows] = Store(CustomerWindows, CustomerWindows.from_bytes)
+    with caplog.at_level(logging.ERROR):
+        assert restorer.restore(TOPICS.customer_changelog, 0, store, threading.Event()) == 4
+    assert set(store.entities) == {"alice", "carol"}
+    assert metrics.registry.get_sample_value("fraud_state_corrupt_records_total",
+                                             {"topic": TOPICS.customer_changelog}) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"{TOPICS.customer_changelog}[0]@1 is not a window state" in m for m in errors), errors
+
+
+def test_customers_and_terminals_that_never_come_back_are_swept_with_tombstones() -> None:
+    feed = Feed()
+    for c in range(200):  # one-time customers on one-time terminals
+        feed.send(raw(f"once-{c}", T0 + c * 1000, 1000 + c, 5000 + c))
+    feed.stages.stage([], [Record(orjson.dumps({"transaction_id": "x", "event_time": T0, "TERMINAL_ID": 99999,
+                                                "TX_FRAUD": 1}), 0, TOPICS.labels, 0)])  # a terminal never seen
+    feed.stages.changelog()
+    assert len(feed.stages.customers[0].entities) == 200 and len(feed.stages.terminals[0].entities) == 201
+    tombstones = set()
+    for d in range(60):  # one regular customer goes on for 60 days
+        feed.send(raw(f"r-{d}", T0 + d * DAY_MS, 1, 7))
+        tombstones |= {(o.topic, o.key) for o in feed.stages.changelog() if o.value == b""}
+    assert {(TOPICS.customer_changelog, b"1000"), (TOPICS.terminal_changelog, b"5000"),
+            (TOPICS.terminal_changelog, b"99999")} <= tombstones
+    assert set(feed.stages.customers[0].entities) == {"1"}
+    assert set(feed.stages.terminals[0].entities) == {"7"}
+    registry = feed.stages.metrics.registry
+    assert registry.get_sample_value("fraud_state_swept_entities_total", {"store": "customer"}) == 200
+    assert registry.get_sample_value("fraud_state_swept_entities_total", {"store": "terminal"}) == 201
+
+
+def naive_terminal(events: list[tuple[int, int]], frauds: set[int], t: int, delay: int) -> tuple[float, ...]:
+    counts, risks = [], []
+    for w in (1, 7, 30):
+        held = [e for e, te in events if t - delay - w * DAY_MS < te <= t - delay]
+        counts.append(float(len(held)))
+        risks.append(sum(e in frauds for e in held) / len(held) if held else 0.0)
+    return (*counts, *risks)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_busy_terminal_counts_as_a_brute_force_count_does(seed: int) -> None:
+    """Hundreds of events (past HOT_EVENTS: ids in a set), labels before and after their events, withdrawn
+    and given again, a state round trip: every feature as a full scan computes it."""
+    rng = random.Random(seed)
+    delay = 7 * DAY_MS
+    windows, events, frauds = TerminalWindows(delay), [], set()
+    for i in range(4 * HOT_EVENTS + rng.randint(0, 200)):
+        t = T0 + i * 3_600_000
+        if rng.random() < 0.1:
+            label = rng.randrange(i + 3)  # an event already held, or one still to come
+            fraud = rng.random() < 0.8
+            windows.label(label, T0 + label * 3_600_000, fraud)
+            frauds.discard(label) if not fraud else frauds.add(label)
+        got = windows.update(i, t)
+        events.append((i, t))
+        events = [(e, te) for e, te in events if te > t - windows.horizon_ms]
+        assert got == pytest.approx(naive_terminal(events, frauds, t, delay)), i
+        if rng.random() < 0.02:
+            windows = TerminalWindows.from_bytes(windows.to_bytes())
