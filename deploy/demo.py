@@ -17,6 +17,7 @@ carry the features instead, with event times restamped to the send time (real la
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import signal
@@ -216,8 +217,10 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     consumer = KafkaConsumer(env["FRAUD_ALERTS_TOPIC"], bootstrap_servers=env["FRAUD_BOOTSTRAP_SERVERS"],
                              auto_offset_reset="earliest", enable_auto_commit=False, consumer_timeout_ms=3000)
     live_ids = set(truth["TRANSACTION_ID"].astype(str))
-    alerts = [a for a in (orjson.loads(m.value) for m in consumer) if a["transaction_id"] in live_ids]
+    every_alert = [orjson.loads(m.value) for m in consumer]
     consumer.close()
+    alerts = [a for a in every_alert if a["transaction_id"] in live_ids]
+    warm_up_alerts = len({a["transaction_id"] for a in every_alert} - live_ids)
     alerted = {a["transaction_id"] for a in alerts}
     caught = alerted & frauds
     scored = metrics.get('fraud_transactions_total{outcome="scored"}', float("nan"))
@@ -225,12 +228,22 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     say("summary")
     print(f"  transactions streamed     {len(truth):>10,}")
     print(f"  transactions scored       {scored:>10,.0f}" + (f"  (with {warmed:,} of warm-up)" if raw else ""))
-    print(f"  alerts                    {len(alerted):>10,}")
+    print(f"  alerts                    {len(alerted):>10,}"
+          + (f"  (and {warm_up_alerts:,} on the warm-up)" if raw else ""))
+    digest = hashlib.sha256("\n".join(sorted(alerted)).encode()).hexdigest()[:12]
+    print(f"  alert set digest          {digest:>10}  (the same seed gives the same alerts: compare runs)")
     print(f"  alerts that are frauds    {len(caught) / max(1, len(alerted)):>10.1%}  (precision)")
     print(f"  frauds caught             {len(caught) / max(1, len(frauds)):>10.1%}  "
           f"({len(caught)} of {len(frauds)}; recall)")
     invalid = metrics.get('fraud_transactions_total{outcome="invalid"}', 0)
     print(f"  dead letters              {invalid:>10,.0f}")
+    if raw:
+        late = metrics.get("fraud_late_events_total", float("nan"))
+        back = metrics.get("fraud_records_handed_back_total", float("nan"))
+        print(f"  late events               {late:>10,.0f}  (transactions a window scored earlier should have counted; "
+              "0: every feature exact)")
+        print(f"  records handed back       {back:>10,.0f}  (read again later: their partition ran ahead in event "
+              "time during the unpaced warm-up)")
     print(f"  stream start to last commit {elapsed:>8.1f}s  (input paced; the worker kept up at "
           f"{len(truth) / elapsed:,.0f} tx/s" + (", after the warm-up backlog)" if raw else ")"))
     if raw:

@@ -40,6 +40,8 @@ DAY_MS = 86_400_000
 DELAY_DAYS = 7  # the handbook's label delay for terminal risk
 GRACE_MS = DAY_MS  # how far out of event-time order a customer's event may arrive and still be placed exactly
 HOT_EVENTS = 64  # an entity holding more events than this indexes their ids in a set (O(1) membership)
+SEGMENT_MS = 3_600_000  # a big entity's changelog is written in segments of this much event time ...
+CHUNK_EVENTS = 16_384  # ... each cut into records of at most this many events (well under Kafka's 1 MB)
 
 CALENDAR_FEATURES = ("TX_DURING_WEEKEND", "TX_DURING_NIGHT")
 CUSTOMER_FEATURES = (*(f"CUSTOMER_ID_NB_TX_{w}DAY_WINDOW" for w in WINDOWS),
@@ -50,6 +52,7 @@ DERIVED_FEATURES = (*CALENDAR_FEATURES, *CUSTOMER_FEATURES, *TERMINAL_FEATURES)
 
 _WINDOWS_MS = tuple(w * DAY_MS for w in WINDOWS)
 _FORMAT = 1  # first byte of every serialized state; bump when the layout changes
+_SEGMENTED = 2  # first byte of a big entity's head record (its state lives in segment records)
 
 
 class DuplicateConflict(ValueError):
@@ -77,11 +80,30 @@ class _Events:
     of a few dozen ids below that, where a set would cost more memory than it saves time.
     """
 
-    __slots__ = ("_index", "ids", "times")
+    __slots__ = ("_index", "ids", "times", "touched")
 
     def __init__(self) -> None:
         self.times, self.ids = array("q"), array("q")
         self._index: set[int] | None = None
+        self.touched: set[int] | None = None  # segments changed since the changelog last wrote them (big ones)
+
+    @property
+    def size(self) -> int:
+        """Events held (and labels, for a terminal): what its changelog record carries."""
+        return len(self.times)
+
+    def segments(self) -> set[int]:
+        """The segments (event time // SEGMENT_MS) that hold something."""
+        return {t // SEGMENT_MS for t in self.times}
+
+    def _touch(self, first_ms: int, last_ms: int | None = None) -> None:
+        if self.touched is not None:
+            self.touched.update(range(first_ms // SEGMENT_MS, (last_ms if last_ms is not None else first_ms)
+                                      // SEGMENT_MS + 1))
+
+    def _span(self, segment: int) -> tuple[int, int]:
+        """The positions of the events of ``segment``."""
+        return (bisect_left(self.times, segment * SEGMENT_MS), bisect_left(self.times, (segment + 1) * SEGMENT_MS))
 
     @property
     def newest(self) -> int | None:
@@ -125,9 +147,11 @@ class _Events:
             self._index.add(eid)
         elif len(ids) > HOT_EVENTS:
             self._index = set(ids)
+        self._touch(t_ms)
         return at + 1
 
     def _remove(self, at: int, *others: array) -> None:
+        self._touch(self.times[at])
         if self._index is not None:
             self._index.discard(self.ids[at])
         for column in (self.times, self.ids, *others):
@@ -138,6 +162,7 @@ class _Events:
         k = bisect_right(self.times, cutoff)
         if not k:
             return
+        self._touch(self.times[0], self.times[k - 1])
         if self._index is not None:
             self._index.difference_update(self.ids[:k])
         for column in (self.times, self.ids, *others):
@@ -149,15 +174,68 @@ class _Events:
         self._index = set(self.ids) if len(self.ids) > HOT_EVENTS else None
 
 
-class CustomerWindows(_Events):
-    """One customer's recent events: time (ms), amount, id; sorted by time, arrival order for ties."""
+class _PrefixSums:
+    """Running sums of a busy customer's amounts, in double-double precision: a window's sum is a difference
+    of two of them (O(1)) and as exact as ``math.fsum`` for any amounts the bounds let in."""
 
-    __slots__ = ("amounts",)
+    __slots__ = ("base", "hi", "lo")
+
+    def __init__(self, amounts: array) -> None:
+        self.hi, self.lo = array("d"), array("d")
+        self.base = (0.0, 0.0)  # the sum of everything evicted so far
+        self.rebuild(0, amounts)
+
+    def rebuild(self, start: int, amounts: array) -> None:
+        """Recompute the sums from position ``start`` on (after an insertion or removal there)."""
+        del self.hi[start:], self.lo[start:]
+        hi, lo = (self.hi[start - 1], self.lo[start - 1]) if start else self.base
+        for x in amounts[start:]:
+            hi, lo = _dd_add(hi, lo, x)
+            self.hi.append(hi)
+            self.lo.append(lo)
+
+    def append(self, x: float) -> None:
+        hi, lo = _dd_add(*((self.hi[-1], self.lo[-1]) if self.hi else self.base), x)
+        self.hi.append(hi)
+        self.lo.append(lo)
+
+    def drop_front(self, k: int) -> None:
+        self.base = (self.hi[k - 1], self.lo[k - 1])
+        del self.hi[:k], self.lo[:k]
+
+    def between(self, lo: int, end: int) -> float:
+        """The sum of amounts[lo:end]."""
+        a_hi, a_lo = self.hi[end - 1], self.lo[end - 1]
+        b_hi, b_lo = (self.hi[lo - 1], self.lo[lo - 1]) if lo else self.base
+        s = a_hi - b_hi  # two-difference, then the low parts
+        bb = s - a_hi
+        err = (a_hi - (s - bb)) - (b_hi + bb)
+        return s + (err + (a_lo - b_lo))
+
+
+def _dd_add(hi: float, lo: float, x: float) -> tuple[float, float]:
+    s = hi + x
+    bp = s - hi
+    err = (hi - (s - bp)) + (x - bp) + lo
+    total = s + err
+    return total, err - (total - s)
+
+
+class CustomerWindows(_Events):
+    """One customer's recent events: time (ms), amount, id; sorted by time, arrival order for ties.
+
+    Past ``HOT_EVENTS`` events (a busy corporate card) the amounts also keep running sums, so a
+    window's mean costs O(log n) however busy the customer; below that a sum over the window is
+    cheaper than the memory the running sums would take.
+    """
+
+    __slots__ = ("_sums", "amounts")
     HORIZON_MS = max(_WINDOWS_MS) + GRACE_MS
 
     def __init__(self) -> None:
         super().__init__()
         self.amounts = array("d")
+        self._sums: _PrefixSums | None = None
 
     def update(self, eid: int, t_ms: int, amount: float) -> tuple[float, ...]:
         """Add an event (once) and return its 6 features: counts, then mean amounts, per window.
@@ -175,21 +253,71 @@ class CustomerWindows(_Events):
             newest = times[-1] if times else t_ms
             cutoff = (newest if newest > t_ms else t_ms) - self.HORIZON_MS
             if times and times[0] <= cutoff:
+                held = len(times)
                 self._evict(cutoff, amounts)
+                if self._sums is not None:
+                    self._sums.drop_front(held - len(times))
+                    if len(times) <= HOT_EVENTS // 2:
+                        self._sums = None
             end = self._insert(eid, t_ms, (amounts, amount))
+            self._sum_inserted(end - 1)
             late = t_ms <= cutoff  # too late to keep: its features from what is kept, then dropped
         counts, means = [], []
+        sums = self._sums
         for window in _WINDOWS_MS:
             lo = bisect_right(times, t_ms - window, 0, end - 1)
             counts.append(float(end - lo))
-            means.append(math.fsum(amounts[lo:end]) / (end - lo))
+            means.append((sums.between(lo, end) if sums is not None else math.fsum(amounts[lo:end])) / (end - lo))
         if late:
             self._remove(end - 1, amounts)
+            if self._sums is not None:
+                self._sums.rebuild(end - 1, amounts)
         return (*counts, *means)
 
+    def _sum_inserted(self, at: int) -> None:
+        sums = self._sums
+        if sums is None:
+            if len(self.amounts) > HOT_EVENTS:
+                self._sums = _PrefixSums(self.amounts)
+        elif at == len(self.amounts) - 1:
+            sums.append(self.amounts[at])
+        else:
+            sums.rebuild(at, self.amounts)
+
     def to_bytes(self) -> bytes:
-        return struct.pack("<BI", _FORMAT, len(self.times)) + self.times.tobytes() + self.amounts.tobytes() \
-            + self.ids.tobytes()
+        return self._pack(0, len(self.times))
+
+    def _pack(self, lo: int, hi: int) -> bytes:
+        return struct.pack("<BI", _FORMAT, hi - lo) + self.times[lo:hi].tobytes() + self.amounts[lo:hi].tobytes() \
+            + self.ids[lo:hi].tobytes()
+
+    def head(self) -> bytes:
+        """The changelog record under a big customer's own key: its state is in segment records."""
+        return bytes([_SEGMENTED, ord("C")])
+
+    def segment_records(self, segment: int) -> list[bytes]:
+        """The events of one segment, in records of at most CHUNK_EVENTS events (none: the segment is empty)."""
+        lo, hi = self._span(segment)
+        return [self._pack(at, min(at + CHUNK_EVENTS, hi)) for at in range(lo, hi, CHUNK_EVENTS)]
+
+    @classmethod
+    def merge(cls, head: bytes, parts: list[bytes]) -> CustomerWindows:
+        """A big customer from its head and segment records (in segment order)."""
+        if head != bytes([_SEGMENTED, ord("C")]):
+            raise ValueError(f"not a customer head record ({len(head)} bytes)")
+        state = cls()
+        for part in map(cls.from_bytes, parts):
+            state.times.extend(part.times)
+            state.amounts.extend(part.amounts)
+            state.ids.extend(part.ids)
+        return state._checked()
+
+    def _checked(self) -> CustomerWindows:
+        if any(a > b for a, b in zip(self.times, self.times[1:], strict=False)):
+            raise ValueError("segments out of time order")
+        self._reindex()
+        self._sums = _PrefixSums(self.amounts) if len(self.times) > HOT_EVENTS else None
+        return self
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CustomerWindows:
@@ -199,6 +327,8 @@ class CustomerWindows(_Events):
         state.amounts.frombytes(data[5 + 8 * n: 5 + 16 * n])
         state.ids.frombytes(data[5 + 16 * n: 5 + 24 * n])
         state._reindex()
+        if n > HOT_EVENTS:
+            state._sums = _PrefixSums(state.amounts)
         return state
 
 
@@ -256,6 +386,7 @@ class TerminalWindows(_Events):
         """A label for the transaction ``eid`` (at ``t_ms``): fraud, or not (a label withdrawn)."""
         if fraud == (eid in self.frauds):
             return
+        self._touch(t_ms if fraud else self.frauds[eid])
         at = self._held(eid)
         if fraud:
             self.frauds[eid] = t_ms
@@ -285,7 +416,51 @@ class TerminalWindows(_Events):
     def forget_labels_before(self, cutoff: int) -> None:
         """Drop the labels of transactions at or before ``cutoff`` (no window reaches them any more)."""
         if self.frauds:
+            for t in {t for t in self.frauds.values() if t <= cutoff}:
+                self._touch(t)
             self.frauds = {eid: t for eid, t in self.frauds.items() if t > cutoff}
+
+    @property
+    def size(self) -> int:
+        return len(self.times) + len(self.frauds)
+
+    def segments(self) -> set[int]:
+        return super().segments() | {t // SEGMENT_MS for t in self.frauds.values()}
+
+    def head(self) -> bytes:
+        """The changelog record under a big terminal's own key: its state is in segment records."""
+        return bytes([_SEGMENTED, ord("T")]) + struct.pack("<q", self.delay_ms)
+
+    def segment_records(self, segment: int) -> list[bytes]:
+        """The events and labels of one segment, in records of at most CHUNK_EVENTS events (labels in the first)."""
+        lo, hi = self._span(segment)
+        start, end = segment * SEGMENT_MS, (segment + 1) * SEGMENT_MS
+        labels = [(eid, t) for eid, t in self.frauds.items() if start <= t < end]
+        records = []
+        for at in [*range(lo, hi, CHUNK_EVENTS)] or ([lo] if labels else []):
+            part = labels if at == lo else []
+            flat = array("q", [x for item in part for x in item])
+            top = min(at + CHUNK_EVENTS, hi)
+            records.append(struct.pack("<BIIq", _FORMAT, top - at, len(part), self.delay_ms)
+                           + self.times[at:top].tobytes() + self.ids[at:top].tobytes() + flat.tobytes())
+        return records
+
+    @classmethod
+    def merge(cls, head: bytes, parts: list[bytes]) -> TerminalWindows:
+        """A big terminal from its head and segment records (in segment order)."""
+        if len(head) != 10 or head[:2] != bytes([_SEGMENTED, ord("T")]):
+            raise ValueError(f"not a terminal head record ({len(head)} bytes)")
+        state = cls(struct.unpack_from("<q", head, 2)[0])
+        for part in map(cls.from_bytes, parts):
+            state.times.extend(part.times)
+            state.ids.extend(part.ids)
+            state.frauds.update(part.frauds)
+        if any(a > b for a, b in zip(state.times, state.times[1:], strict=False)):
+            raise ValueError("segments out of time order")
+        state._reindex()
+        held = [state.times[at] for at in map(state._held, state.frauds) if at >= 0]
+        state._fraud_times = array("q", sorted(held))
+        return state
 
     def to_bytes(self) -> bytes:
         labels = array("q", [x for item in self.frauds.items() for x in item])

@@ -57,6 +57,7 @@ class LogRestore:
         records = self.changelog.get((topic, partition), [])
         for key, value in records:
             store.load(key, value)
+        assert store.assemble() == []
         return len(records)
 
 

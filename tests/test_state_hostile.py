@@ -8,6 +8,7 @@ garbage in a changelog, customers and terminals that never come back.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import threading
 from typing import Any
@@ -193,3 +194,105 @@ def test_a_busy_terminal_counts_as_a_brute_force_count_does(seed: int) -> None:
         assert got == pytest.approx(naive_terminal(events, frauds, t, delay)), i
         if rng.random() < 0.02:
             windows = TerminalWindows.from_bytes(windows.to_bytes())
+
+
+def naive_customer(events: list[tuple[int, float]], t: int) -> tuple[float, ...]:
+    counts, means = [], []
+    for w in (1, 7, 30):
+        held = [a for te, a in events if t - w * DAY_MS < te <= t]
+        counts.append(float(len(held)))
+        means.append(math.fsum(held) / len(held))
+    return (*counts, *means)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_busy_customer_means_as_an_exact_sum_does(seed: int) -> None:
+    """Hundreds of events (past HOT_EVENTS: running sums), amounts from cents to a billion, events up to a
+    few hours out of order, replays, state round trips: every mean as ``math.fsum`` over the window."""
+    rng = random.Random(seed)
+    windows = CustomerWindows()
+    events: dict[int, tuple[int, float]] = {}
+    first: dict[int, tuple[float, ...]] = {}
+    t = T0
+    for i in range(6 * HOT_EVENTS):
+        t += rng.randint(0, 6 * 3_600_000)
+        te = t - rng.randint(0, 3 * 3_600_000) if rng.random() < 0.2 else t
+        amount = rng.choice([0.01, 1e9, 3.7, 12345.678]) * rng.random()
+        first[i] = windows.update(i, te, amount)
+        events[i] = (te, amount)
+        newest = max(e for e, _a in events.values())
+        events = {k: v for k, v in events.items() if v[0] > newest - CustomerWindows.HORIZON_MS}
+        assert first[i] == pytest.approx(naive_customer(list(events.values()), te), rel=1e-12), i
+        j = rng.choice(list(events)[-10:])
+        if rng.random() < 0.05 and all(events[k][0] > events[j][0] for k in events if k > j):
+            assert windows.update(j, *events[j]) == first[j]  # a replay: its first features, nothing counted twice
+        if rng.random() < 0.02:
+            windows = CustomerWindows.from_bytes(windows.to_bytes())
+
+
+def restored(outputs: list, factory: Any, cls: Any) -> Store:
+    """A fresh store loaded from changelog records as a compacted topic keeps them (the last per key)."""
+    latest: dict[bytes, bytes] = {}
+    for out in outputs:
+        latest.pop(out.key, None)
+        latest[out.key] = out.value
+    store: Store = Store(factory, cls.from_bytes, cls.merge)
+    for key, value in latest.items():
+        store.load(key, value)
+    assert store.assemble() == []
+    return store
+
+
+def test_a_terminal_of_a_million_events_fits_kafka_and_comes_back_whole() -> None:
+    """A whole-state record of a million events would be 16 MB, refused by the broker (1 MB by default). The
+    changelog writes a big entity as hour segments of bounded records, a batch rewrites only the hours it
+    changed, and a restore puts it together again."""
+    from array import array
+
+    from pipeline.worker.state.store import BIG_ENTRIES
+
+    n, step = 1_000_000, 3_000  # one event every 3 s: 35 days
+    big = TerminalWindows(7 * DAY_MS)
+    big.times, big.ids = array("q", range(T0, T0 + n * step, step)), array("q", range(n))
+    big._reindex()
+    for eid in range(0, n, 997):
+        big.label(eid, T0 + eid * step)
+    store: Store = Store(lambda: TerminalWindows(7 * DAY_MS), TerminalWindows.from_bytes, TerminalWindows.merge)
+    store.keep("busy", big)
+    store.keep("small", TerminalWindows(7 * DAY_MS))
+    first = store.flush("changelog", 0)
+    assert max(len(o.value) for o in first) < 300_000 and len(first) > 800
+    assert big.size > BIG_ENTRIES
+    later = T0 + n * step + 60_000
+    big.update(n + 1, later)  # one more event: its hour's record (and the hours eviction emptied, if any)
+    store.dirty.add("busy")
+    second = store.flush("changelog", 0)
+    assert 1 <= len(second) <= 3 and all(o.key.startswith(b"busy\x00") for o in second)
+    back = restored(first + second, lambda: TerminalWindows(7 * DAY_MS), TerminalWindows)
+    again = back.entities["busy"]
+    assert again.times == big.times and again.ids == big.ids and again.frauds == big.frauds
+    assert again.update(n + 2, later + 1) == big.update(n + 2, later + 1)
+    del store.entities["busy"]  # swept: the head and every segment get tombstones
+    store.dirty.add("busy")
+    gone = store.flush("changelog", 0)
+    assert len(gone) == len({o.key for o in first + second if o.value}) - 1 and all(o.value == b"" for o in gone)
+    assert "busy" not in restored(first + second + gone, TerminalWindows, TerminalWindows).entities
+
+
+def test_a_customer_that_grows_big_then_small_again_is_restored_each_time() -> None:
+    feed = Feed()
+    outputs = []
+    for i in range(5000):  # a corporate card: 5,000 transactions in 5 days, then quiet for a month
+        feed.send(raw(f"card-{i}", T0 + i * 86_000, 42, 7))
+        if i % 700 == 0:
+            outputs += feed.stages.changelog()
+    outputs += feed.stages.changelog()
+    assert any(b"\x00" in o.key for o in outputs if o.topic == TOPICS.customer_changelog)
+    assert restored([o for o in outputs if o.topic == TOPICS.customer_changelog], CustomerWindows,
+                    CustomerWindows).entities["42"].times == feed.stages.customers[0].entities["42"].times
+    for day in range(11, 42, 6):  # a month later most of it is evicted: a single record again
+        assert isinstance(feed.send(raw(f"later-{day}", T0 + day * DAY_MS, 42, 7)), dict)
+        outputs += feed.stages.changelog()
+    back = restored([o for o in outputs if o.topic == TOPICS.customer_changelog], CustomerWindows, CustomerWindows)
+    assert back.entities["42"].times == feed.stages.customers[0].entities["42"].times
+    assert back.segmented == {}

@@ -197,3 +197,42 @@ def test_a_changelog_deleted_under_a_group_with_commits_is_refused_not_recreated
         topics.customer_changelog] == 0, 30)
     with pytest.raises(ConfigError, match="reset-offsets --to-earliest"):
         prepare_topics(kafka_settings, group)
+
+
+def test_a_key_of_a_million_events_goes_through_the_broker_and_restores_whole(
+        kafka_settings: KafkaSettings) -> None:
+    """A busy merchant's state (a million events in its window, 16 MB whole) is written in bounded segment
+    records, accepted by a broker at its default 1 MB limit, and restored to the same state."""
+    import threading
+    from array import array
+
+    from kafka import KafkaProducer
+
+    from pipeline.streamfeatures import DAY_MS, TerminalWindows
+    from pipeline.worker.state import Restorer, Store
+
+    topic = f"changelog-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_settings, [topic], 1, configs={topic: {"cleanup.policy": "compact"}})
+    t0, n = 1_522_540_800_000, 1_000_000
+    big = TerminalWindows(7 * DAY_MS)
+    big.times, big.ids = array("q", range(t0, t0 + 3_000 * n, 3_000)), array("q", range(n))
+    for eid in range(0, n, 499):
+        big.label(eid, t0 + 3_000 * eid)
+    store: Store = Store(lambda: TerminalWindows(7 * DAY_MS), TerminalWindows.from_bytes, TerminalWindows.merge)
+    store.keep("busy-merchant", big)
+    producer = KafkaProducer(**kafka_settings.client_options(), acks="all")
+    try:
+        futures = [producer.send(o.topic and topic, key=o.key, value=o.value, partition=0)
+                   for o in store.flush(topic, 0)]
+        producer.flush()
+        assert all(f.get(timeout=30) for f in futures)  # none refused as too large
+    finally:
+        producer.close()
+    back: Store = Store(lambda: TerminalWindows(7 * DAY_MS), TerminalWindows.from_bytes, TerminalWindows.merge)
+    restorer = Restorer(kafka_settings, "restore-test", kafka_settings.client_options())
+    try:
+        assert restorer.restore(topic, 0, back, threading.Event()) == len(futures)
+    finally:
+        restorer.close()
+    again = back.entities["busy-merchant"]
+    assert again.times == big.times and again.ids == big.ids and again.frauds == big.frauds

@@ -27,8 +27,10 @@ def entity_key(fields: dict[str, Any], name: str) -> str | RecordError:
         return RecordError("missing_field", name, "raw transactions need it (the model computes features from it)")
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, str) and 0 < len(value) <= MAX_KEY_CHARS:
+    if isinstance(value, str) and 0 < len(value) <= MAX_KEY_CHARS and "\x00" not in value:
         return value
+    if isinstance(value, str) and "\x00" in value:
+        return RecordError("bad_type", name, "must not contain NUL characters")
     if isinstance(value, str):
         return RecordError("bad_type", name, f"must be 1 to {MAX_KEY_CHARS} characters, got {len(value)}")
     return RecordError("bad_type", name, f"must be an integer or a string, got {type(value).__name__}")

@@ -97,18 +97,18 @@ class FeatureStages:
         customer_parts = {tp.partition for tp in assigned if tp.topic == self.topics.input}
         terminal_parts = {tp.partition for tp in assigned if tp.topic in (self.topics.repartition,
                                                                           self.topics.labels)}
-        for stores, owned, topic, name, factory, parse in (
+        for stores, owned, topic, name, factory, cls in (
             (self.customers, customer_parts, self.topics.customer_changelog, "customer", CustomerWindows,
-             CustomerWindows.from_bytes),
+             CustomerWindows),
             (self.terminals, terminal_parts, self.topics.terminal_changelog, "terminal",
-             lambda: TerminalWindows(self.delay_ms), TerminalWindows.from_bytes),
+             lambda: TerminalWindows(self.delay_ms), TerminalWindows),
         ):
             for partition in [p for p in stores if p not in owned or p in stale]:
                 del stores[partition]
                 if stores is self.terminals:
                     self.terminal_times.pop(partition, None)
             for partition in sorted(owned - stores.keys()):
-                store: Store[Any] = Store(factory, parse)
+                store: Store[Any] = Store(factory, cls.from_bytes, cls.merge)
                 started = time.monotonic()
                 count = self.restorer.restore(topic, partition, store, self.stop)
                 seconds = time.monotonic() - started

@@ -1,15 +1,23 @@
 """Window state in memory, one store per stage and partition, and its restore from a changelog.
 
-Every key a batch changed is written whole to the store's compacted changelog in the batch's
+Every key a batch changed is written to the store's compacted changelog in the batch's
 delivery: inside its transaction under exactly-once, acknowledged before the offsets are
 committed under at-least-once. An entity the sweep removed is written as a tombstone. A store
 is restored from its changelog (read_committed, to the end offset) whenever its partition is
 assigned, and after an aborted transaction.
+
+A key's record is its whole state while it holds at most ``BIG_ENTRIES`` events and labels
+(a customer's 60 events: one record of 1.5 KB). A bigger one (a busy merchant) is written as a
+*head* record under its own key and one record per hour of event time it holds
+(``<key>\x00<hour>/<chunk>``, at most ``CHUNK_EVENTS`` events each), of which a batch rewrites
+only the hours it changed: no record ever nears Kafka's size limit, and a hot key costs its
+changed hours, not its whole history, per batch. The hours that emptied get tombstones.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +34,7 @@ from pipeline.worker.outputs import Output
 log = logging.getLogger(__name__)
 
 RESTORE_STALL_S = 60.0  # a restore that makes no progress this long stops the worker
+BIG_ENTRIES = 4096  # an entity holding more events and labels than this is written in segments
 W = TypeVar("W", CustomerWindows, TerminalWindows)
 
 
@@ -36,11 +45,15 @@ class RestoreFailed(FraudPipelineError):
 class Store(Generic[W]):
     """One stage's state for one partition: entity key -> windows, and the keys changed since the last flush."""
 
-    def __init__(self, factory: Callable[[], W], parse: Callable[[bytes], W]) -> None:
-        self.factory, self.parse = factory, parse
+    def __init__(self, factory: Callable[[], W], parse: Callable[[bytes], W],
+                 merge: Callable[[bytes, list[bytes]], W] | None = None) -> None:
+        self.factory, self.parse, self.merge = factory, parse, merge
         self.entities: dict[str, W] = {}
         self.dirty: set[str] = set()
         self.swept_at: int | None = None  # the stream time of the last sweep
+        self.segmented: dict[str, dict[int, int]] = {}  # big entity -> segment -> records written for it
+        self._heads: dict[str, bytes] = {}  # while restoring: big entities' head records ...
+        self._parts: dict[str, dict[tuple[int, int], bytes]] = {}  # ... and their segment records
 
     def get(self, key: str) -> W:
         state = self.entities.get(key)
@@ -55,14 +68,50 @@ class Store(Generic[W]):
         self.dirty.add(key)
 
     def load(self, key: bytes | None, value: bytes | None) -> None:
-        """Apply one changelog record (a whole state; an empty value deletes the key). ValueError: not a state."""
+        """Apply one changelog record (a whole state, a head or a segment; an empty value deletes it).
+        ValueError: not a state. Big entities are put together by ``assemble`` once every record is read."""
         if key is None:
             raise ValueError("a changelog record without a key")
+        if b"\x00" in key:
+            entity, _, where = key.partition(b"\x00")
+            segment, _, chunk = where.partition(b"/")
+            at = (int(segment), int(chunk))
+            parts = self._parts.setdefault(entity.decode("utf-8", "surrogateescape"), {})
+            if value:
+                parts[at] = value
+            else:
+                parts.pop(at, None)
+            return
         name = key.decode("utf-8", "surrogateescape")
-        if value:
+        self._heads.pop(name, None)
+        self.entities.pop(name, None)
+        if value and value[0] == 2:
+            self._heads[name] = value
+        elif value:
             self.entities[name] = self.parse(value)
-        else:
-            self.entities.pop(name, None)
+
+    def assemble(self) -> list[str]:
+        """After a restore: build each big entity from its head and segments; the keys that could not be."""
+        failed = []
+        for name, head in self._heads.items():
+            parts = self._parts.get(name, {})
+            try:
+                if self.merge is None:
+                    raise ValueError("this store has no segmented entities")
+                state = self.merge(head, [parts[at] for at in sorted(parts)])
+            except (ValueError, struct.error) as err:
+                log.error("big entity %r cannot be put together from its changelog segments (%s); it starts from "
+                          "empty windows", name, err)
+                failed.append(name)
+                continue
+            state.touched = set()  # what the changelog holds is what memory holds
+            self.entities[name] = state
+            written: dict[int, int] = {}
+            for segment, _chunk in parts:
+                written[segment] = written.get(segment, 0) + 1
+            self.segmented[name] = written
+        self._heads, self._parts = {}, {}
+        return failed
 
     def sweep(self, cutoff: int) -> int:
         """Remove the entities with nothing after ``cutoff`` (their windows are empty for any event still to come);
@@ -87,10 +136,46 @@ class Store(Generic[W]):
         outputs = []
         for key in sorted(self.dirty):
             state = entities.get(key)
-            outputs.append(Output(topic, key.encode("utf-8", "surrogateescape"),
-                                  state.to_bytes() if state is not None else b"", partition=partition))
+            name = key.encode("utf-8", "surrogateescape")
+            written = self.segmented.get(key)
+            if state is not None and state.size > BIG_ENTRIES:
+                outputs += self._segments(topic, partition, key, name, state)
+                continue
+            outputs.append(Output(topic, name, state.to_bytes() if state is not None else b"", partition=partition))
+            if written is not None:  # it was big: its segments go
+                del self.segmented[key]
+                outputs += [Output(topic, _segment_key(name, segment, i), b"", partition=partition)
+                            for segment, count in sorted(written.items()) for i in range(count)]
+                if state is not None:
+                    state.touched = None
         self.dirty.clear()
         return outputs
+
+    def _segments(self, topic: str, partition: int, key: str, name: bytes, state: Any) -> list[Output]:
+        written = self.segmented.get(key)
+        outputs = []
+        if written is None or state.touched is None:  # newly big (or restored): every segment
+            written = self.segmented.setdefault(key, {})
+            segments = state.segments() | written.keys()
+            outputs.append(Output(topic, name, state.head(), partition=partition))
+        else:
+            segments = state.touched
+        state.touched = set()
+        for segment in sorted(segments):
+            records = state.segment_records(segment)
+            outputs += [Output(topic, _segment_key(name, segment, i), value, partition=partition)
+                        for i, value in enumerate(records)]
+            outputs += [Output(topic, _segment_key(name, segment, i), b"", partition=partition)
+                        for i in range(len(records), written.get(segment, 0))]
+            if records:
+                written[segment] = len(records)
+            else:
+                written.pop(segment, None)
+        return outputs
+
+
+def _segment_key(name: bytes, segment: int, chunk: int) -> bytes:
+    return b"%s\x00%d/%d" % (name, segment, chunk)
 
 
 class Restorer:
@@ -129,6 +214,8 @@ class Restorer:
                                     f"{consumer.position(tp)} of {end} for {RESTORE_STALL_S:.0f}s")
         if stop.is_set() and consumer.position(tp) < end:  # never score from a half-restored store
             raise StopWithoutCommit(f"asked to stop while restoring {topic}[{partition}]")
+        if store.assemble() and self.metrics is not None:
+            self.metrics.state_corrupt.labels(topic).inc()
         return count
 
     def load(self, store: Store[Any], record: Any) -> None:
