@@ -359,17 +359,26 @@ def group_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
 def wait_done(bootstrap: str, group: str, ends: dict[TopicPartition, int], repartition: str | None, total: int,
               alive: Callable[[], bool], timeout_s: float = 900) -> float:
     """perf_counter time at which the group has committed ``ends`` and, on raw input, scored every
-    transaction: its repartition topic committed past ``total`` records (offsets count records, and
-    transaction markers under exactly-once)."""
+    transaction: its repartition topic committed to its end (which holds watermark marks beside the
+    ``total`` records, so it is read, not counted)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
         offsets = group_offsets(bootstrap, group)
-        scored = sum(o for tp, o in offsets.items() if tp.topic == repartition) if repartition else total
-        if scored >= total and all(offsets.get(tp, -1) >= end for tp, end in ends.items()):
+        if all(offsets.get(tp, -1) >= end for tp, end in ends.items()) and (
+                repartition is None or scored_to_end(bootstrap, repartition, offsets)):
             return time.perf_counter()
         time.sleep(0.1)
     raise SystemExit(f"group {group} did not commit every record " + ("(the worker exited)" if not alive() else
                                                                       f"in {timeout_s:.0f}s"))
+
+
+def scored_to_end(bootstrap: str, topic: str, offsets: dict[TopicPartition, int]) -> bool:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        return bool(parts) and all(offsets.get(tp, -1) >= end for tp, end in consumer.end_offsets(parts).items())
+    finally:
+        consumer.close()
 
 
 def warm_changelogs(settings: KafkaSettings, group: str, stores: tuple[dict[str, Any], dict[str, Any]],
