@@ -524,3 +524,48 @@ def test_raw_features_survive_kill_and_rebalance(settings: KafkaSettings, raw_mo
                              f"{sorted(skewed.items())[:3]})\n{err}") from None
     if mode == "exactly-once":
         assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"
+
+
+@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
+def test_raw_backlog_replayed_unpaced_with_three_kills(settings: KafkaSettings, raw_model_dir: Path, mode: str,
+                                                      tmp_path: Path) -> None:
+    """62 simulated days of raw transactions and labels wait on the topics (an unpaced replay); a worker
+    reading them in batches of 4,096 is killed -9 three times, each time a few seconds after it got its
+    partitions, and a last one finishes. Every transaction's features equal the offline table (state
+    restored from the changelogs, watermark alignment across each restart), no late events, and under
+    exactly-once each transaction's features appear once."""
+    from producer.send import make_producer, send_records
+    from producer.simulator import SimulatorConfig, simulate
+    from tests.test_stream_features_kafka import assert_equal_to_offline, split_messages, streamed_features
+
+    frame = simulate(SimulatorConfig(n_customers=400, n_terminals=800, n_days=62, seed=9,
+                                     terminals_compromised_per_day=0.5))
+    settings = dataclasses.replace(settings, labels_topic=f"labels-{settings.client_id}",
+                                   features_topic=f"features-{settings.client_id}")
+    labels, transactions = split_messages(settings, frame)
+    produce_frame(settings, frame.iloc[:0])  # creates the input and output topics (3 partitions)
+    producer = make_producer(settings)
+    report = send_records(labels + transactions, settings.input_topic, producer, progress=False)
+    producer.close()
+    assert report.acked == len(labels) + len(transactions)
+    group = f"rawkill-{settings.client_id}"
+    workers = Workers(settings, raw_model_dir, group, mode, tmp_path)
+    workers.env.update({"FRAUD_LABELS_TOPIC": settings.labels_topic, "FRAUD_FEATURES_TOPIC": settings.features_topic})
+    rng = random.Random(mode)
+    for _ in range(3):
+        proc, log = workers.start("--max-batch", "4096")
+        assert wait_for(lambda log=log: assigned(log), 90), log.read_text()[-3000:]
+        time.sleep(rng.uniform(1.0, 4.0))
+        proc.kill()
+        proc.wait()
+    out = workers.drain()
+    assert wait_for(lambda: committed_to_end(settings, group), timeout_s=120), "offsets not committed to the end"
+    seen = streamed_features(settings, len(transactions))
+    copies = sum(len(c) for c in seen.values())
+    late = [int(n) for n in re.findall(r"(\d+) late events", out)]
+    print(f"chaos: raw backlog, 3 kills: {{'mode': '{mode}', 'transactions': {len(transactions)}, "
+          f"'features_records': {copies}, 'repeated': {copies - len(seen)}, 'late_events_last_worker': {late}}}")
+    assert late == [0]
+    assert_equal_to_offline(frame, seen)
+    if mode == "exactly-once":
+        assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"

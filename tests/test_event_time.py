@@ -174,7 +174,7 @@ def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: lis
         if done and len(seen) == len(bank):
             break
     late = sum(s.late_events for s, _c in members)
-    handed = sum(s.metrics.handed_back._value.get() for s, _c in members)
+    handed = sum(s.metrics.registry.get_sample_value("fraud_records_handed_back_total") for s, _c in members)
     return seen, late, int(handed)
 
 

@@ -97,7 +97,6 @@ def test_a_transaction_id_reused_with_other_content_is_dead_lettered() -> None:
     assert feed.send(raw("dup", T0 + 5 * DAY_MS, amount=10.0)) == first  # a replay: its first features
     assert feed.send(raw("dup", T0 + 5 * DAY_MS, amount=99.0)) == "duplicate_conflict"
     assert feed.send(raw("dup", T0 + 6 * DAY_MS, amount=10.0)) == "duplicate_conflict"
-    assert feed.stages.metrics.dead_letters.labels("duplicate_conflict")._value.get() == 0  # counted on delivery
 
 
 class Changelog:
