@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker-repeats", type=int, default=2,
                    help="worker runs of each input form, interleaved (each shown)")
     p.add_argument("--mode", default="at-least-once", choices=("at-least-once", "exactly-once"))
+    p.add_argument("--hot-terminal-share", type=float, default=0.0,
+                   help="move this share of the transactions to one terminal (a hot key), features recomputed")
+    p.add_argument("--kafka-client", default="kafka-python", choices=("kafka-python", "confluent"),
+                   help="the measured workers' Kafka client")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--bootstrap-servers", default=None, help="use this broker instead of starting one")
     p.add_argument("--kafka-home", type=Path, default=Path(tempfile.gettempdir()) / "state-bench-kafka")
@@ -113,8 +117,24 @@ def simulate_bank(args: argparse.Namespace) -> tuple[pd.DataFrame, dict[str, Any
     started = time.perf_counter()
     frame = simulate(SimulatorConfig(n_customers=args.customers, n_terminals=args.terminals, n_days=days,
                                      seed=args.seed))
-    return frame, {"rows": len(frame), "days": days, "customers": args.customers, "terminals": args.terminals,
-                   "simulate_s": time.perf_counter() - started}
+    info = {"rows": len(frame), "days": days, "customers": args.customers, "terminals": args.terminals,
+            "simulate_s": time.perf_counter() - started}
+    if args.hot_terminal_share:
+        frame = with_hot_terminal(frame, args.hot_terminal_share, args.seed)
+        info["hot_terminal_share"] = args.hot_terminal_share
+    return frame, info
+
+
+def with_hot_terminal(frame: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    """The same bank with ``share`` of its transactions moved to one terminal (a large online merchant),
+    features recomputed by the one feature implementation."""
+    from pipeline.streamfeatures import DERIVED_FEATURES, feature_table
+
+    rng = np.random.default_rng(seed)
+    hot = frame.copy()
+    moved = rng.random(len(hot)) < share
+    hot.loc[moved, "TERMINAL_ID"] = int(hot["TERMINAL_ID"].max()) + 1
+    return feature_table(hot.drop(columns=[c for c in DERIVED_FEATURES if c in hot.columns]))
 
 
 def epoch_ms(frame: pd.DataFrame) -> np.ndarray:
@@ -407,7 +427,8 @@ def bench_worker(settings: KafkaSettings, model_dir: Path, total: int, args: arg
     """
     port = free_port()
     extra = ["--metrics-port", str(port), "--metrics-host", "127.0.0.1", "--exit-when-idle", "3",
-             "--processing-guarantee", args.mode, "--max-batch", str(args.max_batch)]
+             "--processing-guarantee", args.mode, "--max-batch", str(args.max_batch),
+             "--kafka-client", args.kafka_client]
     ends = end_offsets(settings)
     if raw:
         extra += ["--labels-topic", settings.labels_topic]
@@ -422,7 +443,8 @@ def bench_worker(settings: KafkaSettings, model_dir: Path, total: int, args: arg
     metrics = scrape(port)  # before the idle exit (3 s after the last record)
     result = worker.finish()
     from_start, from_assign = done_at - worker.started, done_at - (worker.assigned_at or worker.started)
-    out = {"mode": args.mode, "max_batch": args.max_batch, "records": total, "seconds_from_start": from_start,
+    out = {"mode": args.mode, "kafka_client": args.kafka_client, "max_batch": args.max_batch, "records": total,
+           "seconds_from_start": from_start,
            "seconds_from_assignment": from_assign, "tx_s": total / from_start,
            "tx_s_from_assignment": total / from_assign, "startup_s": from_start - from_assign,
            "command": " ".join(worker.command[1:]), "metrics": metrics, **result}

@@ -316,7 +316,7 @@ class WorkerSettings(SettingsBase):
         "isolation.level=read_committed see each output once)", choices=("at-least-once", "exactly-once"))
     transaction_timeout_ms: int = setting(10_000, "exactly-once: the broker aborts a transaction left open "
                                                    "this long (a crashed worker's), so readers move on")
-    max_in_flight: int = setting(4, "at-least-once, featured input: batches whose outputs may still await "
+    max_in_flight: int = setting(4, "at-least-once: batches whose outputs may still await "
                                     "acknowledgement while the next are read and scored (committed in order); "
                                     "1 waits for each batch's acknowledgements before reading on")
     stall_timeout_s: float = setting(30.0, "a worker with no partition this long, while some input partition "

@@ -128,9 +128,15 @@ class Worker:
         if self.settings.processing_guarantee == "exactly-once":
             options.update(transaction_timeout_ms=self.settings.transaction_timeout_ms)
             return ExactlyOnce(options, *args, transactional_prefix=f"{self.settings.consumer_group}-tx")
-        # raw input waits for each batch: a store restored after a rebalance must hold every acknowledged change
-        in_flight = self.settings.max_in_flight if self.stages is None else 1
-        return AtLeastOnce({**options, "retries": 5}, *args, max_in_flight=in_flight,
+        # Raw input pipelines too. Safe for state: (1) both producers are idempotent (kafka-python 3's default,
+        # set for librdkafka), so a key's changelog records and a partition's watermark marks land in the order
+        # they were sent, retries included; (2) offsets are committed in batch order, each only once every earlier
+        # batch's outputs are acknowledged, so the changelogs never hold less than the committed offsets say;
+        # (3) they may hold more (a later batch acknowledged, an earlier one failed), which a restore reads back
+        # harmlessly: window updates are idempotent by transaction id, so the batches read again count nothing
+        # twice; (4) batches in flight are settled before partitions are revoked, so no store is restored while
+        # this worker still has its changes on the way.
+        return AtLeastOnce({**options, "retries": 5}, *args, max_in_flight=self.settings.max_in_flight,
                            client=self.settings.kafka_client)
 
     def _forget(self, partitions: set[TopicPartition]) -> None:

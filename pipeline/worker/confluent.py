@@ -135,6 +135,9 @@ def config(options: dict[str, Any], *, role: str) -> dict[str, Any]:
         conf.pop("ssl.key.password", None)
     if role == "producer":
         conf["partitioner"] = "murmur2_random"  # where Java and kafka-python put the same keys
+        # librdkafka's default is off (kafka-python 3's is on): without it a retried batch can land after a later
+        # one, and a compacted changelog would keep an older state of a key, or a watermark mark pass its data
+        conf["enable.idempotence"] = True
     else:
         conf["enable.partition.eof"] = False
     conf["logger"] = Demoted()
