@@ -23,6 +23,7 @@ transaction; it counts once the window reaches the transaction.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import struct
 from array import array
@@ -348,7 +349,7 @@ class TerminalWindows(_Events):
         super().__init__()
         self.delay_ms = delay_ms
         self.frauds: dict[int, int] = {}
-        self._fraud_times = array("q")  # times of the held events that carry a fraud label, sorted
+        self._fraud_times: array | None = None  # times of the held events that carry a fraud label, sorted
         self.last_new = False  # whether the last update added its event (False: a replay, or too late to keep)
 
     @property
@@ -368,7 +369,7 @@ class TerminalWindows(_Events):
                 self._insert(eid, t_ms)
                 self.last_new = True
                 if eid in self.frauds:
-                    insort(self._fraud_times, t_ms)
+                    self._add_fraud_time(t_ms)
         top = t_ms - self.delay_ms
         hi = bisect_right(times, top)
         fraud_times = self._fraud_times
@@ -387,19 +388,29 @@ class TerminalWindows(_Events):
         if fraud == (eid in self.frauds):
             return
         self._touch(t_ms if fraud else self.frauds[eid])
-        at = self._held(eid)
+        at = self._held(eid, t_ms if fraud else self.frauds[eid])
         if fraud:
             self.frauds[eid] = t_ms
             if at >= 0:
-                insort(self._fraud_times, self.times[at])
+                self._add_fraud_time(self.times[at])
         else:
             del self.frauds[eid]
-            if at >= 0:
+            if at >= 0 and self._fraud_times is not None:
                 fraud_times = self._fraud_times
                 del fraud_times[bisect_left(fraud_times, self.times[at])]
 
-    def _held(self, eid: int) -> int:
-        """Where event ``eid`` is held, whatever its time; -1 when it is not."""
+    def _add_fraud_time(self, t_ms: int) -> None:
+        if self._fraud_times is None:
+            self._fraud_times = array("q")
+        insort(self._fraud_times, t_ms)
+
+    def _held(self, eid: int, t_ms: int | None = None) -> int:
+        """Where event ``eid`` is held (looked for at ``t_ms`` first, then at any time); -1 when it is not."""
+        if t_ms is not None:
+            times, ids = self.times, self.ids
+            for at in range(bisect_left(times, t_ms), bisect_right(times, t_ms)):
+                if ids[at] == eid:
+                    return at
         if self._index is not None and eid not in self._index:
             return -1
         try:
@@ -458,8 +469,8 @@ class TerminalWindows(_Events):
         if any(a > b for a, b in zip(state.times, state.times[1:], strict=False)):
             raise ValueError("segments out of time order")
         state._reindex()
-        held = [state.times[at] for at in map(state._held, state.frauds) if at >= 0]
-        state._fraud_times = array("q", sorted(held))
+        held = [state.times[at] for at in itertools.starmap(state._held, state.frauds.items()) if at >= 0]
+        state._fraud_times = array("q", sorted(held)) if held else None
         return state
 
     def to_bytes(self) -> bytes:
@@ -481,8 +492,8 @@ class TerminalWindows(_Events):
         labels.frombytes(data[body + 16 * n: body + 16 * n + 16 * m])
         state.frauds = dict(zip(labels[::2], labels[1::2], strict=True))
         state._reindex()
-        held = [state.times[at] for at in map(state._held, state.frauds) if at >= 0]
-        state._fraud_times = array("q", sorted(held))
+        held = [state.times[at] for at in itertools.starmap(state._held, state.frauds.items()) if at >= 0]
+        state._fraud_times = array("q", sorted(held)) if held else None
         return state
 
 
