@@ -399,6 +399,10 @@ class TerminalWindows(_Events):
                 fraud_times = self._fraud_times
                 del fraud_times[bisect_left(fraud_times, self.times[at])]
 
+    def holds(self, eid: int, t_ms: int) -> bool:
+        """Whether the event ``eid`` (at ``t_ms``) is held."""
+        return self._held(eid, t_ms) >= 0
+
     def _add_fraud_time(self, t_ms: int) -> None:
         if self._fraud_times is None:
             self._fraud_times = array("q")

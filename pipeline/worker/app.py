@@ -332,6 +332,8 @@ class Worker:
         assert self.consumer is not None
         stages.sync(self.consumer.assignment())
         raw, labels, featured = stages.split(records)
+        if raw:
+            stages.confirm_idle(self.consumer)
         staged = stages.stage(raw, labels)
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed)
         outcome.outputs += staged.outputs + stages.changelog()

@@ -163,7 +163,8 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
         watcher.close()
     print(f"consumed {stats.consumed}: {stats.scored} scored, {stats.invalid} dead-lettered, "
           f"{stats.alerts} alerts, {stats.batches} batches"
-          + (f", {worker.stages.late_events} late events" if worker.stages is not None else ""))
+          + (f", {worker.stages.late_events} late events, {worker.stages.late_labels} late labels"
+             if worker.stages is not None else ""))
     return 0
 
 

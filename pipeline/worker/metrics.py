@@ -109,6 +109,9 @@ class WorkerMetrics:
         self.late_events = Counter("late_events", "Raw input: transactions that reached the terminal stage after a "
                                    "later one (by the label delay or more) was scored without them",
                                    namespace=ns, registry=registry)
+        self.late_labels = Counter("late_labels", "Raw input: fraud labels (or their withdrawal) that reached the "
+                                   "terminal stage after a transaction whose terminal risk should have counted them "
+                                   "was scored", namespace=ns, registry=registry)
         self.handed_back = Counter("records_handed_back", "Raw input: records read again later because their "
                                    "input partition ran ahead of the others in event time (watermark alignment)",
                                    namespace=ns, registry=registry)

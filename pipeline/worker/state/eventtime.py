@@ -62,27 +62,29 @@ UNHEARD_MAX_S = 30.0  # one no mark was ever heard of (no owner yet) likewise
 MARK_EVERY_S = 10.0  # marks are written again this often while nothing changes
 
 MARK_KEY = b""
-_MARK = struct.Struct("<Biq?")  # format, input partition, low watermark (ms), idle
+_MARK = struct.Struct("<Biq?q")  # format, input partition, low watermark (ms), idle, position
 _FORMAT = 1
 _UNKNOWN = -(2**63)
 
 
 @dataclass(frozen=True)
 class Mark:
-    """An input partition's low watermark (None: not known yet) and whether it is idle."""
+    """An input partition's low watermark (None: not known yet), whether it is idle, and (idle) the offset its
+    owner had read to: a reader that finds records past it on the broker knows it is idle no longer."""
 
     low: int | None
     idle: bool = False
+    position: int = -1
 
     def encode(self, partition: int) -> bytes:
-        return _MARK.pack(_FORMAT, partition, _UNKNOWN if self.low is None else self.low, self.idle)
+        return _MARK.pack(_FORMAT, partition, _UNKNOWN if self.low is None else self.low, self.idle, self.position)
 
     @staticmethod
     def decode(value: bytes) -> tuple[int, Mark]:
         if len(value) != _MARK.size or value[0] != _FORMAT:
             raise ValueError(f"not a watermark record ({len(value)} bytes)")
-        _, partition, low, idle = _MARK.unpack(value)
-        return partition, Mark(None if low == _UNKNOWN else low, idle)
+        _, partition, low, idle, position = _MARK.unpack(value)
+        return partition, Mark(None if low == _UNKNOWN else low, idle, position)
 
 
 def is_mark(record: Any) -> bool:
@@ -100,6 +102,7 @@ class Watermarks:
         self.idle: set[int] = set()  # owned input partitions idle (read all they have for IDLE_S), or given up
         self.heard: dict[int, Mark] = {}  # input partition -> latest mark heard (or left behind by a revoke)
         self._sent: dict[int, Mark] = {}
+        self._positions: dict[int, int] = {}  # owned input partition -> position when last found idle
         self._sent_at = -math.inf
         self._idle_since: dict[int, float] = {}
         self._unfetched_since: dict[int, float] = {}
@@ -112,7 +115,8 @@ class Watermarks:
         low = self.heads.get(partition, self.stream.get(partition))
         if low is None and partition in self.heard:
             low = self.heard[partition].low  # the previous owner's progress: a lower bound
-        return Mark(low, partition in self.idle)
+        idle = partition in self.idle
+        return Mark(low, idle, self._positions.get(partition, -1) if idle else -1)
 
     def _partitions(self) -> Iterable[int]:
         return range(self.topics.partitions) if self.topics.partitions else self.owned | self.heard.keys()
@@ -148,9 +152,36 @@ class Watermarks:
     # -- the customer stage -------------------------------------------------------------
     def limits(self, first: dict[int, int]) -> dict[int, float]:
         """The latest event time each owned partition may process in this batch; ``first``: the event time of
-        each partition's first record in the batch (its low watermark now)."""
+        each partition's first record in the batch (its low watermark now). A batch never runs more than
+        ADMIT_MS past its own first record either: what is known of the others may be a batch old."""
         lows = self._lows(first)
-        return {p: self._floor(lows, p) + ADMIT_MS for p in first}
+        return {p: min(self._floor(lows, p), first[p]) + ADMIT_MS for p in first}
+
+    def confirm_idle(self, consumer: Any) -> None:
+        """Ask the broker whether the partitions taken for idle still have nothing to read.
+
+        A partition's high watermark as the consumer knows it comes with its last fetch: one that
+        was empty when fetched (a topic filled just after the worker started, a producer that
+        paused) can hold records the consumer has not heard of yet. Taken for idle, it would let
+        the others run ahead of records that are already there. Called before each batch is
+        admitted, for the idle ones only (one ListOffsets request)."""
+        mine = [p for p in sorted(self.idle & self.owned - self._gave_up)]
+        theirs = [p for p, mark in sorted(self.heard.items()) if mark.idle and p not in self.owned]
+        if not mine and not theirs:
+            return
+        tps = [TopicPartition(self.topics.input, p) for p in mine + theirs]
+        try:
+            ends = consumer.end_offsets(tps)
+        except Exception as err:  # cannot tell: hold the others rather than release them
+            log.debug("could not read the end offsets of idle partitions: %s", err)
+            ends = {tp: math.inf for tp in tps}
+        for tp in tps:
+            p, end = tp.partition, ends.get(tp, math.inf)
+            if p in self.owned and consumer.position(tp) < end:
+                self.idle.discard(p)
+                self._idle_since.pop(p, None)
+            elif p not in self.owned and self.heard[p].position < end:  # its owner has not read these yet
+                self.heard[p] = Mark(self.heard[p].low, False, self.heard[p].position)
 
     def processed(self, partition: int, newest: int | None, resume_at: int | None) -> None:
         """A batch of ``partition`` processed up to event time ``newest``; ``resume_at``: the event time of the
@@ -169,7 +200,8 @@ class Watermarks:
             if p in self.owned:
                 self.heard[p] = self.local(p)
             self.owned.discard(p)
-            for table in (self.stream, self.heads, self._sent, self._idle_since, self._unfetched_since):
+            for table in (self.stream, self.heads, self._sent, self._idle_since, self._unfetched_since,
+                          self._positions):
                 table.pop(p, None)
             self.idle.discard(p)
             self._gave_up.discard(p)
@@ -181,7 +213,7 @@ class Watermarks:
             return
         old = self.heard.get(partition)
         if old is not None and old.low is not None and (mark.low is None or mark.low < old.low):
-            mark = Mark(old.low, mark.idle)  # watermarks only move forward
+            mark = Mark(old.low, mark.idle, mark.position)  # watermarks only move forward
         self.heard[partition] = mark
 
     # -- between batches ----------------------------------------------------------------
@@ -210,6 +242,7 @@ class Watermarks:
                 idle = False
             else:
                 idle = now - self._idle_since.setdefault(p, now) >= IDLE_S
+                self._positions[p] = end
             if idle:
                 self.idle.add(p)
             else:

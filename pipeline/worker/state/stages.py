@@ -70,9 +70,11 @@ class FeatureStages:
         self._lock = threading.Lock()
         self._stale: set[int] = set()  # partitions whose stores must be restored again (revoked meanwhile)
         self.late_events = 0  # as fraud_late_events_total counts them, for the end-of-run summary
+        self.late_labels = 0  # as fraud_late_labels_total counts them
         self._late_since_log = 0
         self._late_example = ""
         self._late_logged_at = clock()
+        self._late_label_logged_at = -LATE_LOG_EVERY_S
 
     # -- ownership ----------------------------------------------------------------------
     def forget(self, partitions: Iterable[TopicPartition]) -> None:
@@ -248,9 +250,26 @@ class FeatureStages:
         stale = self.bounds.event_time(tx.event_time_ms, None, int(self.wall() * 1000))
         if stale is not None:
             return stale
-        store = self.terminals[record.partition]
-        store.get(terminal).label(event_id(tx.transaction_id), tx.event_time_ms, bool(fraud))
+        windows = self.terminals[record.partition].get(terminal)
+        eid, t = event_id(tx.transaction_id), tx.event_time_ms
+        newest = windows.newest
+        if (newest is not None and self.delay_ms <= newest - t < self._terminal_horizon_ms - self.delay_ms
+                and bool(fraud) != (eid in windows.frauds) and windows.holds(eid, t)):
+            self._late_label(tx, terminal, newest)  # a window already scored should have known it
+        windows.label(eid, t, bool(fraud))
         return None
+
+    def _late_label(self, tx: Transaction, terminal: str, newest: int) -> None:
+        self.metrics.late_labels.inc()
+        self.late_labels += 1
+        now = self.clock()
+        if now - self._late_label_logged_at >= LATE_LOG_EVERY_S or self.late_labels == 1:
+            self._late_label_logged_at = now
+            log.warning("%d fraud labels so far reached the terminal stage after a transaction whose terminal risk "
+                        "should have counted them was scored, e.g. the label of transaction %s at %s on terminal %s, "
+                        "%.1f days before the terminal's newest transaction (labels due at the label delay race "
+                        "the transactions of that moment)", self.late_labels, tx.transaction_id,
+                        format_event_time(tx.event_time_ms), terminal, (newest - tx.event_time_ms) / DAY_MS)
 
     def enrich(self, record: Any, tx: Transaction) -> RecordError | None:
         """Terminal stage, per record to score: add the terminal features to its fields."""
@@ -290,6 +309,10 @@ class FeatureStages:
                         "out of event-time order beyond what alignment bounds)", self._late_since_log,
                         self.delay_ms // DAY_MS, now - self._late_logged_at, self._late_example)
             self._late_since_log, self._late_example, self._late_logged_at = 0, "", now
+
+    def confirm_idle(self, consumer: Any) -> None:
+        """Before a batch is admitted: partitions taken for idle that have records after all hold again."""
+        self.watermarks.confirm_idle(consumer)
 
     def align(self, consumer: Any) -> None:
         """Keep this worker's input partitions aligned in event time with every other (``eventtime``)."""
