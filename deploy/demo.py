@@ -239,9 +239,12 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
     print(f"  dead letters              {invalid:>10,.0f}")
     if raw:
         late = metrics.get("fraud_late_events_total", float("nan"))
+        late_labels = metrics.get("fraud_late_labels_total", float("nan"))
         back = metrics.get("fraud_records_handed_back_total", float("nan"))
         print(f"  late events               {late:>10,.0f}  (transactions a window scored earlier should have counted; "
               "0: every feature exact)")
+        print(f"  late labels               {late_labels:>10,.0f}  (fraud labels a terminal window needed before "
+              "they arrived: each is due exactly at the label delay)")
         print(f"  records handed back       {back:>10,.0f}  (read again later: their partition ran ahead in event "
               "time during the unpaced warm-up)")
     print(f"  stream start to last commit {elapsed:>8.1f}s  (input paced; the worker kept up at "
