@@ -176,6 +176,7 @@ class Rec:
     key: bytes | None
     value: bytes
     partition: int = 0
+    offset: int = 0
 
 
 class NoRestore:
