@@ -32,7 +32,7 @@ from pipeline.worker.state.eventtime import ADMIT_MS, Mark, Watermarks
 from producer.rawfeed import raw_messages
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
-from tests.worker_helpers import Record
+from tests.worker_helpers import PausingConsumer, Record
 
 PARTITIONS = 3
 TOPICS = StateTopics("raw", "labels", "g-by-terminal-repartition", "g-customer-windows-changelog",
@@ -69,14 +69,12 @@ class Clock:
         return self.now
 
 
-class Consumer:
-    """One worker's view of the topics: positions, high watermarks, pauses (what ``align`` reads)."""
+class Consumer(PausingConsumer):
+    """One worker's view of the topics: positions, high watermarks as of the last fetch, pauses."""
 
     def __init__(self, log: dict[TopicPartition, list[Record]], owned: list[int]) -> None:
+        super().__init__([TopicPartition(t, p) for t in TOPICS.consumed for p in owned])
         self.log = log
-        self.parts = [TopicPartition(t, p) for t in TOPICS.consumed for p in owned]
-        self.positions = dict.fromkeys(self.parts, 0)
-        self.held: set[TopicPartition] = set()
         self.fetched: dict[TopicPartition, int] = {}  # high watermarks as of each partition's last fetch
 
     def assignment(self) -> set[TopicPartition]:
@@ -87,18 +85,6 @@ class Consumer:
 
     def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: len(self.log[tp]) for tp in tps}
-
-    def position(self, tp: TopicPartition) -> int:
-        return self.positions[tp]
-
-    def paused(self) -> set[TopicPartition]:
-        return set(self.held)
-
-    def pause(self, *tps: TopicPartition) -> None:
-        self.held.update(tps)
-
-    def resume(self, *tps: TopicPartition) -> None:
-        self.held.difference_update(tps)
 
     def poll(self, rng: random.Random, max_batch: int) -> list[Record]:
         got = []
@@ -200,7 +186,7 @@ def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: lis
     return seen, late, int(handed)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**32 - 1), workers=st.integers(1, 3), max_batch=st.sampled_from([64, 600, 4096]),
        late_start=st.lists(st.integers(0, 400), min_size=3, max_size=3), feed=st.sampled_from([None, 50, 2000]))
@@ -252,6 +238,9 @@ class Ends:
 
     def __init__(self, ends: dict[int, int], positions: dict[int, int]) -> None:
         self.ends, self.positions = ends, positions
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPICS.input, p) for p in self.positions}
 
     def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self.ends[tp.partition] for tp in tps}

@@ -43,7 +43,7 @@ from pipeline.worker.state.topology import judge as _judge
 from producer.rawfeed import raw_messages
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
-from tests.worker_helpers import Record
+from tests.worker_helpers import PausingConsumer, Record
 
 DELAY_MS = 7 * DAY_MS
 TOPICS = StateTopics("raw", "labels", "g-by-terminal-repartition", "g-customer-windows-changelog",
@@ -311,32 +311,18 @@ def test_a_stop_during_restore_never_leaves_a_half_restored_store_in_service() -
 
 
 # -- event-time alignment of a worker's input partitions ------------------------------------------------
-class AligningConsumer:
+class AligningConsumer(PausingConsumer):
     """What ``FeatureStages.align`` reads and sets on a consumer: positions, high watermarks, pauses."""
 
     def __init__(self, partitions: int = 3) -> None:
-        self.parts = [TopicPartition(TOPICS.input, p) for p in range(partitions)]
-        self.positions = dict.fromkeys(self.parts, 0)
+        super().__init__([TopicPartition(TOPICS.input, p) for p in range(partitions)])
         self.ends: dict[TopicPartition, int | None] = dict.fromkeys(self.parts)  # None: not fetched yet
-        self.held: set[TopicPartition] = set()
 
     def assignment(self) -> set[TopicPartition]:
         return {*self.parts, TopicPartition(TOPICS.repartition, 0)}
 
     def highwater(self, tp: TopicPartition) -> int | None:
         return self.ends[tp]
-
-    def position(self, tp: TopicPartition) -> int:
-        return self.positions[tp]
-
-    def paused(self) -> set[TopicPartition]:
-        return set(self.held)
-
-    def pause(self, *tps: TopicPartition) -> None:
-        self.held.update(tps)
-
-    def resume(self, *tps: TopicPartition) -> None:
-        self.held.difference_update(tps)
 
 
 HOUR = 3_600_000

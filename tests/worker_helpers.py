@@ -47,6 +47,28 @@ class Record:
     headers: list = field(default_factory=list)
 
 
+class PausingConsumer:
+    """What raw input's event-time alignment reads and sets on a consumer, for tests without Kafka: positions
+    and pauses of ``parts`` (subclasses add high watermarks and end offsets)."""
+
+    def __init__(self, parts: list[TopicPartition]) -> None:
+        self.parts = list(parts)
+        self.positions = dict.fromkeys(self.parts, 0)
+        self.held: set[TopicPartition] = set()
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    def paused(self) -> set[TopicPartition]:
+        return set(self.held)
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self.held.update(tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self.held.difference_update(tps)
+
+
 def produce_frame(settings: KafkaSettings, frame: pd.DataFrame, partitions: int = 3) -> int:
     """Stream a handbook-layout table (labels dropped) into the input topic; return the count."""
     ensure_topics(settings, [settings.input_topic, settings.alerts_topic, settings.dead_letter_topic], partitions)

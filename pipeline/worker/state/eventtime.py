@@ -165,7 +165,8 @@ class Watermarks:
         paused) can hold records the consumer has not heard of yet. Taken for idle, it would let
         the others run ahead of records that are already there. Called before each batch is
         admitted, for the idle ones only (one ListOffsets request)."""
-        mine = [p for p in sorted(self.idle & self.owned - self._gave_up)]
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.topics.input}
+        mine = sorted(self.idle & self.owned & assigned - self._gave_up)  # a partition revoked since: not asked
         theirs = [p for p, mark in sorted(self.heard.items()) if mark.idle and p not in self.owned]
         if not mine and not theirs:
             return
@@ -177,10 +178,10 @@ class Watermarks:
             ends = {tp: math.inf for tp in tps}
         for tp in tps:
             p, end = tp.partition, ends.get(tp, math.inf)
-            if p in self.owned and consumer.position(tp) < end:
+            if p in mine and consumer.position(tp) < end:
                 self.idle.discard(p)
                 self._idle_since.pop(p, None)
-            elif p not in self.owned and self.heard[p].position < end:  # its owner has not read these yet
+            elif p in theirs and self.heard[p].position < end:  # its owner has not read these yet
                 self.heard[p] = Mark(self.heard[p].low, False, self.heard[p].position)
 
     def processed(self, partition: int, newest: int | None, resume_at: int | None) -> None:
