@@ -107,6 +107,13 @@ def test_compare_simulator_prints_the_statistics_table() -> None:
     assert "| TERMINAL_ID_RISK_30DAY_WINDOW max |" in out  # every feature is summarised
 
 
+def test_hot_key_bench_measures_both_banks() -> None:
+    out = run_script("bench/hot_key.py", "--customers", "40", "--terminals", "80", "--days", "12", "--share", "0.3")
+    lines = out.strip().splitlines()
+    assert [line.split(": ")[1] for line in lines] == ["uniform terminals", "one terminal with 30%"]
+    assert all(re.search(r"[\d,]+ events/s$", line) for line in lines)
+
+
 @pytest.mark.integration
 def test_worker_bench_small_run(kafka_bootstrap: str, tmp_path: Path) -> None:
     out = tmp_path / "worker.json"
