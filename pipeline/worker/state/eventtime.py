@@ -65,6 +65,7 @@ MARK_KEY = b""
 _MARK = struct.Struct("<Biq?q")  # format, input partition, low watermark (ms), idle, position
 _FORMAT = 1
 _UNKNOWN = -(2**63)
+_GAVE_UP = 2**62  # the position an idle mark carries for a partition never fetched (see UNFETCHED_MAX_S)
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class Watermarks:
         if low is None and partition in self.heard:
             low = self.heard[partition].low  # the previous owner's progress: a lower bound
         idle = partition in self.idle
+        if partition in self._gave_up:  # never fetched: no position to check against; the others go on too
+            return Mark(low, idle, _GAVE_UP)
         return Mark(low, idle, self._positions.get(partition, -1) if idle else -1)
 
     def _partitions(self) -> Iterable[int]:
