@@ -113,6 +113,18 @@ def test_generic_csv_layout(tmp_path: Path) -> None:
     assert artifact.feature_names == ("a", "b") and artifact.preprocessing.log_features == ("b",)
 
 
+def test_a_stray_word_in_a_numeric_column_stops_fit_with_the_row(tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(2)
+    frame = pd.DataFrame({"t": np.arange(400), "a": rng.normal(size=400).astype(object), "b": rng.normal(size=400),
+                          "label": (rng.random(400) < 0.05).astype(int), "note": "x"})
+    frame.loc[123, "a"] = "abc"
+    frame.to_csv(tmp_path / "g.csv", index=False)
+    argv = [*FAST, "fit", "--data", str(tmp_path / "g.csv"), "--output", str(tmp_path / "m"), "--time-column", "t",
+            "--time-unit", "s", "--epochs", "1", "--no-baselines"]
+    assert "column 'a' holds numbers but row 123 holds 'abc'" in fail(argv, capsys)
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
@@ -120,6 +132,10 @@ def test_generic_csv_layout(tmp_path: Path) -> None:
          "column 'NOPE' not found"),
         (["--val-start", "2018-03-01", "--test-start", "2018-05-01"], "training set is empty"),
         (["--layout", "martian"], "unknown layout 'martian'"),
+        (["--label-column", "tx_fraud"], "--label-column 'tx_fraud': the table has no such column (did you mean "
+                                         "'TX_FRAUD'?)"),
+        (["--time-column", "TX_DATETIM"], "--time-column 'TX_DATETIM': the table has no such column (did you mean "
+                                          "'TX_DATETIME'?)"),
         (["--log-features", "TX_AMOUNT,CUSTOMER_ID"], "--log-features column 'CUSTOMER_ID' is not one of the features"),
     ],
 )

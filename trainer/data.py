@@ -37,6 +37,10 @@ def resolve_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
     Log transforms are opt-in: on the reference data they lower every detector's ranking quality.
     """
     columns = list(map(str, frame.columns))
+    for flag, name in (("--label-column", flags.label_column), ("--time-column", flags.time_column),
+                       ("--id-column", flags.id_column), ("--customer-column", flags.customer_column)):
+        if name is not None and name not in columns:  # a typo must not train a silently different model
+            raise InputDataError(no_such_column(flag, name, columns))
     if flags.features:
         base = TableLayout("generic", None, flags.time_column or "", None, None, tuple(flags.features))
     elif flags.layout:
@@ -83,6 +87,10 @@ def generic_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
         if name in roles:
             continue
         numeric = pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])
+        stray = None if numeric or name.lower() in ID_OR_TIME_NAMES else _mostly_numeric(frame[name])
+        if stray is not None:  # one bad cell must not silently drop a feature
+            raise InputDataError(f"column {name!r} holds numbers but row {stray[0]} holds {stray[1]!r}; fix or drop "
+                                 "that row, or pass --features without the column")
         if numeric and name.lower() not in ID_OR_TIME_NAMES:
             features.append(name)
         else:
@@ -92,6 +100,27 @@ def generic_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
     log.info("generic table: %d feature columns (%s), label %s; not used as features: %s", len(features),
              _shorten(features), repr(label) if label else "none (unlabelled)", _shorten(skipped) or "none")
     return TableLayout("generic", None, flags.time_column or "", label, None, tuple(features))
+
+
+def no_such_column(flag: str, name: str, columns: list[str]) -> str:
+    """One line for a column named in a flag that the table does not have, with the nearest name."""
+    import difflib
+
+    near = [c for c in columns if c.lower() == name.lower()] or difflib.get_close_matches(name, columns, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return f"{flag} {name!r}: the table has no such column{hint}; it has: {_shorten(columns, 30)}"
+
+
+def _mostly_numeric(column: pd.Series) -> tuple[int, object] | None:
+    """The first row and value that are not a number, in a column whose other values mostly are."""
+    present = column.dropna()
+    if present.empty:
+        return None
+    numbers = pd.to_numeric(present, errors="coerce")
+    if numbers.notna().sum() < 0.9 * len(present) or numbers.notna().all():
+        return None
+    at = numbers.index[numbers.isna()][0]
+    return int(column.index.get_loc(at)), present.loc[at]  # type: ignore[arg-type]
 
 
 def _shorten(names: list[str], most: int = 8) -> str:
