@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,35 @@ def setting(default: Any, help: str, *, secret: bool = False, choices: tuple = (
     """Declare a settings field: its default, its help text, whether to mask it."""
     meta = {"help": help, "secret": secret, "choices": choices}
     return field(default=default, metadata=meta)
+
+
+NOT_SETTINGS = ("FRAUD_IMAGE_TAG",)  # FRAUD_* variables read by other tools (docker-compose.yml's image tag)
+_warned: set[str] = set()
+
+
+def warn_unknown(env: Mapping[str, str]) -> list[str]:
+    """Say once per process, naming the nearest setting, which ``FRAUD_*`` variables no setting reads: a
+    misspelled one (FRAUD_BOOTSTRAP_SERVER) is otherwise ignored without a word. The names said."""
+    import difflib
+
+    known = {env_name(f.name) for cls in _settings_classes() for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(n for n in env if n.startswith(ENV_PREFIX) and n not in known and n not in NOT_SETTINGS
+                     and n not in _warned)
+    for name in unknown:
+        _warned.add(name)
+        near = difflib.get_close_matches(name, sorted(known), n=1)
+        logging.getLogger(__name__).warning("%s is not a setting%s; ignored", name,
+                                            f" (did you mean {near[0]}?)" if near else "")
+    return unknown
+
+
+def _settings_classes() -> list[type]:
+    found, todo = [], list(SettingsBase.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += cls.__subclasses__()
+    return found
 
 
 def env_name(field_name: str) -> str:
@@ -91,6 +121,7 @@ class SettingsBase:
     ) -> Self:
         """Defaults, then ``FRAUD_*`` variables, then flags in ``args``, then ``overrides``."""
         env = os.environ if environ is None else environ
+        warn_unknown(env)
         given = vars(args) if args is not None else {}
         values: dict[str, Any] = {}
         for f in fields(cls):  # type: ignore[arg-type]

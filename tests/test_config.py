@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 from pathlib import Path
 
@@ -172,3 +173,16 @@ def test_an_unreadable_key_is_refused(pem: dict[str, str]) -> None:
     with pytest.raises(ConfigError, match=r"FRAUD_SSL_KEYFILE=.* cannot be read \(Permission denied\); set "
                                           r"--ssl-keyfile / FRAUD_SSL_KEYFILE to a PEM file this user can read"):
         KafkaSettings.build(environ={**SSL, "FRAUD_SSL_CERTFILE": pem["cert"], "FRAUD_SSL_KEYFILE": pem["key"]})
+
+
+def test_a_misspelled_variable_is_named_with_the_setting_meant(caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.config import warn_unknown
+
+    env = {"FRAUD_BOOTSTRAP_SERVER": "kafka:9092", "FRAUD_IMAGE_TAG": "1.0", "FRAUD_INPUT_TOPIC": "tx",
+           "FRAUD_ZZZ_UNRELATED_NAME_QQQ": "1"}
+    with caplog.at_level(logging.WARNING):
+        assert warn_unknown(env) == ["FRAUD_BOOTSTRAP_SERVER", "FRAUD_ZZZ_UNRELATED_NAME_QQQ"]
+        assert warn_unknown(env) == []  # once per process
+    messages = [r.getMessage() for r in caplog.records]
+    assert "FRAUD_BOOTSTRAP_SERVER is not a setting (did you mean FRAUD_BOOTSTRAP_SERVERS?); ignored" in messages
+    assert KafkaSettings.build(environ=env, overrides={}).bootstrap_servers != "kafka:9092"
