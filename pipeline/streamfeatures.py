@@ -117,25 +117,31 @@ class _Events:
     def newest(self) -> int | None:
         return self.times[-1] if self.times else None
 
+    def expired(self, cutoff: int) -> bool:
+        """Whether nothing of it is after ``cutoff``: no window of an event still to come can reach it."""
+        return not self.times or self.times[-1] <= cutoff
+
+    def locate(self, eid: int, t_ms: int) -> int:
+        """Where event ``eid`` is held (looked for at ``t_ms`` first, then at any time); -1 when it is not."""
+        times, ids, index = self.times, self.ids, self._index
+        if index is not None:
+            for at in range(bisect_left(times, t_ms), bisect_right(times, t_ms)):
+                if ids[at] == eid:
+                    return at
+            i = bisect_left(index, eid)
+            if i == len(index) or index[i] != eid:
+                return -1
+        elif eid not in ids:
+            return -1
+        return ids.index(eid)
+
     def find(self, eid: int, t_ms: int) -> int:
         """The position of event ``eid`` (at ``t_ms``), or -1 when unseen; DuplicateConflict when the id
         was seen at another time."""
-        ids, index = self.ids, self._index
-        if index is None:
-            if eid not in ids:
-                return -1
-            at = ids.index(eid)
-            if self.times[at] != t_ms:
-                raise DuplicateConflict(f"transaction seen before at {self.times[at]} ms, now at {t_ms} ms")
-            return at
-        i = bisect_left(index, eid)
-        if i == len(index) or index[i] != eid:
-            return -1
-        times = self.times
-        for at in range(bisect_left(times, t_ms), bisect_right(times, t_ms)):
-            if ids[at] == eid:
-                return at
-        raise DuplicateConflict(f"transaction seen before at another time than {t_ms} ms")
+        at = self.locate(eid, t_ms)
+        if at >= 0 and self.times[at] != t_ms:
+            raise DuplicateConflict(f"transaction seen before at {self.times[at]} ms, now at {t_ms} ms")
+        return at
 
     def _insert(self, eid: int, t_ms: int, *values: tuple[array, float]) -> int:
         """Place a new event; the position after it."""
@@ -320,25 +326,23 @@ class CustomerWindows(_Events):
             state.times.extend(part.times)
             state.amounts.extend(part.amounts)
             state.ids.extend(part.ids)
-        return state._checked()
+        _check_order(state.times)
+        state._derive()
+        return state
 
-    def _checked(self) -> CustomerWindows:
-        if any(a > b for a, b in zip(self.times, self.times[1:], strict=False)):
-            raise ValueError("segments out of time order")
+    def _derive(self) -> None:
+        """What a restored state computes from its arrays: the id index and running sums of a busy one."""
         self._reindex()
         self._sums = _PrefixSums(self.amounts) if len(self.times) > HOT_EVENTS else None
-        return self
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CustomerWindows:
-        n = _header(data, 5, 24)
+        n = _header(data, 5, 24, exact=True)
         state = cls()
         state.times.frombytes(data[5: 5 + 8 * n])
         state.amounts.frombytes(data[5 + 8 * n: 5 + 16 * n])
         state.ids.frombytes(data[5 + 16 * n: 5 + 24 * n])
-        state._reindex()
-        if n > HOT_EVENTS:
-            state._sums = _PrefixSums(state.amounts)
+        state._derive()
         return state
 
 
@@ -397,7 +401,7 @@ class TerminalWindows(_Events):
         if fraud == (eid in self.frauds):
             return
         self._touch(t_ms if fraud else self.frauds[eid])
-        at = self._held(eid, t_ms if fraud else self.frauds[eid])
+        at = self.locate(eid, t_ms if fraud else self.frauds[eid])
         if fraud:
             self.frauds[eid] = t_ms
             if at >= 0:
@@ -408,30 +412,10 @@ class TerminalWindows(_Events):
                 fraud_times = self._fraud_times
                 del fraud_times[bisect_left(fraud_times, self.times[at])]
 
-    def holds(self, eid: int, t_ms: int) -> bool:
-        """Whether the event ``eid`` (at ``t_ms``) is held."""
-        return self._held(eid, t_ms) >= 0
-
     def _add_fraud_time(self, t_ms: int) -> None:
         if self._fraud_times is None:
             self._fraud_times = array("q")
         insort(self._fraud_times, t_ms)
-
-    def _held(self, eid: int, t_ms: int | None = None) -> int:
-        """Where event ``eid`` is held (looked for at ``t_ms`` first, then at any time); -1 when it is not."""
-        if t_ms is not None:
-            times, ids = self.times, self.ids
-            for at in range(bisect_left(times, t_ms), bisect_right(times, t_ms)):
-                if ids[at] == eid:
-                    return at
-        if self._index is not None:
-            i = bisect_left(self._index, eid)
-            if i == len(self._index) or self._index[i] != eid:
-                return -1
-        try:
-            return self.ids.index(eid)
-        except ValueError:
-            return -1
 
     def _evict_to(self, cutoff: int) -> None:
         self._evict(cutoff)
@@ -439,12 +423,14 @@ class TerminalWindows(_Events):
         if fraud_times and fraud_times[0] <= cutoff:
             del fraud_times[:bisect_right(fraud_times, cutoff)]
 
-    def forget_labels_before(self, cutoff: int) -> None:
-        """Drop the labels of transactions at or before ``cutoff`` (no window reaches them any more)."""
+    def expired(self, cutoff: int) -> bool:
+        """Drop the labels of transactions at or before ``cutoff`` (no window reaches them any more), then say
+        whether nothing of it is left after ``cutoff``."""
         if self.frauds:
             for t in {t for t in self.frauds.values() if t <= cutoff}:
                 self._touch(t)
             self.frauds = {eid: t for eid, t in self.frauds.items() if t > cutoff}
+        return not self.frauds and super().expired(cutoff)
 
     @property
     def size(self) -> int:
@@ -462,14 +448,8 @@ class TerminalWindows(_Events):
         lo, hi = self._span(segment)
         start, end = segment * SEGMENT_MS, (segment + 1) * SEGMENT_MS
         labels = [(eid, t) for eid, t in self.frauds.items() if start <= t < end]
-        records = []
-        for at in [*range(lo, hi, CHUNK_EVENTS)] or ([lo] if labels else []):
-            part = labels if at == lo else []
-            flat = array("q", [x for item in part for x in item])
-            top = min(at + CHUNK_EVENTS, hi)
-            records.append(struct.pack("<BIIq", _FORMAT, top - at, len(part), self.delay_ms)
-                           + self.times[at:top].tobytes() + self.ids[at:top].tobytes() + flat.tobytes())
-        return records
+        return [self._pack(at, min(at + CHUNK_EVENTS, hi), labels if at == lo else [])
+                for at in [*range(lo, hi, CHUNK_EVENTS)] or ([lo] if labels else [])]
 
     @classmethod
     def merge(cls, head: bytes, parts: list[bytes]) -> TerminalWindows:
@@ -481,21 +461,27 @@ class TerminalWindows(_Events):
             state.times.extend(part.times)
             state.ids.extend(part.ids)
             state.frauds.update(part.frauds)
-        if any(a > b for a, b in zip(state.times, state.times[1:], strict=False)):
-            raise ValueError("segments out of time order")
-        state._reindex()
-        held = [state.times[at] for at in itertools.starmap(state._held, state.frauds.items()) if at >= 0]
-        state._fraud_times = array("q", sorted(held)) if held else None
+        _check_order(state.times)
+        state._derive()
         return state
 
+    def _derive(self) -> None:
+        """What a restored state computes from its arrays: the id index, and the times of its labelled events."""
+        self._reindex()
+        held = [self.times[at] for at in itertools.starmap(self.locate, self.frauds.items()) if at >= 0]
+        self._fraud_times = array("q", sorted(held)) if held else None
+
     def to_bytes(self) -> bytes:
-        labels = array("q", [x for item in self.frauds.items() for x in item])
-        return struct.pack("<BIIq", _FORMAT, len(self.times), len(self.frauds), self.delay_ms) \
-            + self.times.tobytes() + self.ids.tobytes() + labels.tobytes()
+        return self._pack(0, len(self.times), list(self.frauds.items()))
+
+    def _pack(self, lo: int, hi: int, labels: list[tuple[int, int]]) -> bytes:
+        flat = array("q", [x for item in labels for x in item])
+        return struct.pack("<BIIq", _FORMAT, hi - lo, len(labels), self.delay_ms) + self.times[lo:hi].tobytes() \
+            + self.ids[lo:hi].tobytes() + flat.tobytes()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TerminalWindows:
-        n = _header(data, 17, 16)
+        n = _header(data, 17, 16, exact=False)
         (m, delay_ms) = struct.unpack_from("<Iq", data, 5)
         if len(data) != 17 + 16 * n + 16 * m or delay_ms <= 0:
             raise ValueError(f"not a feature state of format {_FORMAT} ({len(data)} bytes)")
@@ -506,20 +492,24 @@ class TerminalWindows(_Events):
         labels = array("q")
         labels.frombytes(data[body + 16 * n: body + 16 * n + 16 * m])
         state.frauds = dict(zip(labels[::2], labels[1::2], strict=True))
-        state._reindex()
-        held = [state.times[at] for at in itertools.starmap(state._held, state.frauds.items()) if at >= 0]
-        state._fraud_times = array("q", sorted(held)) if held else None
+        state._derive()
         return state
 
 
-def _header(data: bytes, head: int, per_event: int) -> int:
-    """The event count of a serialized state, checked against its length."""
+def _header(data: bytes, head: int, per_event: int, *, exact: bool) -> int:
+    """The event count of a serialized state, checked against its length (``exact``: nothing follows the
+    events; else a caller checks what does)."""
     if len(data) < head or data[0] != _FORMAT:
         raise ValueError(f"not a feature state of format {_FORMAT} ({len(data)} bytes)")
     n = struct.unpack_from("<I", data, 1)[0]
-    if len(data) < head + per_event * n or (head == 5 and len(data) != head + per_event * n):
+    if len(data) < head + per_event * n or (exact and len(data) != head + per_event * n):
         raise ValueError(f"not a feature state of format {_FORMAT} ({len(data)} bytes, {n} events)")
     return n
+
+
+def _check_order(times: array) -> None:
+    if any(a > b for a, b in itertools.pairwise(times)):
+        raise ValueError("segments out of time order")
 
 
 def feature_rows(

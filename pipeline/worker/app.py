@@ -41,6 +41,7 @@ from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
 from pipeline.worker.state import Bounds, FeatureStages, Restorer, StateTopics, prepare_topics
+from pipeline.worker.state.stages import before_hand_back
 from pipeline.worker.transactions import ExactlyOnce
 
 log = logging.getLogger(__name__)
@@ -304,8 +305,7 @@ class Worker:
         else:
             outcome, consumed, handed_back = self._process_raw(self.stages, records)
             if handed_back:  # read again from there: commit only what came before
-                offsets = offsets_after([r for r in [*records, *unreadable] if r.offset < handed_back.get(
-                    TopicPartition(r.topic, r.partition), r.offset + 1)])
+                offsets = offsets_after(before_hand_back([*records, *unreadable], handed_back))
                 for tp, offset in handed_back.items():
                     self.consumer.seek(tp, offset)
         for record in unreadable:
@@ -337,9 +337,7 @@ class Worker:
         staged = stages.stage(raw, labels)
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed)
         outcome.outputs += staged.outputs + stages.changelog()
-        back = staged.handed_back
-        consumed = sum(1 for r in raw if r.offset < back.get(TopicPartition(r.topic, r.partition), r.offset + 1))
-        return outcome, consumed, back
+        return outcome, len(before_hand_back(raw, staged.handed_back)), staged.handed_back
 
     def _publish_marks(self, stages: FeatureStages) -> None:
         """Watermark marks due between batches (a partition turned idle, or the periodic repeat)."""

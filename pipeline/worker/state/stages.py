@@ -52,6 +52,11 @@ class Staged:
     handed_back: dict[TopicPartition, int] = field(default_factory=dict)
 
 
+def before_hand_back(records: Iterable[Any], handed_back: dict[TopicPartition, int]) -> list[Any]:
+    """The records of ``records`` that come before their partition's hand-back (all, where none)."""
+    return [r for r in records if r.offset < handed_back.get(TopicPartition(r.topic, r.partition), r.offset + 1)]
+
+
 class FeatureStages:
     """The two stateful stages and their stores, for the partitions this worker owns."""
 
@@ -254,7 +259,7 @@ class FeatureStages:
         eid, t = event_id(tx.transaction_id), tx.event_time_ms
         newest = windows.newest
         if (newest is not None and self.delay_ms <= newest - t < self._terminal_horizon_ms - self.delay_ms
-                and bool(fraud) != (eid in windows.frauds) and windows.holds(eid, t)):
+                and bool(fraud) != (eid in windows.frauds) and windows.locate(eid, t) >= 0):
             self._late_label(tx, terminal, newest)  # a window already scored should have known it
         windows.label(eid, t, bool(fraud))
         return None

@@ -116,15 +116,7 @@ class Store(Generic[W]):
     def sweep(self, cutoff: int) -> int:
         """Remove the entities with nothing after ``cutoff`` (their windows are empty for any event still to come);
         the number removed. Each is written as a tombstone at the next flush."""
-        gone = []
-        for key, state in self.entities.items():
-            if isinstance(state, TerminalWindows):
-                state.forget_labels_before(cutoff)
-                if state.frauds:
-                    continue
-            newest = state.newest
-            if newest is None or newest <= cutoff:
-                gone.append(key)
+        gone = [key for key, state in self.entities.items() if state.expired(cutoff)]
         for key in gone:
             del self.entities[key]
             self.dirty.add(key)
