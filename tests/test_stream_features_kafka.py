@@ -68,8 +68,9 @@ def streamed_features(settings: KafkaSettings, expect: int,
     ``scored_at``, if given, receives each transaction's first features record's timestamp (ms).
     """
     assert settings.features_topic
-    records = read_topic(settings, settings.features_topic, expect=expect, timeout_s=60,
-                         isolation_level="read_committed")
+    records = read_topic(settings, settings.features_topic, timeout_s=60, isolation_level="read_committed",
+                         to_end=True)
+    assert len(records) >= expect, (len(records), expect)
     seen: dict[str, list[np.ndarray]] = {}
     for record in records:
         value = orjson.loads(record.value)

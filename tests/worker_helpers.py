@@ -91,11 +91,25 @@ def produce_bad(settings: KafkaSettings) -> None:
 
 
 def read_topic(settings: KafkaSettings, topic: str, expect: int | None = None, timeout_s: float = 30,
-               isolation_level: str = "read_uncommitted") -> list:
-    """All records of a topic (reading until ``expect`` arrive or the end is reached)."""
-    consumer = KafkaConsumer(topic, **settings.client_options(), auto_offset_reset="earliest",
+               isolation_level: str = "read_uncommitted", to_end: bool = False) -> list:
+    """All records of a topic (reading until ``expect`` arrive or the end is reached).
+
+    ``to_end`` reads up to the end offsets taken at the start instead: for a topic whose writers are done
+    (its group committed to the end, so its outputs are acknowledged), where a count would be fooled by
+    at-least-once copies and a quiet second mid-read would end a count-based read early.
+    """
+    consumer = KafkaConsumer(**settings.client_options(), auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=None, consumer_timeout_ms=3000,
                              isolation_level=isolation_level)
+    parts: list[TopicPartition] = []
+    ends: dict[TopicPartition, int] = {}
+    if to_end:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert parts, f"topic {topic} has no partitions"
+        consumer.assign(parts)
+        ends = consumer.end_offsets(parts)
+    else:
+        consumer.subscribe([topic])
     out: list = []
     deadline = time.monotonic() + timeout_s
     try:
@@ -103,7 +117,11 @@ def read_topic(settings: KafkaSettings, topic: str, expect: int | None = None, t
             polled = consumer.poll(timeout_ms=1000)
             for records in polled.values():
                 out.extend(records)
-            if not polled and (expect is None or len(out) >= expect):
+            if to_end:
+                # a transactional topic ends on a commit marker, past the last record: position counts it
+                if all(consumer.position(tp) >= ends[tp] for tp in parts):
+                    break
+            elif not polled and (expect is None or len(out) >= expect):
                 break
     finally:
         consumer.close()

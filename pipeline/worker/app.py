@@ -122,8 +122,10 @@ class Worker:
 
     def _make_delivery(self, common: dict[str, Any]) -> Delivery:
         assert self.consumer is not None
+        # batches of up to 512 KiB: with 16 KiB (the default) raw input's changelog records filled a batch every
+        # dozen records, and each full batch woke the sender thread (4,351 -> 6,414 tx/s, bench/state_bench.py)
         options = {**common, "client_id": f"{self.worker_id}-out", "acks": "all", "linger_ms": 5,
-                   "max_block_ms": 10_000, "retry_backoff_ms": 100}
+                   "batch_size": 512 * 1024, "max_block_ms": 10_000, "retry_backoff_ms": 100}
         args = (self.consumer, self.metrics, self.stop, self.settings.max_retry_backoff_s,
                 self.kafka.request_timeout_ms / 1000 + 30)
         if self.settings.processing_guarantee == "exactly-once":

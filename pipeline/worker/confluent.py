@@ -89,6 +89,7 @@ CONSUMER = {
 PRODUCER = {
     "acks": "acks",
     "linger_ms": "linger.ms",
+    "batch_size": "batch.size",
     "retries": "retries",
     "retry_backoff_ms": "retry.backoff.ms",
     "max_block_ms": None,  # send waits this long for room in a full queue

@@ -187,7 +187,10 @@ class Restorer:
         if self.consumer is None:
             self.consumer = KafkaConsumer(**self.options, client_id=f"{self.client_id}-restore", group_id=None,
                                           enable_auto_commit=False, isolation_level="read_committed",
-                                          max_partition_fetch_bytes=8 * 1024 * 1024)
+                                          max_partition_fetch_bytes=8 * 1024 * 1024,
+                                          # a fetch left waiting at a partition's end holds the next partition's
+                                          # end-offset request behind it on the connection (500 ms each)
+                                          fetch_max_wait_ms=20)
         tp = TopicPartition(topic, partition)
         consumer = self.consumer
         consumer.assign([tp])
