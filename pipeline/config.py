@@ -220,6 +220,10 @@ class KafkaSettings(SettingsBase):
     sasl_mechanism: str | None = setting(None, f"SASL mechanism: {', '.join(SASL_MECHANISMS)}")
     sasl_username: str | None = setting(None, "SASL user name")
     sasl_password: str | None = setting(None, "SASL password", secret=True)
+    replication_factor: int = setting(0, "replicas of each topic the worker creates (alerts, dead letters, "
+                                      "features, labels, raw input's changelogs and repartition); 0: the "
+                                      "broker's default.replication.factor. The worker refuses to start (exit 2) "
+                                      "when one of those topics exists with fewer")
     request_timeout_ms: int = setting(30000, "Kafka request timeout in milliseconds")
     connect_timeout_s: float = setting(30.0, "how long to keep trying to reach a bootstrap server at start")
 
@@ -243,6 +247,9 @@ class KafkaSettings(SettingsBase):
             raise ConfigError(f"input, alerts, dead-letter, labels and features topics must differ, got {topics}")
         self._validate_tls()
         self._validate_sasl()
+        if not 0 <= self.replication_factor <= 32767:
+            raise ConfigError(f"replication_factor={self.replication_factor} must be between 1 and 32767, or 0 for "
+                              "the broker's default")
         if not 0 < self.request_timeout_ms <= 2_147_483_647:
             raise ConfigError(f"request_timeout_ms={self.request_timeout_ms} must be between 1 and 2147483647")
         if self.connect_timeout_s < 0:

@@ -13,7 +13,7 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from pipeline.config import KafkaSettings
-from pipeline.errors import BrokerError
+from pipeline.errors import BrokerError, ConfigError
 from pipeline.security import check_access
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,8 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: in
         missing = [t for t in dict.fromkeys(topics) if t not in existing]
         if not missing:
             return
-        new = [NewTopic(t, num_partitions=partitions, replication_factor=-1, topic_configs=configs.get(t, {}))
-               for t in missing]
+        new = [NewTopic(t, num_partitions=partitions, replication_factor=settings.replication_factor or -1,
+                        topic_configs=configs.get(t, {})) for t in missing]
         try:
             admin.create_topics(new)
             log.info("created topics %s with %d partitions", missing, partitions)
@@ -94,6 +94,32 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: in
         raise BrokerError(f"cannot create topics {list(topics)}: {err}") from err
     finally:
         admin.close()
+
+
+def check_replication(settings: KafkaSettings, topics: Iterable[str]) -> None:
+    """Refuse (ConfigError: exit 2) topics among ``topics`` that exist with fewer replicas than
+    ``settings.replication_factor`` (0: nothing to check against). A changelog or an alerts topic on one
+    replica loses what a broker's disk loses, however many brokers the cluster has."""
+    wanted = settings.replication_factor
+    if wanted <= 0:
+        return
+    admin = _admin(settings)
+    try:
+        existing = set(admin.list_topics())
+        names = [t for t in dict.fromkeys(topics) if t in existing]
+        described = admin.describe_topics(names) if names else []
+    except KafkaError as err:
+        raise BrokerError(f"cannot describe topics {list(topics)}: {err}") from err
+    finally:
+        admin.close()
+    # kafka-python 3 names the field replica_nodes (MetadataResponse ReplicaNodes); 2.x named it replicas
+    short = {d["name"]: min((len(p.get("replica_nodes", p.get("replicas", ()))) for p in d["partitions"]), default=0)
+             for d in described}
+    short = {name: n for name, n in short.items() if n < wanted}
+    if short:
+        listed = ", ".join(f"{name} ({n})" for name, n in sorted(short.items()))
+        raise ConfigError(f"topic(s) with fewer replicas than replication_factor={wanted}: {listed}; raise their "
+                          "replication (kafka-reassign-partitions) or set FRAUD_REPLICATION_FACTOR to what they have")
 
 
 def committed_topics(settings: KafkaSettings, group: str, wait_s: float = 15.0) -> set[str]:

@@ -85,3 +85,12 @@ def test_tls_adds_secure_listeners_beside_the_plaintext_one(tmp_path: Path) -> N
 def test_an_old_state_file_still_reads(tmp_path: Path) -> None:
     state = BrokerState(**{"pid": 1, "bootstrap_servers": "127.0.0.1:1", "data_dir": "d", "log_file": "l"})
     assert state.ssl_servers is None and state.ca_file is None
+
+
+def test_a_cluster_needs_three_nodes_and_says_so_in_one_line(tmp_path: Path) -> None:
+    for args in (["--brokers", "2"], ["--brokers", "3", "--tls"]):
+        done = subprocess.run([sys.executable, "-m", "deploy.kafka", "start", "--home", str(tmp_path), *args],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 2, (args, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error:"), done.stderr
+        assert not (tmp_path / "libs").exists()  # nothing resolved or started

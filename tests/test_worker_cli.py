@@ -32,6 +32,7 @@ def test_version_and_bad_flags_answer_with_one_line() -> None:
     for args in (["--max-batch", "0"], ["--bootstrap-servers", "kafka:abc"], ["--processing-guarantee", "maybe"],
                  ["--partitions", "0", "--bootstrap-servers", "127.0.0.1:1", "--connect-timeout-s", "0"],
                  ["--log-level", "LOUD"], ["--request-timeout-ms", "9999999999"], ["--processes", "0"],
+                 ["--replication-factor", "-1"],
                  ["--processes", "3", "--metrics-port", "65534"]):
         done = subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=_env(),
                               capture_output=True, text=True, check=False)

@@ -17,6 +17,7 @@ import pytest
 
 from deploy.ports import free_port
 from pipeline.config import KafkaSettings
+from pipeline.topics import ensure_topics
 from pipeline.worker.metrics import parse_samples
 from tests.kafka_helpers import REPO
 from tests.worker_helpers import (
@@ -229,6 +230,21 @@ def test_bad_model_dir_is_refused_at_start(kafka_env: dict, tmp_path: Path) -> N
     assert "error:" in done.stderr and "Traceback" not in done.stderr
     assert os.fspath(tmp_path) in done.stderr or "manifest" in done.stderr
     time.sleep(0)
+
+
+def test_topics_with_fewer_replicas_than_configured_are_refused_at_start(kafka_settings: KafkaSettings,
+                                                                          kafka_env: dict, model_dir: Path) -> None:
+    """FRAUD_REPLICATION_FACTOR=2 with the output topics on one replica (the session broker has one node): one
+    line naming each topic and its replicas, exit 2, before any record is read."""
+    ensure_topics(kafka_settings, [kafka_settings.input_topic, kafka_settings.alerts_topic,
+                                   kafka_settings.dead_letter_topic], 3)
+    done = subprocess.run(_worker_cmd(model_dir, "g-rf"), cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**kafka_env, "FRAUD_METRICS_PORT": "0", "FRAUD_REPLICATION_FACTOR": "2"},
+                          check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert f"{kafka_settings.alerts_topic} (1)" in errors[0] and f"{kafka_settings.dead_letter_topic} (1)" in errors[0]
 
 
 def test_broker_outage_mid_stream_loses_nothing(kafka_settings: KafkaSettings, kafka_env: dict, model_dir: Path,

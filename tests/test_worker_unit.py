@@ -6,12 +6,18 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import orjson
 import pytest
 from kafka import TopicPartition
-from kafka.errors import KafkaTimeoutError
+from kafka.errors import (
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    OutOfOrderSequenceNumberError,
+    UnknownProducerIdError,
+)
 from prometheus_client import CollectorRegistry, Histogram
 
 from pipeline.artifact import load_artifact
@@ -325,3 +331,119 @@ def test_decode_batch_refuses_each_kind_of_bad_feature(raw_value: bytes, reason:
     assert [tx.transaction_id for _, tx in batch.good] == ["t0", "t2"]
     assert batch.matrix.tolist() == [[10.0, 0.0], [10.0, 2.0]]
     assert [(r.offset, e.reason, e.field) for r, e in batch.bad] == [(1, reason, "b")]
+
+
+class HangingTransactions:
+    """A transactional producer whose ``commit_transaction`` (or ``send_offsets_to_transaction``) never returns,
+    as kafka-python's did when the transaction coordinator's node was killed on a three-node cluster."""
+
+    def __init__(self, hang_in: str) -> None:
+        self.hang_in, self.closed, self.sent = hang_in, False, []
+        self.release = threading.Event()
+
+    def begin_transaction(self) -> None:
+        pass
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
+        self.sent.append(value)
+        return _Done()
+
+    def send_offsets_to_transaction(self, offsets, group_metadata) -> None:
+        if self.hang_in == "send_offsets_to_transaction":
+            self.release.wait()
+
+    def commit_transaction(self) -> None:
+        if self.hang_in == "commit_transaction":
+            self.release.wait()
+
+    def abort_transaction(self) -> None:
+        pass
+
+    def close(self, timeout=None) -> None:
+        self.closed = True
+        self.release.set()
+
+
+class CommittedOffsets:
+    """A consumer whose group has committed ``offsets`` (what the transaction's outcome is read from); its first
+    ``failures`` reads fail as kafka-python's did with the coordinator's node just back."""
+
+    def __init__(self, offsets: dict[TopicPartition, int], failures: int = 0) -> None:
+        self.offsets, self.failures = offsets, failures
+
+    def group_metadata(self) -> object:
+        return object()
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("111 ECONNREFUSED")
+        return self.offsets.get(tp)
+
+
+@pytest.mark.parametrize(("hang_in", "group_committed", "failures", "done"), [
+    ("commit_transaction", 10, 0, True),  # the coordinator completed the commit: the batch is done
+    ("commit_transaction", 4, 0, False),  # it aborted: the batch is read again
+    ("commit_transaction", 10, 2, True),  # the outcome read fails twice first (retried)
+    ("send_offsets_to_transaction", 10, 0, False),  # never asked to commit: aborted by its timeout, read again
+])
+def test_a_transactional_call_that_outlives_its_transaction_is_resolved_not_waited_on_for_good(
+        hang_in: str, group_committed: int, failures: int, done: bool, caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.worker.transactions import ExactlyOnce
+
+    tp = TopicPartition("tx", 0)
+    delivery = ExactlyOnce({"transaction_timeout_ms": 300}, CommittedOffsets({tp: group_committed}, failures),
+                           WorkerMetrics(CollectorRegistry()), threading.Event(), max_backoff_s=0.01,
+                           ack_timeout_s=0.2, transactional_prefix="g-tx")
+    stuck = HangingTransactions(hang_in)
+    delivery.producer = stuck  # type: ignore[assignment]
+    started = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="pipeline.worker.transactions"):
+        assert delivery.deliver([Output("alerts", b"k", b"v")], {tp: 10}) is done
+    assert time.monotonic() - started < 5  # 0.5 s past the transaction, not for good
+    assert delivery.producer is None and stuck.closed  # a new producer for the next batch
+    assert delivery.metrics.errors.labels("transaction_lost")._value.get() == 1
+    assert any("transaction lost" in r.getMessage() and hang_in in r.getMessage() for r in caplog.records)
+
+
+class BrokenIdempotence:
+    """A producer whose sends fail with ``error`` (its idempotence state broken) until it is replaced."""
+
+    made: ClassVar[list[BrokenIdempotence]] = []
+
+    def __init__(self, **options: object) -> None:
+        self.closed, self.sent = False, []
+        BrokenIdempotence.made.append(self)
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
+        if len(BrokenIdempotence.made) == 1:  # the first producer's state is broken
+            raise OutOfOrderSequenceNumberError("sequence 7, expected 5")
+        self.sent.append(value)
+        return _Done()
+
+    def close(self, timeout=None) -> None:
+        self.closed = True
+
+
+def test_a_producer_state_error_gets_a_new_producer_and_the_same_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OutOfOrderSequenceNumber is the producer's state, not the message's: the alert goes out whole from a new
+    producer, never in its smaller form (without ``fields``) as a message-specific refusal would."""
+    from pipeline.worker import clients
+
+    BrokenIdempotence.made = []
+    monkeypatch.setattr(clients, "producer", lambda client, **options: BrokenIdempotence(**options))
+    delivery = at_least_once(None)
+    delivery.producer = None
+    alert = Output("alerts", b"k", b'{"transaction_id": "t1", "fields": {"a": 1}}')
+    delivery._publish([alert])
+    first, second = BrokenIdempotence.made
+    assert first.closed and second.sent == [alert.value]
+    assert delivery.metrics.errors.labels("producer_renewed")._value.get() == 1
+    assert delivery.metrics.errors.labels("output_shrunk")._value.get() == 0
+
+
+def test_classification_of_producer_state_errors() -> None:
+    from pipeline.worker.delivery import classify, classify_in_transaction
+
+    for err in (OutOfOrderSequenceNumberError(), UnknownProducerIdError()):
+        assert classify(err) == classify_in_transaction(err) == "renew"

@@ -1,4 +1,5 @@
-"""``python -m deploy.kafka start|stop|status``: manage the local single-node broker, from any directory.
+"""``python -m deploy.kafka start|stop|status``: manage the local broker (or ``--brokers 3``: a cluster), from any
+directory.
 
 The broker's files live in the checkout's ``.cache/kafka`` whatever the working directory (``--home`` to move them).
 """
@@ -9,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from deploy.kafka.cluster import LocalCluster
 from deploy.kafka.local import DEFAULT_HOME, BrokerState, LocalKafka, LocalKafkaError
 
 
@@ -17,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--home", default=str(DEFAULT_HOME), help="cache and state folder")
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
+    parser.add_argument("--brokers", type=int, default=1,
+                        help="start: 1 (a single combined node, the default) or 3 or more: a KRaft cluster of combined "
+                             "nodes with replication factor 3 and min.insync.replicas=2")
     parser.add_argument("--tls", action="store_true",
                         help="start: add TLS, mTLS and SASL_SSL (SCRAM-SHA-512/256, PLAIN) listeners with a "
                              "throw-away CA, and print the FRAUD_* settings for each")
@@ -40,20 +45,39 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO chatter; the readiness probe is quiet
+    if args.brokers not in (1,) and args.brokers < 3:
+        print(f"error: --brokers must be 1, or 3 or more (replication factor 3), not {args.brokers}", file=sys.stderr)
+        return 2
+    if args.brokers > 1 and (args.tls or args.port):
+        print("error: --tls and --port are for the single broker, not a cluster", file=sys.stderr)
+        return 2
     kafka = LocalKafka(args.home)
+    cluster = LocalCluster(args.home, nodes=max(3, args.brokers))
     try:
-        if args.command == "start":
+        if args.command == "start" and args.brokers > 1:
+            nodes = cluster.start()
+            for node in nodes.nodes:
+                print(f"node {node.node_id} at {node.bootstrap_servers} (pid {node.pid}, log {node.log_file})")
+            print(f"export FRAUD_BOOTSTRAP_SERVERS={nodes.bootstrap_servers}")
+        elif args.command == "start":
             state = kafka.start(port=args.port, tls=args.tls)
             print(f"Kafka running at {state.bootstrap_servers} (pid {state.pid}, log {state.log_file})")
             print(f"export FRAUD_BOOTSTRAP_SERVERS={state.bootstrap_servers}")
             if state.ssl_servers:
                 print_secure_listeners(state)
         elif args.command == "stop":
-            print("Kafka stopped" if kafka.stop() else "no local Kafka was running")
+            single, nodes_stopped = kafka.stop(), cluster.stop()
+            print("Kafka stopped" if single or nodes_stopped else "no local Kafka was running")
         else:
-            state = kafka.state()
-            print(f"running at {state.bootstrap_servers} (pid {state.pid})" if state else "not running")
-            return 0 if state else 1
+            state, nodes = kafka.state(), cluster.state()
+            if state:
+                print(f"running at {state.bootstrap_servers} (pid {state.pid})")
+            if nodes:
+                print(f"cluster running at {nodes.bootstrap_servers} (nodes alive: "
+                      f"{', '.join(str(n.node_id) for n in nodes.nodes if cluster.alive(n.node_id)) or 'none'})")
+            if not state and not nodes:
+                print("not running")
+            return 0 if state or nodes else 1
     except LocalKafkaError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

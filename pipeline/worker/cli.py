@@ -126,7 +126,7 @@ def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namesp
 
 def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event,
                 metrics: WorkerMetrics) -> int:
-    from pipeline.topics import ensure_topics, wait_for_kafka
+    from pipeline.topics import check_replication, ensure_topics, wait_for_kafka
 
     wait_for_kafka(kafka, stop=stop)  # before PyTorch and the model load: a wrong address is said at once
     if stop.is_set():
@@ -140,6 +140,7 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
         return 0
     outputs = [kafka.alerts_topic, kafka.dead_letter_topic, *([kafka.features_topic] if kafka.features_topic else [])]
     ensure_topics(kafka, [kafka.input_topic, *outputs], args.partitions)
+    check_replication(kafka, outputs)  # the input topic is the producer's; what the worker writes is checked
     check_input_form(kafka, scorer.artifact)  # a model/topic mismatch is said at once, not as dead letters
     # raw input: a partition-count mismatch of its topics is a bad setting, said here (exit 2)
     state_topics = prepare_topics(kafka, settings.consumer_group) if scorer.artifact.input_form == "raw" else None

@@ -38,6 +38,7 @@ from kafka import TopicPartition
 from kafka.errors import (
     AuthorizationError,
     CommitFailedError,
+    DuplicateSequenceNumberError,
     FencedInstanceIdError,
     IllegalGenerationError,
     IllegalStateError,
@@ -45,10 +46,12 @@ from kafka.errors import (
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
+    OutOfOrderSequenceNumberError,
     ProducerFencedError,
     RebalanceInProgressError,
     RecordListTooLargeError,
     UnknownMemberIdError,
+    UnknownProducerIdError,
     UnsupportedVersionError,
 )
 from kafka.structs import OffsetAndMetadata
@@ -65,6 +68,9 @@ REBALANCED = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, R
 FENCED = (ProducerFencedError, InvalidProducerEpochError)
 FATAL = (AuthorizationError, InvalidTopicError, UnsupportedVersionError, IllegalStateError)
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# the producer's idempotence state is broken, not the message: a new producer sends it again (seen on a three-node
+# cluster with two nodes down: OutOfOrderSequenceNumber on the alerts topic, once sent as a smaller alert instead)
+PRODUCER_STATE = (OutOfOrderSequenceNumberError, UnknownProducerIdError, DuplicateSequenceNumberError)
 REPORT_EVERY_S = 30.0
 SLOW_ACK_S = 5.0  # an acknowledgement this late is logged (once per batch)
 
@@ -78,9 +84,12 @@ class DeliveryError(FraudPipelineError):
 
 
 def classify(err: BaseException) -> str:
-    """``retry``, ``shrink`` (too large, or refused for this message alone) or ``fatal``."""
+    """``retry``, ``renew`` (retry with a new producer), ``shrink`` (too large, or refused for this message
+    alone) or ``fatal``."""
     if isinstance(err, FATAL):
         return "fatal"
+    if isinstance(err, PRODUCER_STATE):
+        return "renew"
     if isinstance(err, TOO_LARGE):
         return "shrink"
     if getattr(err, "retriable", False):
@@ -93,6 +102,8 @@ def classify_in_transaction(err: BaseException) -> str:
     (the transaction becomes abortable): only a message-specific error shrinks its message."""
     if isinstance(err, FATAL):
         return "fatal"
+    if isinstance(err, PRODUCER_STATE):
+        return "renew"
     if isinstance(err, TOO_LARGE) or not isinstance(err, KafkaError):
         return "shrink"
     return "retry"
@@ -238,9 +249,12 @@ class Delivery:
         errors = {id(out): err for out, err in failed}
         again: list[Output] = []
         retriable: BaseException | None = None
+        renew: BaseException | None = None
         for out in pending:
             err = errors.get(id(out))
             kind = "ok" if err is None else classify(err)
+            if kind == "renew":
+                renew, kind = err, "retry"
             if kind == "fatal":
                 raise DeliveryError(f"Kafka refused an output to {out.topic!r}: {type(err).__name__}: {err}") \
                     from err
@@ -251,6 +265,12 @@ class Delivery:
             elif kind == "retry" or resend_all:
                 retriable = err if kind == "retry" else retriable
                 again.append(out)
+        if renew is not None:
+            self.metrics.errors.labels("producer_renewed").inc()
+            log.warning("the producer's idempotence state broke (%s: %s); a new producer sends its outputs again",
+                        type(renew).__name__, renew)
+            # not dropped: other batches may have records in flight on it (dropped, they would fail as closed)
+            self.close(timeout_s=self.ack_timeout_s)
         return again, retriable
 
     def _shrink(self, out: Output, err: BaseException) -> Output | None:
@@ -354,6 +374,7 @@ class AtLeastOnce(Delivery):
         pending = outputs
         while pending:
             if failed is None:
+                self._producer()  # a new one, if the last was dropped (``renew``)
                 failed = self._send(pending)
             if not failed:
                 break

@@ -47,7 +47,8 @@ DEAD_LETTER_REASONS = ("empty", "oversized", "not_json", "not_object", "missing_
                        "missing_feature", "not_finite", "processing_error", "corrupt_record", "out_of_range",
                        "duplicate_conflict")
 ERROR_KINDS = ("publish_failed", "commit_retry", "commit_failed", "transaction_retry", "producer_fenced",
-               "output_shrunk", "output_dropped", "stalled", "model_watch")
+               "output_shrunk", "output_dropped", "stalled", "model_watch", "transaction_lost",
+               "producer_renewed")
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 100.0)
 
 

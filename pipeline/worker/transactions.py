@@ -18,7 +18,22 @@ On failure the transaction is aborted and:
 kafka-python gives ``commit_transaction``, ``abort_transaction`` and
 ``send_offsets_to_transaction`` no timeout; they run on a helper thread so that a worker
 asked to stop leaves after ``STOP_GRACE_S`` instead of waiting for a broker that is away.
-A commit is never abandoned to retry the same batch: that could publish it twice.
+
+A transactional call still waiting after the transaction timeout plus the acknowledgement
+timeout is *lost*: kafka-python can wait for good on a transaction coordinator that moved (seen
+on a three-node cluster, the coordinator's node killed: the new coordinator had aborted the
+transaction with a bumped epoch, the client never heard). The coordinator aborts any
+transaction open longer than its timeout, so the batch's transaction is over either way; which
+way is read from the group's committed offsets (``require_stable``: an answer only once the
+transaction is complete), never guessed:
+
+- committed (the offsets are the batch's): the batch is done, ``deliver`` returns True;
+- aborted: ``deliver`` returns False and the worker reads the batch again (exactly what an
+  aborted transaction calls for).
+
+Either way the stuck producer is dropped for a new one, an ERROR line says so and
+``fraud_errors_total{kind="transaction_lost"}`` counts it. A commit is never simply retried:
+that could publish the batch twice.
 """
 
 from __future__ import annotations
@@ -30,7 +45,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kafka import KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from pipeline.worker.clients import Call
@@ -52,12 +67,22 @@ T = TypeVar("T")
 STOP_GRACE_S = 10.0  # how long a stopping worker still waits on a blocked transactional call
 
 
+class TransactionLost(KafkaError):
+    """A transactional call outlived the transaction it belongs to (see the module's docstring)."""
+
+    def __init__(self, call: str, waited_s: float) -> None:
+        super().__init__(f"{call} still waiting on Kafka after {waited_s:.0f}s, past the transaction timeout")
+        self.call = call
+
+
 class ExactlyOnce(Delivery):
     """Outputs and offsets in one transaction per batch."""
 
     def __init__(self, *args: Any, transactional_prefix: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.transactional_prefix = transactional_prefix
+        # past this, the coordinator has aborted the transaction or completed it: waiting on is a stall
+        self.lost_after_s = self.producer_options.get("transaction_timeout_ms", 60_000) / 1000 + self.ack_timeout_s
 
     def deliver(self, outputs: list[Output], offsets: dict[TopicPartition, int]) -> bool:
         backoff = self._backoff("the transaction", "transaction_retry")
@@ -77,10 +102,12 @@ class ExactlyOnce(Delivery):
                 if meta:  # none: outputs alone (raw input's watermark marks between batches)
                     send_offsets = functools.partial(producer.send_offsets_to_transaction, meta,
                                                      self.consumer.group_metadata())
-                    self._bounded(send_offsets)
-                self._bounded(producer.commit_transaction)
+                    self._bounded(send_offsets, "send_offsets_to_transaction")
+                self._bounded(producer.commit_transaction, "commit_transaction")
                 backoff.done()
                 return True
+            except TransactionLost as err:
+                return self._lost(err, meta)
             except REBALANCED as err:
                 self._abort()
                 self.metrics.errors.labels("commit_failed").inc()
@@ -116,28 +143,90 @@ class ExactlyOnce(Delivery):
                 backoff.wait(err)
         return self.producer
 
+    def _lost(self, err: TransactionLost, meta: dict[TopicPartition, Any]) -> bool:
+        """After a lost transactional call: a new producer, and whether the batch's transaction committed."""
+        self.metrics.errors.labels("transaction_lost").inc()
+        log.error("transaction lost: %s; dropping the producer for a new one, then reading the batch's outcome "
+                  "from the group's committed offsets", err)
+        self._drop_producer()
+        if err.call != "commit_transaction" or not meta:
+            return False  # never asked to commit (or nothing to tell it by: marks only, read again harmlessly)
+        committed = self._committed(meta)
+        log.error("the lost transaction %s; %s", "committed" if committed else "was aborted",
+                  "the batch is done" if committed else "the batch is read again")
+        return committed
+
+    def _drop_producer(self) -> None:
+        """Close the stuck producer without waiting on it (its blocked call may never return)."""
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            Call(functools.partial(producer.close, timeout=0), "txn-drop")
+
+    def _committed(self, meta: dict[TopicPartition, Any]) -> bool:
+        """Whether the group's committed offsets are the batch's (its transaction committed). The consumer reads
+        them stable (read_committed: kafka-python sets require_stable), so a transaction still completing is
+        waited for, never taken for aborted."""
+        backoff = self._backoff("reading the lost transaction's outcome", "transaction_retry")
+        reader, failed = self.consumer, False
+        try:
+            while True:
+                try:
+                    if failed:
+                        reader = self._fresh_reader()
+                    return all(reader.committed(tp) == om.offset for tp, om in meta.items())
+                except KafkaError as err:
+                    failed = True
+                    if reader is not self.consumer:
+                        reader.close(autocommit=False)
+                        reader = self.consumer
+                    backoff.wait(err)
+        finally:
+            if reader is not self.consumer:
+                reader.close(autocommit=False)
+
+    def _fresh_reader(self) -> Any:
+        """A new reader of the group's committed offsets (it does not join the group), after a read failed:
+        kafka-python's consumer kept failing with ECONNREFUSED after the coordinator's node was killed and came
+        back, where a new client asks the cluster afresh."""
+        config = getattr(self.consumer, "config", None)
+        if not isinstance(config, dict):  # not kafka-python's (a test's fake): ask it again
+            return self.consumer
+        options = {k: v for k, v in config.items() if k in KafkaConsumer.DEFAULT_CONFIG}
+        return KafkaConsumer(**{**options, "client_id": f"{config.get('client_id')}-outcome",
+                                "isolation_level": "read_committed", "enable_auto_commit": False})
+
     def _abort(self) -> None:
         """Abort the open transaction; a producer that cannot abort is replaced."""
         producer = self.producer
         if producer is None:
             return
         try:
-            self._bounded(producer.abort_transaction)
+            self._bounded(producer.abort_transaction, "abort_transaction")
         except StopWithoutCommit:
             raise
+        except TransactionLost as err:  # the coordinator aborts it on its own
+            self.metrics.errors.labels("transaction_lost").inc()
+            log.error("transaction lost: %s; dropping the producer for a new one", err)
+            self._drop_producer()
         except Exception as err:  # fenced or in a fatal state: the coordinator aborts it on its own
             log.info("could not abort the transaction (%s: %s); replacing the producer", type(err).__name__, err)
             self.close(timeout_s=0)
 
-    def _bounded(self, call: Callable[[], T]) -> T:
+    def _bounded(self, call: Callable[[], T], name: str) -> T:
         """Run a blocking transactional call (kafka-python gives them no timeout) so that a worker
-        asked to stop leaves after ``STOP_GRACE_S`` instead of waiting for a broker that is away."""
+        asked to stop leaves after ``STOP_GRACE_S`` instead of waiting for a broker that is away, and
+        one that outlives its transaction raises TransactionLost."""
         running = Call(call, "txn-call")
-        waited_stopping, reported = 0.0, time.monotonic()
+        waited_stopping, started = 0.0, time.monotonic()
+        reported = started
         while not running.wait(0.5):
-            if time.monotonic() - reported > REPORT_EVERY_S:
-                reported = time.monotonic()
-                log.warning("a transactional call has been waiting on Kafka for over %.0fs", REPORT_EVERY_S)
+            now = time.monotonic()
+            if now - started > self.lost_after_s:
+                raise TransactionLost(name, now - started)
+            if now - reported > REPORT_EVERY_S:
+                reported = now
+                log.warning("%s has been waiting on Kafka for %.0fs (lost after %.0fs)", name, now - started,
+                            self.lost_after_s)
             if self.stop.is_set():
                 waited_stopping += 0.5
                 if waited_stopping >= STOP_GRACE_S:
