@@ -9,8 +9,11 @@ Each prints one ``chaos:`` line with its figures, recovery time included.
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import signal
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,8 +27,13 @@ from kafka.errors import KafkaError
 from deploy.kafka.cluster import LocalCluster
 from deploy.kafka.local import DEFAULT_HOME
 from pipeline.config import KafkaSettings
+from producer.rawfeed import raw_messages
+from producer.send import make_producer, send_records
+from producer.simulator import SimulatorConfig, simulate
+from producer.tables import resolve_spec
 from tests.chaos_helpers import Workers, assigned, check_outcome, committed_total, feed, stream_file
-from tests.worker_helpers import committed_to_end, wait_for
+from tests.test_stream_features_kafka import assert_equal_to_offline, streamed_features
+from tests.worker_helpers import committed_to_end, produce_frame, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(1200)]
 
@@ -121,3 +129,98 @@ def test_transaction_coordinator_killed_mid_stream(cluster: LocalCluster, settin
     print(f"chaos: cluster, kill -9 node {node} for 15 s ({mode}): first commit after the kill "
           f"{first_commit_s:.1f}s, {lost} lost transactional calls")
     check_outcome(settings, model_dir, frame, group, mode, f"cluster: kill -9 the transaction coordinator ({mode})")
+
+
+def wait_replicas_in_sync(settings: KafkaSettings, timeout_s: float = 120) -> float:
+    """Seconds until every partition of every topic has all its replicas in sync again (what an operator waits
+    for between two nodes of a rolling restart)."""
+    started = time.monotonic()
+
+    def in_sync() -> bool:
+        admin = KafkaAdminClient(**settings.client_options())
+        try:
+            return all(len(p["isr_nodes"]) == len(p["replica_nodes"])
+                       for topic in admin.describe_topics() for p in topic["partitions"])
+        except KafkaError:
+            return False
+        finally:
+            admin.close()
+
+    assert wait_for(in_sync, timeout_s=timeout_s, every_s=1.0), "replicas not back in sync"
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
+def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCluster, settings: KafkaSettings,
+                                                                raw_model_dir: Path, mode: str,
+                                                                tmp_path: Path) -> None:
+    """Raw transactions and labels fed at a steady pace while each node is restarted in turn (SIGTERM, back,
+    replicas in sync), then two nodes are killed at once for 20 s (below min.insync.replicas: no write is
+    acknowledged, nothing committed) and come back. Every transaction's streamed features equal the offline
+    table, no late events, every offset committed; under exactly-once each transaction is scored once."""
+    frame = simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=45, seed=11,
+                                     terminals_compromised_per_day=0.5))
+    settings = dataclasses.replace(settings, labels_topic=f"labels-{settings.client_id}",
+                                   features_topic=f"features-{settings.client_id}")
+    messages = list(raw_messages(frame, resolve_spec(frame, "handbook"), settings.input_topic,
+                                 settings.labels_topic, 7.0))
+    transactions = sum(m[0] == settings.input_topic for m in messages)
+    produce_frame(settings, frame.iloc[:0])  # the input and output topics (3 partitions, 3 replicas)
+    sent: dict = {}
+
+    def feed_paced() -> None:
+        producer = make_producer(settings)
+        try:
+            sent["report"] = send_records(messages, settings.input_topic, producer, rate=len(messages) / 75,
+                                          progress=False, flush_timeout_s=300)
+        finally:
+            producer.close()
+
+    feeder = threading.Thread(target=feed_paced, daemon=True)
+    group = f"rawroll-{settings.client_id}"
+    workers = Workers(settings, raw_model_dir, group, mode, tmp_path)
+    workers.env.update({"FRAUD_LABELS_TOPIC": settings.labels_topic, "FRAUD_FEATURES_TOPIC": settings.features_topic,
+                        "FRAUD_REPLICATION_FACTOR": "3"})
+    proc, log = workers.start("--max-batch", "1024")
+    try:
+        assert wait_for(lambda: assigned(log), timeout_s=120), log.read_text()[-2000:]
+        feeder.start()
+        time.sleep(3)
+        sync_s = []
+        for node in (1, 2, 3):
+            cluster.stop_node(node)
+            cluster.restart(node)
+            sync_s.append(round(wait_replicas_in_sync(settings), 1))
+        assert feeder.is_alive(), "the feed must still flow when two nodes go down"
+        before = committed_now(settings, group)
+        cluster.kill(1)
+        cluster.kill(2)
+        time.sleep(20)
+        cluster.restart(1)
+        cluster.restart(2)
+        back = time.monotonic()
+        assert wait_for(lambda: committed_now(settings, group) > before, timeout_s=150, every_s=0.5), \
+            log.read_text()[-3000:]
+        first_commit_s = time.monotonic() - back
+        feeder.join(timeout=400)
+        assert sent["report"].acked == len(messages), sent["report"].errors
+        assert wait_for(lambda: committed_to_end(settings, group), timeout_s=240), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out
+    seen = streamed_features(settings, transactions)
+    copies = sum(len(c) for c in seen.values())
+    late = [int(n) for n in re.findall(r"(\d+) late events", out)]
+    print(f"chaos: cluster, raw input, rolling restart (replicas in sync after {sync_s} s) then two nodes down "
+          f"20 s: {{'mode': '{mode}', 'transactions': {transactions}, 'features_records': {copies}, "
+          f"'repeated': {copies - len(seen)}, 'late_events': {late}, "
+          f"'first_commit_after_two_back_s': {first_commit_s:.1f}}}")
+    assert late == [0]
+    assert_equal_to_offline(frame, seen)
+    if mode == "exactly-once":
+        assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"

@@ -144,10 +144,18 @@ class LocalCluster:
             while _alive(state.node(node_id).pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
+    def stop_node(self, node_id: int, timeout_s: float = 30.0) -> None:
+        """Stop one node as an operator's rolling restart does (SIGTERM: a controlled shutdown that hands its
+        leaderships over first), SIGKILL past ``timeout_s``."""
+        _terminate(self._require_state().node(node_id).pid, timeout_s)
+
     def restart(self, node_id: int, timeout_s: float = 90.0) -> NodeState:
         """Start a node that was killed again on its own data; wait until it answers."""
         state = self._require_state()
         node = state.node(node_id)
+        deadline = time.monotonic() + 10  # a SIGKILL just sent takes a moment
+        while _alive(node.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if _alive(node.pid):
             raise LocalKafkaError(f"node {node_id} (pid {node.pid}) is still running")
         node.pid = _launch(node)
