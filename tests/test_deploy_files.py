@@ -467,3 +467,37 @@ def test_dashboard_filters_every_query_by_the_job_variable() -> None:
             for target in panel.get("targets", []):
                 for name, selector in re.findall(r"\b(fraud_\w+|up)\b(\{[^}]*\})?", target["expr"]):
                     assert 'job="$job"' in selector, f"{panel['title']}: {name}{selector} ignores $job"
+
+
+def test_the_cluster_overlay_makes_three_replicating_nodes() -> None:
+    """deploy/compose.cluster.yml over docker-compose.yml, resolved by Docker Compose's own loader: three
+    combined KRaft nodes in one quorum, RF 3 and min ISR 2 everywhere, a volume each, and every Kafka client
+    given all three nodes (the workers refusing topics of fewer replicas)."""
+    if not COMPOSE_CONFIG.is_file():
+        pytest.fail("no .cache/tools/bin/compose-config: `make tools` (or `make go-tools`) builds it (Go 1.21+)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(REPO)}
+    done = subprocess.run([str(COMPOSE_CONFIG), str(COMPOSE), str(REPO / "deploy" / "compose.cluster.yml")],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    nodes = {name: services[name] for name in ("kafka", "kafka-2", "kafka-3")}
+    voters = {n["environment"]["KAFKA_CONTROLLER_QUORUM_VOTERS"] for n in nodes.values()}
+    assert voters == {"1@kafka:9093,2@kafka-2:9093,3@kafka-3:9093"}
+    assert sorted(n["environment"]["KAFKA_NODE_ID"] for n in nodes.values()) == ["1", "2", "3"]
+    for name, node in nodes.items():
+        env_of = node["environment"]
+        assert env_of["KAFKA_DEFAULT_REPLICATION_FACTOR"] == env_of["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] \
+            == env_of["KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR"] == "3", name
+        assert env_of["KAFKA_MIN_INSYNC_REPLICAS"] == env_of["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "2", name
+        assert [v["type"] for v in node["volumes"]] == ["volume"], name
+    assert len({n["volumes"][0]["source"] for n in nodes.values()}) == 3
+    assert services["kafka-init"]["environment"]["TOPIC_REPLICATION_FACTOR"] == "3"
+    for name in ("worker", "worker-gpu", "producer"):
+        assert services[name]["environment"]["FRAUD_BOOTSTRAP_SERVERS"] == "kafka:9092,kafka-2:9092,kafka-3:9092"
+        assert {"kafka-2", "kafka-3"} <= set(services[name]["depends_on"]), name
+    assert services["worker"]["environment"]["FRAUD_REPLICATION_FACTOR"] == "3"
+
+
+def test_the_single_broker_stack_keeps_one_replica(resolved: dict) -> None:
+    assert resolved["services"]["kafka-init"]["environment"]["TOPIC_REPLICATION_FACTOR"] == "1"
+    assert "kafka-2" not in resolved["services"]

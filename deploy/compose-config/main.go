@@ -2,7 +2,8 @@
 // library (compose-go): schema validation, ${VAR:-default} interpolation, YAML anchors and
 // merge keys, x- extensions, every profile. It prints the resolved project as YAML, or the
 // reason the file is invalid (exit status 1). It needs no Docker engine: the tests use it where
-// the Compose plugin is missing. Usage: compose-config docker-compose.yml
+// the Compose plugin is missing. Usage: compose-config docker-compose.yml [OVERLAY.yml ...] (later files
+// merge into earlier ones, as `docker compose -f A -f B` does).
 package main
 
 import (
@@ -15,16 +16,20 @@ import (
 )
 
 func main() {
-	if len(os.Args) != 2 {
-		fmt.Fprintln(os.Stderr, "usage: compose-config COMPOSE_FILE")
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: compose-config COMPOSE_FILE [OVERLAY_FILE ...]")
 		os.Exit(2)
 	}
-	file, err := filepath.Abs(os.Args[1])
-	if err != nil {
-		fail(err)
+	var files []string
+	for _, name := range os.Args[1:] {
+		file, err := filepath.Abs(name)
+		if err != nil {
+			fail(err)
+		}
+		files = append(files, file)
 	}
-	options, err := cli.NewProjectOptions([]string{file}, cli.WithOsEnv,
-		cli.WithWorkingDirectory(filepath.Dir(file)), cli.WithProfiles([]string{"*"}))
+	options, err := cli.NewProjectOptions(files, cli.WithOsEnv,
+		cli.WithWorkingDirectory(filepath.Dir(files[0])), cli.WithProfiles([]string{"*"}))
 	if err != nil {
 		fail(err)
 	}
