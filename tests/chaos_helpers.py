@@ -16,7 +16,15 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from pipeline.config import KafkaSettings
 from tests.kafka_helpers import REPO
-from tests.worker_helpers import alert_ids, committed_to_end, offline_flags, produce_frame, read_topic, wait_for
+from tests.worker_helpers import (
+    alert_ids,
+    committed_to_end,
+    input_progress,
+    offline_flags,
+    produce_frame,
+    read_topic,
+    wait_for,
+)
 
 
 class Workers:
@@ -155,13 +163,7 @@ def check_outcome(settings: KafkaSettings, model_dir: Path, frame: pd.DataFrame,
 
 def input_lag(settings: KafkaSettings, group: str) -> int:
     """Records of the input topic the group has not committed yet."""
-    consumer = KafkaConsumer(**settings.client_options(), group_id=group, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(settings.input_topic, p) for p in consumer.partitions_for_topic(settings.input_topic)]
-        ends = consumer.end_offsets(parts)
-        return sum(ends[tp] - (consumer.committed(tp) or 0) for tp in parts)
-    finally:
-        consumer.close(autocommit=False)
+    return sum(end - (committed or 0) for end, committed in input_progress(settings, group))
 
 
 def ids_of(frame: pd.DataFrame) -> set[str]:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from deploy.kafka.local import DEFAULT_HOME, LocalKafka, LocalKafkaError, wait_until_ready
+from deploy.kafka.local import LocalKafka, LocalKafkaError, wait_until_ready
 from pipeline.config import KafkaSettings
+from tests.kafka_helpers import with_shared_jars
 
 KAFKA_IMAGE = "apache/kafka:4.3.1"
 REPO = Path(__file__).resolve().parent.parent
@@ -56,9 +57,7 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
     home = tmp_path_factory.mktemp("kafka")
-    shared_libs = DEFAULT_HOME / "libs"
-    if shared_libs.exists():  # reuse jars resolved by an earlier run or `make demo`
-        shutil.copytree(shared_libs, home / "libs", symlinks=True)
+    with_shared_jars(home)
     broker = LocalKafka(home)
     global LOCAL_BROKER_PID
     try:

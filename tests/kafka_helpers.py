@@ -10,6 +10,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
+def with_shared_jars(home: Path) -> Path:
+    """``home`` for a broker or cluster of a test's own, holding the Kafka jars an earlier run or `make demo`
+    resolved (a copy: no Maven run when the pom has not changed)."""
+    import shutil
+
+    from deploy.kafka.local import DEFAULT_HOME
+
+    if (DEFAULT_HOME / "libs").exists():
+        shutil.copytree(DEFAULT_HOME / "libs", home / "libs", symlinks=True)
+    return home
+
+
 def kcat_read(kcat: str, bootstrap: str, topic: str, timeout_s: float = 60) -> list[dict]:
     """Every message of ``topic`` as kcat's JSON envelope (topic, partition, offset, key, payload)."""
     done = subprocess.run(

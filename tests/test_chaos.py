@@ -15,7 +15,6 @@ import importlib.util
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import threading
@@ -29,7 +28,7 @@ import pandas as pd
 import pytest
 from kafka import KafkaProducer
 
-from deploy.kafka.local import DEFAULT_HOME, LocalKafka, wait_until_ready
+from deploy.kafka.local import LocalKafka, wait_until_ready
 from pipeline.config import KafkaSettings
 from tests.chaos_helpers import (
     BadFeed,
@@ -42,6 +41,7 @@ from tests.chaos_helpers import (
     input_lag,
     stream_file,
 )
+from tests.kafka_helpers import with_shared_jars
 from tests.worker_helpers import committed_to_end, produce_frame, read_topic, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(1200)]
@@ -92,8 +92,7 @@ class Broker:
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
     home = tmp_path_factory.mktemp("chaos-kafka")
-    if (DEFAULT_HOME / "libs").exists():
-        shutil.copytree(DEFAULT_HOME / "libs", home / "libs", symlinks=True)
+    with_shared_jars(home)
     b = Broker(home)
     yield b
     b.stop()

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import shutil
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -25,13 +25,13 @@ from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 
 from deploy.kafka.cluster import LocalCluster
-from deploy.kafka.local import DEFAULT_HOME
 from pipeline.config import KafkaSettings
 from producer.rawfeed import raw_messages
 from producer.send import make_producer, send_records
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
 from tests.chaos_helpers import Workers, assigned, check_outcome, committed_total, feed, stream_file
+from tests.kafka_helpers import with_shared_jars
 from tests.test_stream_features_kafka import assert_equal_to_offline, streamed_features
 from tests.worker_helpers import committed_to_end, produce_frame, wait_for
 
@@ -41,8 +41,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(12
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     home = tmp_path_factory.mktemp("cluster-kafka")
-    if (DEFAULT_HOME / "libs").exists():
-        shutil.copytree(DEFAULT_HOME / "libs", home / "libs", symlinks=True)
+    with_shared_jars(home)
     nodes = LocalCluster(home)
     nodes.start()
     yield nodes
@@ -70,6 +69,22 @@ def transaction_coordinator(settings: KafkaSettings, group: str) -> int | None:
     return holders[0] if holders else None
 
 
+def finish(proc: subprocess.Popen, log: Path, settings: KafkaSettings, group: str) -> str:
+    """Once the group has committed every input record, stop the worker (SIGTERM: it must exit 0, no traceback);
+    its log. A worker still running when the test failed earlier is killed."""
+    try:
+        assert wait_for(lambda: committed_to_end(settings, group), timeout_s=240), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = log.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out
+    return out
+
+
 def test_every_node_writes_its_log(cluster: LocalCluster) -> None:
     """A broker problem must leave something to read: each node logs its start (SLF4J bound to log4j)."""
     state = cluster.state()
@@ -89,12 +104,15 @@ def committed_now(settings: KafkaSettings, group: str) -> int:
         return -1
 
 
-@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
-def test_transaction_coordinator_killed_mid_stream(cluster: LocalCluster, settings: KafkaSettings, model_dir: Path,
-                                                   stream_frame: pd.DataFrame, tmp_path: Path, mode: str) -> None:
-    """kill -9 of the node coordinating the worker's transactions while records flow (under at-least-once,
-    which has none, node 2); the node returns 15 s later. Before the fix the exactly-once worker stalled for
-    good in 2 of 4 runs here (``send_offsets_to_transaction`` or ``commit_transaction`` never returned)."""
+@pytest.mark.parametrize(("mode", "fault"), [("at-least-once", "kill"), ("exactly-once", "kill"),
+                                             ("exactly-once", "pause")])
+def test_transaction_coordinator_lost_mid_stream(cluster: LocalCluster, settings: KafkaSettings, model_dir: Path,
+                                                 stream_frame: pd.DataFrame, tmp_path: Path, mode: str,
+                                                 fault: str) -> None:
+    """The node coordinating the worker's transactions (under at-least-once, which has none, node 2) while
+    records flow: killed -9 and back 15 s later, or paused 30 s (SIGSTOP: a zombie that answers nothing without
+    dying) then woken. Before the fix, the exactly-once worker stalled for good after the kill in both runs
+    that got that far (``send_offsets_to_transaction`` or ``commit_transaction`` never returned)."""
     frame, path = stream_file(stream_frame, settings, tmp_path)
     group = f"coord-{settings.client_id}"
     workers = Workers(settings, model_dir, group, mode, tmp_path)
@@ -107,28 +125,29 @@ def test_transaction_coordinator_killed_mid_stream(cluster: LocalCluster, settin
         node = transaction_coordinator(settings, group) if mode == "exactly-once" else 2
         assert node is not None, "no open transaction of the worker found"
         before = committed_now(settings, group)
-        cluster.kill(node)
-        killed_at = time.monotonic()
-        time.sleep(15)
-        cluster.restart(node)
+        faulted_at = time.monotonic()
+        if fault == "kill":
+            cluster.kill(node)
+            time.sleep(15)
+            cluster.restart(node)
+        else:
+            cluster.kill(node, signal.SIGSTOP)
+            time.sleep(30)
+            cluster.kill(node, signal.SIGCONT)
         assert wait_for(lambda: committed_now(settings, group) > before, timeout_s=150, every_s=0.5), \
             log.read_text()[-3000:]
-        first_commit_s = time.monotonic() - killed_at
+        first_commit_s = time.monotonic() - faulted_at
         feeder_out, _ = feeder.communicate(timeout=300)
         assert feeder.returncode == 0, feeder_out
-        assert wait_for(lambda: committed_to_end(settings, group), timeout_s=240), log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text()
-    assert proc.returncode == 0, out[-3000:]
-    assert "Traceback" not in out
+    except BaseException:
+        proc.kill()
+        raise
+    out = finish(proc, log, settings, group)
     lost = sum("transaction lost:" in line for line in out.splitlines())
-    print(f"chaos: cluster, kill -9 node {node} for 15 s ({mode}): first commit after the kill "
-          f"{first_commit_s:.1f}s, {lost} lost transactional calls")
-    check_outcome(settings, model_dir, frame, group, mode, f"cluster: kill -9 the transaction coordinator ({mode})")
+    what = "kill -9 for 15 s" if fault == "kill" else "SIGSTOP for 30 s"
+    print(f"chaos: cluster, {what} node {node} ({mode}): first commit after the fault {first_commit_s:.1f}s, "
+          f"{lost} lost transactional calls")
+    check_outcome(settings, model_dir, frame, group, mode, f"cluster: {what} the transaction coordinator ({mode})")
 
 
 def wait_replicas_in_sync(settings: KafkaSettings, timeout_s: float = 120) -> float:
@@ -204,15 +223,10 @@ def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCl
         first_commit_s = time.monotonic() - back
         feeder.join(timeout=400)
         assert sent["report"].acked == len(messages), sent["report"].errors
-        assert wait_for(lambda: committed_to_end(settings, group), timeout_s=240), log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = log.read_text()
-    assert proc.returncode == 0, out[-3000:]
-    assert "Traceback" not in out
+    except BaseException:
+        proc.kill()
+        raise
+    out = finish(proc, log, settings, group)
     seen = streamed_features(settings, transactions)
     copies = sum(len(c) for c in seen.values())
     late = [int(n) for n in re.findall(r"(\d+) late events", out)]

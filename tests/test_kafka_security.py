@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,12 +17,12 @@ import pytest
 from kafka import KafkaAdminClient
 
 from deploy.kafka.__main__ import print_secure_listeners
-from deploy.kafka.local import DEFAULT_HOME, BrokerState, LocalKafka, LocalKafkaError
+from deploy.kafka.local import BrokerState, LocalKafka, LocalKafkaError
 from deploy.kafka.tls import issue, make_ca
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError
 from pipeline.security import check_access
-from tests.kafka_helpers import run_cli
+from tests.kafka_helpers import run_cli, with_shared_jars
 
 pytestmark = pytest.mark.integration
 ROWS = 150
@@ -33,8 +32,7 @@ ROWS = 150
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerState]:
     """A local broker with TLS, mTLS, SASL_SSL and wrong-host TLS listeners, for this module."""
     home = tmp_path_factory.mktemp("kafka-tls")
-    if (DEFAULT_HOME / "libs").exists():  # jars resolved by an earlier run
-        shutil.copytree(DEFAULT_HOME / "libs", home / "libs", symlinks=True)
+    with_shared_jars(home)
     broker = LocalKafka(home)
     try:
         state = broker.start(tls=True)

@@ -123,6 +123,7 @@ def test_publish_retries_until_acknowledged() -> None:
     delivery._publish(outputs)
     assert sorted(v for _, _, v in delivery.producer.sent) == [b"v1", b"v2"]  # type: ignore[union-attr]
     assert delivery.metrics.errors.labels("publish_failed")._value.get() == 2
+    assert delivery.metrics.kafka_errors.labels("KafkaTimeoutError")._value.get() == 2  # named by class
 
 
 class SlowFuture:

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from deploy.kafka.local import (
+    _LOG4J,
     DEFAULT_HOME,
     LocalKafka,
     LocalKafkaError,
@@ -256,16 +257,7 @@ log.segment.bytes=104857600
 
 
 # what a node says of its life (start, leadership, fencing, shutdown) and every warning, to its own log
-_NODE_LOG4J = """\
-status = warn
-appender.out.type = Console
-appender.out.name = out
-appender.out.layout.type = PatternLayout
-appender.out.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = warn
-rootLogger.appenderRef.out.ref = out
-logger.raft.name = kafka.server.KafkaRaftServer
-logger.raft.level = info
+_NODE_LOG4J = _LOG4J + """\
 logger.controller.name = org.apache.kafka.controller.QuorumController
 logger.controller.level = info
 logger.coordinator.name = kafka.coordinator.transaction

@@ -112,7 +112,8 @@ def classify_in_transaction(err: BaseException) -> str:
 class Backoff:
     """Capped exponential backoff that waits on the stop event, and says so in logs and metrics."""
 
-    def __init__(self, stop: threading.Event, cap_s: float, count: Callable[[], None], what: str) -> None:
+    def __init__(self, stop: threading.Event, cap_s: float, count: Callable[[BaseException], None], what: str
+                 ) -> None:
         self.stop, self.cap_s, self.count, self.what = stop, cap_s, count, what
         self.attempt = 0
         self.started = time.monotonic()
@@ -121,7 +122,7 @@ class Backoff:
     def wait(self, err: BaseException) -> None:
         """Sleep before the next try; raise StopWithoutCommit when stopping after a few tries."""
         self.attempt += 1
-        self.count()
+        self.count(err)
         now = time.monotonic()
         if self.attempt == 1 or now - self._reported >= REPORT_EVERY_S:
             self._reported = now
@@ -199,7 +200,11 @@ class Delivery:
             self.producer = None
 
     def _backoff(self, what: str, kind: str) -> Backoff:
-        return Backoff(self.stop, self.max_backoff_s, self.metrics.errors.labels(kind).inc, what)
+        def count(err: BaseException) -> None:
+            self.metrics.errors.labels(kind).inc()
+            self.metrics.kafka_errors.labels(type(err).__name__).inc()
+
+        return Backoff(self.stop, self.max_backoff_s, count, what)
 
     def _send(self, outputs: list[Output]) -> list[tuple[Output, BaseException]]:
         """Send all, wait for every acknowledgement; the outputs that failed, with their errors."""

@@ -71,6 +71,10 @@ class WorkerMetrics:
                                     ["reason"], namespace=ns, registry=registry)
         self.batches = Counter("batches", "Micro-batches processed and committed", namespace=ns, registry=registry)
         self.errors = Counter("errors", "Errors by kind", ["kind"], namespace=ns, registry=registry)
+        self.kafka_errors = Counter("kafka_errors", "Kafka errors the worker backed off and retried, by the client's "
+                                    "error class (NotEnoughReplicasError: a cluster below min.insync.replicas; "
+                                    "NotLeaderForPartitionError: leaders moving)", ["error"], namespace=ns,
+                                    registry=registry)
         self.reloads = Counter("model_reloads", "Model reload attempts, by result",
                                ["result"], namespace=ns, registry=registry)
         self.batch_size = Histogram("batch_size", "Records per micro-batch", buckets=SIZE_BUCKETS,
