@@ -116,8 +116,10 @@ def run(argv: list[str] | None = None) -> int:
     except FraudPipelineError as err:
         report(str(err))
         return 2
-    except KeyboardInterrupt:
-        report("interrupted")
+    except KeyboardInterrupt as stop:
+        sent = getattr(stop, "report", None)  # producer.send.Interrupted: what went out before Ctrl-C
+        report("interrupted" if sent is None else
+               f"interrupted: {sent.acked} records acknowledged of {sent.sent} sent ({sent.failed} failed)")
         return 130
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -84,6 +85,15 @@ def make_producer(settings: KafkaSettings, **overrides: object) -> KafkaProducer
         raise BrokerError(f"cannot connect to Kafka at {settings.bootstrap_servers}: {err}") from err
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``send_records``: what was sent and acknowledged by then (in-flight records are given a few
+    seconds to be acknowledged first)."""
+
+    def __init__(self, report: SendReport) -> None:
+        super().__init__()
+        self.report = report
+
+
 def send_records(
     records: Iterable[tuple[bytes | None, bytes] | tuple[str, bytes | None, bytes]],
     topic: str,
@@ -114,16 +124,22 @@ def send_records(
     bar = tqdm(total=total, unit="tx", disable=None if progress is None else not progress,
                smoothing=0.1, mininterval=0.5)
     with bar:
-        for index, record in enumerate(records):
-            pacer.wait(index)
-            to, key, value = record if len(record) == 3 else (topic, *record)
-            future = producer.send(to, key=key, value=value)
-            future.add_callback(on_ok).add_errback(on_err)
-            report.sent += 1
-            if index % 1000 == 999:
-                bar.update(1000)
-        bar.update(report.sent % 1000)
-        producer.flush(timeout=flush_timeout_s)
+        try:
+            for index, record in enumerate(records):
+                pacer.wait(index)
+                to, key, value = record if len(record) == 3 else (topic, *record)
+                future = producer.send(to, key=key, value=value)
+                future.add_callback(on_ok).add_errback(on_err)
+                report.sent += 1
+                if index % 1000 == 999:
+                    bar.update(1000)
+            bar.update(report.sent % 1000)
+            producer.flush(timeout=flush_timeout_s)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception, KeyboardInterrupt):
+                producer.flush(timeout=5)
+            report.seconds = time.monotonic() - start
+            raise Interrupted(report) from None
     report.seconds = time.monotonic() - start
     log.info("sent %d records to %s: %d acknowledged, %d failed in %.1fs",
              report.sent, topic, report.acked, report.failed, report.seconds)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +16,7 @@ import pytest
 
 from pipeline.config import KafkaSettings
 from pipeline.features import HANDBOOK_FEATURES
-from tests.kafka_helpers import kcat_read, run_cli
+from tests.kafka_helpers import REPO, kcat_read, run_cli
 from tests.test_producer_tables import creditcard_frame, handbook_frame
 
 pytestmark = pytest.mark.integration
@@ -87,3 +92,22 @@ def test_simulate_streams_the_simulators_rows(kafka_settings: KafkaSettings, kaf
     assert f"{len(frame)} acknowledged, 0 failed" in done.stdout
     messages = kcat_read(kcat, kafka_settings.bootstrap_servers, kafka_settings.input_topic)
     assert_handbook_intact(messages, frame, drop_label=False)
+
+
+def test_ctrl_c_says_how_many_records_went_out(tmp_path: Path, kafka_settings: KafkaSettings,
+                                               kafka_env: dict[str, str], kcat: str) -> None:
+    """SIGINT mid-replay: exit 130 and one line with the records acknowledged by then (was: 'interrupted')."""
+    frame = handbook_frame(5000)
+    path = tmp_path / "tx.parquet"
+    frame.to_parquet(path)
+    proc = subprocess.Popen([sys.executable, "-m", "producer", "replay", str(path), "--rate", "500"], cwd=REPO,
+                            env=kafka_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # start-up, then about 1,000 records at 500/s
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    acked, sent = map(int, re.search(r"interrupted: (\d+) records acknowledged of (\d+) sent", lines[0]).groups())
+    assert 0 < acked <= sent < 5000
+    assert len(kcat_read(kcat, kafka_settings.bootstrap_servers, kafka_settings.input_topic)) >= acked

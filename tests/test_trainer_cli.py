@@ -202,3 +202,22 @@ def test_hitting_the_epoch_cap_is_reported(tmp_path: Path, caplog: pytest.LogCap
     assert "training stopped at the epoch cap (2) with the validation loss still improving" in caplog.text
     training = load_artifact(tmp_path / "m").manifest["metrics"]["training"]
     assert training["epoch_cap"] == 2 and training["stopped_early"] is False
+
+
+@pytest.mark.parametrize("command", ["fit", "score"])
+def test_ctrl_c_is_one_line_and_exit_130(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while training or scoring: one line, exit 130 (was a 23-85-line KeyboardInterrupt traceback)."""
+    import trainer.cli
+
+    def interrupted(_args: object) -> int:
+        raise KeyboardInterrupt
+
+    table = tmp_path / "t.csv"
+    pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0]}).to_csv(table, index=False)
+    monkeypatch.setattr(trainer.cli, "_dispatch", interrupted)
+    argv = ["--quiet", command, "--data", str(table)] + (["--model", str(tmp_path), "--output", str(tmp_path / "s.csv")]
+                                                         if command == "score" else [])
+    assert run(argv) == 130
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: interrupted") and "Traceback" not in err, err

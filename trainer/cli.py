@@ -201,6 +201,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as err:  # e.g. an impossible hyperparameter, an unwritable output
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through PyTorch
+        print(f"error: interrupted; fraud-train {args.command} stopped"
+              + (" (models/current moves to a new version only as fit's last step)" if args.command == "fit" else ""),
+              file=sys.stderr)
+        return 130
 
 
 def main() -> None:

@@ -86,13 +86,19 @@ def alert_value(
 
 
 def alert_output(topic: str, tx: Transaction, encode: Callable[..., bytes]) -> Output:
-    """An alert message; ``encode(with_fields=...)`` gives its value."""
+    """An alert message; ``encode(with_fields=...)`` gives its value. Pass-through fields the encoder cannot
+    write (nested deeper than orjson's 255 levels, which it reads up to 1,024) make the alert go out in its
+    smaller form, ``fields_dropped: true``: a fraud is raised whatever else its record carries."""
     key = tx.transaction_id.encode()
 
     def without_fields() -> Output:
         return Output(topic, key, encode(with_fields=False))
 
-    return Output(topic, key, encode(with_fields=True), smaller=without_fields)
+    try:
+        value = encode(with_fields=True)
+    except (TypeError, ValueError, RecursionError):  # orjson.JSONEncodeError is a TypeError
+        return without_fields()
+    return Output(topic, key, value, smaller=without_fields)
 
 
 def clean_headers(headers: Sequence[tuple[Any, Any]] | None) -> tuple[list[tuple[str, bytes]], list[str]]:
