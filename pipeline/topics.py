@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import socket
 import threading
@@ -94,6 +95,25 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: in
         raise BrokerError(f"cannot create topics {list(topics)}: {err}") from err
     finally:
         admin.close()
+
+
+def warn_if_absent(settings: KafkaSettings, topic: str) -> bool:
+    """Say (WARNING) that ``topic`` does not exist yet, naming the existing topics its name is close to (a typo
+    in a topic setting otherwise creates an empty topic the worker idles on); whether it was absent."""
+    admin = _admin(settings)
+    try:
+        existing = [t for t in admin.list_topics() if not t.startswith("__")]
+    except KafkaError as err:
+        raise BrokerError(f"cannot list topics: {err}") from err
+    finally:
+        admin.close()
+    if topic in existing:
+        return False
+    close = difflib.get_close_matches(topic, existing, n=3, cutoff=0.75)
+    log.warning("topic '%s' does not exist: it is created empty and the worker waits for records there; %s",
+                topic, f"did you mean {' or '.join(repr(c) for c in close)}?" if close else
+                "check the topic setting if records were expected already")
+    return True
 
 
 def check_replication(settings: KafkaSettings, topics: Iterable[str]) -> None:

@@ -247,6 +247,20 @@ def test_topics_with_fewer_replicas_than_configured_are_refused_at_start(kafka_s
     assert f"{kafka_settings.alerts_topic} (1)" in errors[0] and f"{kafka_settings.dead_letter_topic} (1)" in errors[0]
 
 
+def test_a_misspelled_input_topic_is_named_with_the_topic_meant(kafka_settings: KafkaSettings, kafka_env: dict,
+                                                                model_dir: Path) -> None:
+    """A typo in FRAUD_INPUT_TOPIC used to create an empty topic and idle with an INFO line: now a WARNING says
+    the topic did not exist and names the existing one meant."""
+    ensure_topics(kafka_settings, [kafka_settings.input_topic], 3)
+    typo = kafka_settings.input_topic[:-1] + ("x" if not kafka_settings.input_topic.endswith("x") else "y")
+    done = subprocess.run(_worker_cmd(model_dir, "g-typo", "--exit-when-idle", "1"), cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False,
+                          env={**kafka_env, "FRAUD_METRICS_PORT": "0", "FRAUD_INPUT_TOPIC": typo})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = [x for x in done.stderr.splitlines() if "does not exist" in x]
+    assert " WARNING " in line and f"'{typo}'" in line and f"did you mean '{kafka_settings.input_topic}'?" in line
+
+
 def test_broker_outage_mid_stream_loses_nothing(kafka_settings: KafkaSettings, kafka_env: dict, model_dir: Path,
                                                 stream_frame: pd.DataFrame, broker_pid: int, kafka_client: str
                                                 ) -> None:

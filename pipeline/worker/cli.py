@@ -126,7 +126,7 @@ def _serve(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namesp
 
 def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.Namespace, stop: threading.Event,
                 metrics: WorkerMetrics) -> int:
-    from pipeline.topics import check_replication, ensure_topics, wait_for_kafka
+    from pipeline.topics import check_replication, ensure_topics, wait_for_kafka, warn_if_absent
 
     wait_for_kafka(kafka, stop=stop)  # before PyTorch and the model load: a wrong address is said at once
     if stop.is_set():
@@ -139,6 +139,7 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
     if stop.is_set():
         return 0
     outputs = [kafka.alerts_topic, kafka.dead_letter_topic, *([kafka.features_topic] if kafka.features_topic else [])]
+    warn_if_absent(kafka, kafka.input_topic)
     ensure_topics(kafka, [kafka.input_topic, *outputs], args.partitions)
     check_replication(kafka, outputs)  # the input topic is the producer's; what the worker writes is checked
     check_input_form(kafka, scorer.artifact)  # a model/topic mismatch is said at once, not as dead letters
