@@ -32,7 +32,7 @@ def execute(options: Options) -> int:
             print(f"wrote {len(frame)} transactions ({int(frame['TX_FRAUD'].sum())} frauds) to {job.output}")
             return 0
         return stream_table(frame, resolve_spec(frame, "handbook"), options.settings, options.stream)
-    check_header(job)
+    check_header(job, options.stream.restamp)
     if options.stream.raw:
         from producer.rawfeed import check_raw_columns
 
@@ -40,7 +40,7 @@ def execute(options: Options) -> int:
         if columns is not None:
             check_raw_columns(columns)
     reach_kafka(options.settings)
-    frame, spec = load_table(job)
+    frame, spec = load_table(job, options.stream.restamp)
     return stream_table(frame, spec, options.settings, options.stream)
 
 
@@ -81,17 +81,17 @@ def _column_flags(job: ReplayJob) -> dict[str, str | None]:
                 label_column=job.label_column)
 
 
-def check_header(job: ReplayJob) -> None:
+def check_header(job: ReplayJob, restamp: bool = False) -> None:
     """Check the column flags against the file's header, without reading the rows."""
     columns = read_columns(job.file)
     if columns is not None:
-        check_columns(columns, job.layout, **_column_flags(job))
+        check_columns(columns, job.layout, **_column_flags(job), restamp=restamp)
 
 
-def load_table(job: ReplayJob) -> tuple[pd.DataFrame, ReplaySpec]:
+def load_table(job: ReplayJob, restamp: bool = False) -> tuple[pd.DataFrame, ReplaySpec]:
     """Read the table and work out its columns (``check_header`` first)."""
     frame = read_table(job.file)
-    return frame, resolve_spec(frame, job.layout, **_column_flags(job))
+    return frame, resolve_spec(frame, job.layout, **_column_flags(job), restamp=restamp)
 
 
 def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings, stream: StreamOptions) -> int:

@@ -28,7 +28,7 @@ class ReplaySpec:
     """How to read one table: which columns are id, time, key and label."""
 
     id_column: str | None
-    time_column: str
+    time_column: str | None  # None: no time in the table (``--restamp`` stamps each record when it is sent)
     key_column: str | None
     label_columns: tuple[str, ...]
     time_unit: str  # "datetime", "s" (seconds since epoch_origin) or "ms" (epoch millis)
@@ -43,6 +43,7 @@ def check_columns(
     time_column: str | None = None,
     key_column: str | None = None,
     label_column: str | None = None,
+    restamp: bool = False,
 ) -> None:
     """Refuse a layout or column flag that the table's column names cannot satisfy.
 
@@ -53,7 +54,7 @@ def check_columns(
     ...
     pipeline.errors.InputDataError: label column 'fraud' is not in the table; its columns are when, x
     """
-    _plan(list(columns), layout_name, id_column, time_column, key_column, label_column)
+    _plan(list(columns), layout_name, id_column, time_column, key_column, label_column, restamp)
 
 
 def resolve_spec(
@@ -64,12 +65,16 @@ def resolve_spec(
     time_column: str | None = None,
     key_column: str | None = None,
     label_column: str | None = None,
+    restamp: bool = False,
 ) -> ReplaySpec:
     """Work out the columns to use from a named or detected layout plus explicit flags."""
-    layout, spec = _plan(list(frame.columns), layout_name, id_column, time_column, key_column, label_column)
-    spec = replace(spec, time_unit=_time_unit(frame, spec.time_column, layout))
+    layout, spec = _plan(list(frame.columns), layout_name, id_column, time_column, key_column, label_column,
+                         restamp)
     if spec.id_column and frame[spec.id_column].isna().any():
         raise InputDataError(f"id column {spec.id_column!r} has missing values")
+    if spec.time_column is None:
+        return spec
+    spec = replace(spec, time_unit=_time_unit(frame, spec.time_column, layout))
     if frame[spec.time_column].isna().any():
         raise InputDataError(f"time column {spec.time_column!r} has missing values")
     return spec
@@ -82,8 +87,11 @@ def _plan(
     time_column: str | None,
     key_column: str | None,
     label_column: str | None,
+    restamp: bool = False,
 ) -> tuple[TableLayout | None, ReplaySpec]:
-    """The layout and the columns in each role (time unit still unknown), every named one present."""
+    """The layout and the columns in each role (time unit still unknown), every named one present. A table of
+    no known layout takes a column named like a time (``TIME_NAMES``, any case) as its time column, as
+    ``fraud-train fit`` leaves such a column out of the features; with ``restamp`` it needs none."""
     layout: TableLayout | None
     if layout_name == "auto":
         layout = detect_layout(columns)
@@ -94,10 +102,11 @@ def _plan(
     else:
         raise InputDataError(f"unknown layout {layout_name!r}; use auto, generic, "
                              + ", ".join(LAYOUTS))
-    tcol = time_column or (layout.time_column if layout else None)
-    if tcol is None:
-        raise InputDataError("no time column: pass --time-column (the table matches no known "
-                             f"layout; its columns are {', '.join(map(str, columns[:12]))}...)")
+    tcol = time_column or (layout.time_column if layout else None) or _time_named(columns)
+    if tcol is None and not restamp:
+        raise InputDataError("no time column: pass --time-column, or --restamp to stamp each record with the "
+                             "time it is sent (the table matches no known layout and has no column named "
+                             f"{', '.join(TIME_NAMES)}; its columns are {', '.join(map(str, columns[:12]))}...)")
     spec = ReplaySpec(
         id_column=id_column or (layout.id_column if layout else None),
         time_column=tcol,
@@ -113,6 +122,15 @@ def _plan(
     return layout, spec
 
 
+TIME_NAMES = ("event_time", "timestamp", "time", "datetime")
+
+
+def _time_named(columns: list) -> str | None:
+    """The first column named like a time, any case (``Time``, ``TIMESTAMP``)."""
+    by_name = {str(c).lower(): c for c in columns}
+    return next((by_name[name] for name in TIME_NAMES if name in by_name), None)
+
+
 def _labels(label_column: str | None, layout: TableLayout | None) -> tuple[str, ...]:
     if label_column:
         return (label_column,)
@@ -123,7 +141,7 @@ def _labels(label_column: str | None, layout: TableLayout | None) -> tuple[str, 
 
 def _time_unit(frame: pd.DataFrame, column: str, layout: TableLayout | None) -> str:
     series = frame[column]
-    if pd.api.types.is_datetime64_any_dtype(series) or series.dtype == object:
+    if pd.api.types.is_datetime64_any_dtype(series) or series.dtype == object or pd.api.types.is_string_dtype(series):
         return "datetime"
     if layout is not None:
         return layout.time_unit
@@ -164,16 +182,19 @@ def iter_records(
     is due to be sent, so latency measured downstream is real; the table's own time travels as
     ``source_event_time``. Chunks are then small, so stamps are taken just before sending.
     """
-    times = event_times_ms(frame, spec)
+    if spec.time_column is None and restamp_rate is None:
+        raise InputDataError("the table has no time column: restamp it (--restamp) or name one (--time-column)")
+    times = event_times_ms(frame, spec) if spec.time_column is not None else None
     drop = [spec.time_column, *(spec.label_columns if drop_label else ())]
     body = frame.drop(columns=[c for c in drop if c in frame.columns])
     if restamp_rate is not None:
         chunk_rows = min(chunk_rows, 256)
     for start in range(0, len(frame), chunk_rows):
         chunk = body.iloc[start : start + chunk_rows]
-        chunk_times = times[start : start + chunk_rows]
+        chunk_times = times[start : start + chunk_rows] if times is not None else None
         if restamp_rate is not None:
-            chunk = chunk.assign(source_event_time=_rfc3339(chunk_times))
+            if chunk_times is not None:
+                chunk = chunk.assign(source_event_time=_rfc3339(chunk_times))
             spacing_ms = 1000.0 / restamp_rate if restamp_rate > 0 else 0.0
             chunk_times = int(clock() * 1000) + np.round(np.arange(len(chunk)) * spacing_ms).astype(np.int64)
         lines = _chunk_json(chunk, spec, chunk_times, start)

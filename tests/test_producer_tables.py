@@ -190,3 +190,24 @@ def test_restamp_uses_send_time_and_keeps_the_original() -> None:
     assert late.event_time_ms >= 2_000_000_000_000  # stamped when its chunk was built
     original = pd.Timestamp(frame["TX_DATETIME"].iloc[0], tz="UTC")
     assert first.fields["source_event_time"] == original.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def test_a_table_of_no_known_layout_takes_a_column_named_like_a_time() -> None:
+    """`fraud-train fit` leaves a `time` column out of the features; `replay` now takes it as the time column
+    (it said `no time column` before)."""
+    frame = pd.DataFrame({"amount": [1.0, 2.0], "Timestamp": ["2024-01-01T00:00:00Z", "2024-01-01T00:00:01Z"]})
+    spec = resolve_spec(frame)
+    assert spec.time_column == "Timestamp"
+    values = [orjson.loads(v) for _k, v in iter_records(frame, spec)]
+    assert [v["event_time"] for v in values] == ["2024-01-01T00:00:00.000Z", "2024-01-01T00:00:01.000Z"]
+
+
+def test_a_table_without_time_replays_with_restamp_and_says_how_without() -> None:
+    frame = pd.DataFrame({"amount": [1.0, 2.0, 3.0], "merchant": ["a", "b", "c"]})
+    with pytest.raises(InputDataError, match="--restamp"):
+        resolve_spec(frame)
+    spec = resolve_spec(frame, restamp=True)
+    assert spec.time_column is None
+    values = [orjson.loads(v) for _k, v in iter_records(frame, spec, restamp_rate=0, clock=lambda: 1_700_000_000.0)]
+    assert [v["event_time"] for v in values] == ["2023-11-14T22:13:20.000Z"] * 3
+    assert [v["amount"] for v in values] == [1.0, 2.0, 3.0] and "source_event_time" not in values[0]
