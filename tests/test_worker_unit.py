@@ -375,7 +375,8 @@ class CommittedOffsets:
     def group_metadata(self) -> object:
         return object()
 
-    def committed(self, tp: TopicPartition) -> int | None:
+    def committed(self, tp: TopicPartition, timeout_ms: int | None = None) -> int | None:
+        assert timeout_ms is not None  # kafka-python's committed() may otherwise wait for good
         if self.failures:
             self.failures -= 1
             raise KafkaConnectionError("111 ECONNREFUSED")

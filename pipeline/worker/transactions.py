@@ -173,7 +173,8 @@ class ExactlyOnce(Delivery):
                 try:
                     if failed:
                         reader = self._fresh_reader()
-                    return all(reader.committed(tp) == om.offset for tp, om in meta.items())
+                    wait_ms = int(self.ack_timeout_s * 1000)  # without one, kafka-python may wait for good
+                    return all(reader.committed(tp, timeout_ms=wait_ms) == om.offset for tp, om in meta.items())
                 except KafkaError as err:
                     failed = True
                     if reader is not self.consumer:
