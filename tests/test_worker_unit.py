@@ -449,3 +449,43 @@ def test_classification_of_producer_state_errors() -> None:
 
     for err in (OutOfOrderSequenceNumberError(), UnknownProducerIdError()):
         assert classify(err) == classify_in_transaction(err) == "renew"
+
+
+@pytest.mark.parametrize(("fail_in", "group_committed", "done"), [
+    ("commit_transaction", 10, True),  # it committed after all: done, not sent twice
+    ("commit_transaction", 4, False),  # it did not: read again
+    ("send_offsets_to_transaction", 4, True),  # before the commit: a new producer, and the batch commits
+])
+def test_a_transactional_error_the_client_cannot_name_neither_stops_the_worker_nor_guesses(
+        fail_in: str, group_committed: int, done: bool) -> None:
+    """kafka-python raised a bare KafkaError ("Could not execute transactional request for unknown reasons:
+    RequestTimedOutError") with the coordinator's node paused 30 s: it stopped the worker (exit 1)."""
+    from kafka.errors import KafkaError
+
+    from pipeline.worker.transactions import ExactlyOnce
+
+    class Unnamed(HangingTransactions):
+        def send_offsets_to_transaction(self, offsets, group_metadata) -> None:
+            if self.hang_in == "send_offsets_to_transaction" and not self.closed:
+                raise KafkaError("Could not execute transactional request for unknown reasons: [Error 7] "
+                                 "RequestTimedOutError")
+
+        def commit_transaction(self) -> None:
+            if self.hang_in == "commit_transaction":
+                raise KafkaError("Could not execute transactional request for unknown reasons")
+
+    tp = TopicPartition("tx", 0)
+    delivery = ExactlyOnce({"transaction_timeout_ms": 300}, CommittedOffsets({tp: group_committed}),
+                           WorkerMetrics(CollectorRegistry()), threading.Event(), max_backoff_s=0.01,
+                           ack_timeout_s=0.2, transactional_prefix="g-tx")
+    first = Unnamed(fail_in)
+    delivery.producer = first  # type: ignore[assignment]
+
+    def ready() -> Unnamed:  # a new producer where the last was dropped, as _ready_producer makes one
+        if delivery.producer is None:
+            delivery.producer = Unnamed("nothing")  # type: ignore[assignment]
+        return delivery.producer  # type: ignore[return-value]
+
+    delivery._ready_producer = ready  # type: ignore[method-assign]
+    assert delivery.deliver([Output("alerts", b"k", b"v")], {tp: 10}) is done
+    assert first.closed

@@ -32,8 +32,11 @@ transaction is complete), never guessed:
   aborted transaction calls for).
 
 Either way the stuck producer is dropped for a new one, an ERROR line says so and
-``fraud_errors_total{kind="transaction_lost"}`` counts it. A commit is never simply retried:
-that could publish the batch twice.
+``fraud_errors_total{kind="transaction_lost"}`` counts it. A ``commit_transaction`` that raises
+(anything but fenced or a rebalance) is resolved the same way: it may have committed, and a
+retry could publish the batch twice. Before the commit, an error kafka-python cannot name
+("Could not execute transactional request for unknown reasons", seen with the coordinator's
+node paused 30 s) gets a new producer and the batch again; it stopped the worker before.
 """
 
 from __future__ import annotations
@@ -90,8 +93,10 @@ class ExactlyOnce(Delivery):
         meta = to_commit(offsets)
         while True:
             producer = self._ready_producer()
+            stage = "begin_transaction"
             try:
                 producer.begin_transaction()
+                stage = "send"
                 failed = self._send(pending)
                 if failed:
                     self._abort()
@@ -100,14 +105,16 @@ class ExactlyOnce(Delivery):
                         backoff.wait(retriable)
                     continue
                 if meta:  # none: outputs alone (raw input's watermark marks between batches)
+                    stage = "send_offsets_to_transaction"
                     send_offsets = functools.partial(producer.send_offsets_to_transaction, meta,
                                                      self.consumer.group_metadata())
-                    self._bounded(send_offsets, "send_offsets_to_transaction")
-                self._bounded(producer.commit_transaction, "commit_transaction")
+                    self._bounded(send_offsets, stage)
+                stage = "commit_transaction"
+                self._bounded(producer.commit_transaction, stage)
                 backoff.done()
                 return True
             except TransactionLost as err:
-                return self._lost(err, meta)
+                return self._lost(err.call, str(err), meta)
             except REBALANCED as err:
                 self._abort()
                 self.metrics.errors.labels("commit_failed").inc()
@@ -119,10 +126,22 @@ class ExactlyOnce(Delivery):
                 log.warning("producer fenced (%s); starting a new one and retrying the batch", type(err).__name__)
                 self.close(timeout_s=0)
             except KafkaError as err:
-                if classify(err) != "retry":
+                kind = classify(err)
+                if kind == "fatal":
                     self.close(timeout_s=0)
                     raise DeliveryError(f"transaction failed: {type(err).__name__}: {err}") from err
-                self._abort()
+                if stage == "commit_transaction":  # committed or not: read it, never guess (a retry could double)
+                    return self._lost(stage, f"{type(err).__name__}: {err}", meta)
+                if kind != "retry":
+                    # what kafka-python cannot name ("Could not execute transactional request for unknown
+                    # reasons: RequestTimedOutError", the coordinator's node paused 30 s): uncommitted, so the
+                    # batch again, from a new producer (this one's transactional state is unknown)
+                    self.metrics.errors.labels("producer_renewed").inc()
+                    log.warning("%s failed (%s: %s); a new producer sends the batch again", stage,
+                                type(err).__name__, err)
+                    self._drop_producer()
+                else:
+                    self._abort()
                 backoff.wait(err)
 
     def _started_producer(self) -> KafkaProducer:
@@ -143,13 +162,14 @@ class ExactlyOnce(Delivery):
                 backoff.wait(err)
         return self.producer
 
-    def _lost(self, err: TransactionLost, meta: dict[TopicPartition, Any]) -> bool:
-        """After a lost transactional call: a new producer, and whether the batch's transaction committed."""
+    def _lost(self, call: str, reason: str, meta: dict[TopicPartition, Any]) -> bool:
+        """After a transactional call that outlived its transaction, or a commit that failed without saying
+        whether it committed: a new producer, and whether the batch's transaction committed."""
         self.metrics.errors.labels("transaction_lost").inc()
-        log.error("transaction lost: %s; dropping the producer for a new one, then reading the batch's outcome "
-                  "from the group's committed offsets", err)
+        log.error("transaction lost: %s (%s); dropping the producer for a new one, then reading the batch's "
+                  "outcome from the group's committed offsets", call, reason)
         self._drop_producer()
-        if err.call != "commit_transaction" or not meta:
+        if call != "commit_transaction" or not meta:
             return False  # never asked to commit (or nothing to tell it by: marks only, read again harmlessly)
         committed = self._committed(meta)
         log.error("the lost transaction %s; %s", "committed" if committed else "was aborted",
