@@ -359,3 +359,21 @@ def test_partitions_the_group_gives_a_member_whose_consumer_holds_none_count_as_
     assert unowned_partitions(admin, "g", "tx") == 0
     assert unowned_partitions(admin, "g", "tx", me="worker-b") == 1  # the group thinks b has 2; b has nothing
     assert unowned_partitions(GroupAdmin([("worker-a", [0])]), "g", "tx", me="worker-c") == 2
+
+
+def test_an_aborted_batch_is_read_again_if_its_partition_comes_back_before_a_commit() -> None:
+    """Exactly-once, the group coordinator's node paused 30 s on a cluster: the worker's seeks back after each
+    aborted transaction were refused (the group had taken the partitions), kafka-python kept its position past
+    them when it gave them straight back, and 600 records were committed unread. The aborted batch's first
+    offsets now wait in the listener until the partition is assigned again or committed."""
+    consumer, failures = SeekingConsumer(), []
+    listener = ReleaseOnRevoke(PendingRecords(), lambda: consumer, failures.append, lambda _tps: None)
+    tp0, tp1 = TopicPartition("tx", 0), TopicPartition("tx", 1)
+    listener.rewind_on_assignment({tp0: 120, tp1: 40})
+    listener.rewind_on_assignment({tp0: 150})  # a later aborted batch: the earliest offset wins
+    listener.committed({tp1})  # tp1 committed since: nothing of it to read again
+    asyncio.run(listener.on_partitions_lost({tp0, tp1}))
+    asyncio.run(listener.on_partitions_assigned({tp0, tp1}))
+    assert consumer.seeks == {tp0: 120} and not failures
+    asyncio.run(listener.on_partitions_assigned({tp0, tp1}))  # once only
+    assert consumer.seeks == {tp0: 120}

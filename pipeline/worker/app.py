@@ -77,6 +77,7 @@ class Worker:
         self.stop = threading.Event()
         self.worker_id = f"{kafka.client_id}-worker-{id(self):x}"
         self.pending = PendingRecords()
+        self.listener: ReleaseOnRevoke | None = None
         self.joined = threading.Event()  # holds a settled assignment: not joining, not between revoke and assign
         self.failure: BaseException | None = None
         self.consumer: Any = None  # clients.consumer: kafka-python's or the confluent adapter
@@ -111,9 +112,9 @@ class Worker:
             metadata_max_age_ms=15_000,  # notice new partitions of the input topic within seconds
         )
         self.consumer.before_revoke = self._settle_before_revoke
-        listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget, self.joined)
+        self.listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget, self.joined)
         topics = self.stages.topics.consumed if self.stages is not None else [self.kafka.input_topic]
-        self.consumer.subscribe(topics, listener=listener)
+        self.consumer.subscribe(topics, listener=self.listener)
         self.ledger.assigned = set()
         if self.delivery is None:
             self.delivery = self._make_delivery(common)
@@ -322,6 +323,8 @@ class Worker:
                                  lambda: self.ledger.committed(consumed, outcome, offsets, self.consumer))
         elif self.delivery.deliver(outcome.outputs, offsets):
             self.ledger.committed(consumed, outcome, offsets, self.consumer)
+            if self.listener is not None:
+                self.listener.committed(set(offsets))
         elif self.settings.processing_guarantee == "exactly-once":
             if self.stages is not None:
                 self.stages.discard(records)  # the aborted batch's state changes are gone with it
@@ -354,9 +357,12 @@ class Worker:
     def _rewind(self, records: Sequence[Any]) -> None:
         """After an aborted transaction: read the batch again where this worker still owns it."""
         assert self.consumer is not None
-        for tp, offset in first_offsets(records).items():
+        targets = first_offsets(records)
+        for tp, offset in targets.items():
             with contextlib.suppress(ValueError, KafkaError):  # no longer ours: the new owner reads it again
                 self.consumer.seek(tp, offset)
+        if self.listener is not None:  # ... unless it is ours again before anything of it is committed
+            self.listener.rewind_on_assignment(targets)
 
     def _unowned(self) -> int:
         admin = KafkaAdminClient(**self.kafka.client_options(), **RECONNECT, client_id=f"{self.worker_id}-watch")
