@@ -54,7 +54,7 @@ def test_poison_records_do_not_stop_the_partition(kafka_settings: KafkaSettings,
     row = frame.iloc[0]
     features = {name: float(row[name]) for name in HANDBOOK.features}
     flagged = {**features, "TX_AMOUNT": 1e6}
-    deep = _tx("deep", flagged)[:-1] + b',"meta":' + b"[" * 300 + b"1" + b"]" * 300 + b"}"
+    deep = _tx("deep", flagged)[:-1] + b',"meta":' + b"[" * 300 + b"1" + b"]" * 300 + b"}"  # unwritable as JSON
     topic, bootstrap = kafka_settings.input_topic, kafka_settings.bootstrap_servers
     _kcat_send(kcat, bootstrap, topic, _tx("overflow", {**features, "TX_DURING_WEEKEND": 3e38}))
     _kcat_send(kcat, bootstrap, topic, deep)
@@ -73,18 +73,19 @@ def test_poison_records_do_not_stop_the_partition(kafka_settings: KafkaSettings,
     thread.join(timeout=180)
     assert not thread.is_alive() and "stats" in box, "the worker must end by itself, not die or hang"
     stats = box["stats"]
-    assert stats.consumed == 1500 + 5 + 300 and stats.scored == 1500 + 1 + 300 and stats.invalid == 4
+    # scored: the overflow (alerted out of range) and the deep one (alerted without its fields) among them
+    assert stats.consumed == 1500 + 5 + 300 and stats.scored == 1500 + 2 + 300 and stats.invalid == 3
 
     letters = {dict(r.headers)["dlq.error.reason"].decode(): r
-               for r in read_topic(kafka_settings, kafka_settings.dead_letter_topic, expect=4)}
-    assert set(letters) == {"processing_error", "not_json", "corrupt_record", "oversized"}
-    assert letters["processing_error"].value == deep
+               for r in read_topic(kafka_settings, kafka_settings.dead_letter_topic, expect=3)}
+    assert set(letters) == {"not_json", "corrupt_record", "oversized"}
     assert dict(letters["not_json"].headers)["dlq.headers.null"] == b"nullheader"
     assert letters["corrupt_record"].value == _tx("badkey", features)  # the original bytes, headers unreadable
     assert b"cut from" in dict(letters["oversized"].headers)["dlq.truncated"]
     alerts = {orjson.loads(r.value)["transaction_id"]: orjson.loads(r.value)
               for r in read_topic(kafka_settings, kafka_settings.alerts_topic)}
     assert alerts["overflow"]["out_of_range"] is True
+    assert alerts["deep"]["fields_dropped"] is True and "fields" not in alerts["deep"]  # the fraud is raised
     assert offline_flags(model_dir, frame) <= set(alerts)
     assert {f"after-{i}" for i in offline_flags(model_dir, frame.iloc[:300])} <= set(alerts)  # records behind
     assert worker.metrics.dead_letters.labels("corrupt_record")._value.get() == 1
