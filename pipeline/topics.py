@@ -132,9 +132,7 @@ def check_replication(settings: KafkaSettings, topics: Iterable[str]) -> None:
         raise BrokerError(f"cannot describe topics {list(topics)}: {err}") from err
     finally:
         admin.close()
-    # kafka-python 3 names the field replica_nodes (MetadataResponse ReplicaNodes); 2.x named it replicas
-    short = {d["name"]: min((len(p.get("replica_nodes", p.get("replicas", ()))) for p in d["partitions"]), default=0)
-             for d in described}
+    short = {d["name"]: min((len(p["replica_nodes"]) for p in d["partitions"]), default=0) for d in described}
     short = {name: n for name, n in short.items() if n < wanted}
     if short:
         listed = ", ".join(f"{name} ({n})" for name, n in sorted(short.items()))

@@ -45,7 +45,7 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO chatter; the readiness probe is quiet
-    if args.brokers not in (1,) and args.brokers < 3:
+    if args.brokers != 1 and args.brokers < 3:
         print(f"error: --brokers must be 1, or 3 or more (replication factor 3), not {args.brokers}", file=sys.stderr)
         return 2
     if args.brokers > 1 and (args.tls or args.port):

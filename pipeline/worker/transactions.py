@@ -165,16 +165,19 @@ class ExactlyOnce(Delivery):
     def _lost(self, call: str, reason: str, meta: dict[TopicPartition, Any]) -> bool:
         """After a transactional call that outlived its transaction, or a commit that failed without saying
         whether it committed: a new producer, and whether the batch's transaction committed."""
-        self.metrics.errors.labels("transaction_lost").inc()
-        log.error("transaction lost: %s (%s); dropping the producer for a new one, then reading the batch's "
-                  "outcome from the group's committed offsets", call, reason)
-        self._drop_producer()
+        self._drop_lost(call, reason)
         if call != "commit_transaction" or not meta:
             return False  # never asked to commit (or nothing to tell it by: marks only, read again harmlessly)
         committed = self._committed(meta)
         log.error("the lost transaction %s; %s", "committed" if committed else "was aborted",
                   "the batch is done" if committed else "the batch is read again")
         return committed
+
+    def _drop_lost(self, call: str, reason: str) -> None:
+        """Count and say a lost transactional call, and drop its producer for a new one."""
+        self.metrics.errors.labels("transaction_lost").inc()
+        log.error("transaction lost: %s (%s); dropping the producer for a new one", call, reason)
+        self._drop_producer()
 
     def _drop_producer(self) -> None:
         """Close the stuck producer without waiting on it (its blocked call may never return)."""
@@ -226,9 +229,7 @@ class ExactlyOnce(Delivery):
         except StopWithoutCommit:
             raise
         except TransactionLost as err:  # the coordinator aborts it on its own
-            self.metrics.errors.labels("transaction_lost").inc()
-            log.error("transaction lost: %s; dropping the producer for a new one", err)
-            self._drop_producer()
+            self._drop_lost(err.call, str(err))
         except Exception as err:  # fenced or in a fatal state: the coordinator aborts it on its own
             log.info("could not abort the transaction (%s: %s); replacing the producer", type(err).__name__, err)
             self.close(timeout_s=0)
