@@ -1,5 +1,8 @@
 """Command-line pieces every ``fraud-*`` command shares: one-line errors, ``--version``.
 
+Every error a command stops on is one line on stderr shaped as argparse's own, ``PROG: error: MESSAGE``
+(:class:`OneLineParser` for the flags, :func:`print_error` for what is found after them).
+
 >>> one_line("no\\nsuch file")
 'no\\\\nsuch file'
 """
@@ -7,12 +10,18 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import NoReturn
 
 
 def one_line(text: str) -> str:
     """``text`` with line breaks and other unprintable characters escaped, so it prints as one line."""
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def print_error(prog: str, message: str) -> None:
+    """Print ``prog: error: message`` as one line on stderr."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -16,6 +16,7 @@ import dataclasses
 import importlib.util
 import logging
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Self
@@ -238,9 +239,7 @@ class KafkaSettings(SettingsBase):
         return self.security_protocol in _TLS_PROTOCOLS
 
     def validate(self) -> None:
-        if not self.bootstrap_servers.strip():
-            raise ConfigError("bootstrap_servers is empty; set --bootstrap-servers or "
-                              f"{env_name('bootstrap_servers')} to host:port")
+        check_bootstrap(self.bootstrap_servers)
         topics = [self.input_topic, self.alerts_topic, self.dead_letter_topic, self.labels_topic,
                   *([self.features_topic] if self.features_topic else [])]
         if len(set(topics)) != len(topics):
@@ -254,11 +253,6 @@ class KafkaSettings(SettingsBase):
             raise ConfigError(f"request_timeout_ms={self.request_timeout_ms} must be between 1 and 2147483647")
         if self.connect_timeout_s < 0:
             raise ConfigError(f"connect_timeout_s={self.connect_timeout_s} must be >= 0")
-        for server in self.bootstrap_servers.split(","):
-            host, _, port = server.strip().rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ConfigError(f"bootstrap server {server.strip()!r} is not host:port; set --bootstrap-servers "
-                                  f"or {env_name('bootstrap_servers')} to host:port[,host:port...]")
 
     def _validate_tls(self) -> None:
         given = [name for name in (*_SSL_FILES, "ssl_password") if getattr(self, name)]
@@ -319,6 +313,31 @@ class KafkaSettings(SettingsBase):
                 sasl_plain_password=self.sasl_password,
             )
         return options
+
+
+_ADDRESS = re.compile(r"(\[[^\[\]\s/]+\]|[^\[\]\s/:,]+):([0-9]+)")  # host:port or [IPv6]:port, ASCII digits
+
+
+def check_bootstrap(servers: str) -> None:
+    """Refuse a bootstrap list at start, before any connection is tried: each entry host:port or [IPv6]:port,
+    the port from 1 to 65535. The one check of every command (all build :class:`KafkaSettings`).
+
+    >>> check_bootstrap("kafka:9092, [::1]:9093")
+    >>> check_bootstrap("kafka:90x2")
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.ConfigError: bootstrap server 'kafka:90x2' is not host:port (IPv6: [address]:port); set \
+--bootstrap-servers or FRAUD_BOOTSTRAP_SERVERS to host:port[,host:port...]
+    """
+    fix = f"set --bootstrap-servers or {env_name('bootstrap_servers')} to host:port[,host:port...]"
+    if not servers.strip():
+        raise ConfigError(f"bootstrap_servers is empty; {fix}")
+    for entry in (server.strip() for server in servers.split(",")):
+        address = _ADDRESS.fullmatch(entry)
+        if address is None:
+            raise ConfigError(f"bootstrap server {entry!r} is not host:port (IPv6: [address]:port); {fix}")
+        if not 1 <= int(address[2]) <= 65535:
+            raise ConfigError(f"bootstrap server {entry!r}: the port must be a number from 1 to 65535; {fix}")
 
 
 def check_device(device: str) -> None:

@@ -10,6 +10,7 @@ id, time and label columns are named by flags.
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,3 +118,77 @@ def read_table(path: Path | str) -> pd.DataFrame:
     if frame.empty:
         raise InputDataError(f"{path}: the table has no rows")
     return frame
+
+
+# Never features of a table of no known layout: identifiers and times under their usual names (lower case).
+ID_OR_TIME_NAMES = ("id", "index", "unnamed: 0", "transaction_id", "time", "timestamp", "event_time", "datetime")
+
+
+def check_table(frame: pd.DataFrame, named: Mapping[str, str | Iterable[str] | None],
+                features: Sequence[str] | None, roles: Collection[str] = ()) -> None:
+    """The rules ``fraud-train`` (fit, evaluate, score) and ``fraud-produce replay`` apply to a table they read,
+    before any training or sending; InputDataError (exit 2) says the first broken one in one line.
+
+    1. Each column a flag names (``named``: flag to column or columns) is in the table (:func:`check_named`).
+    2. Each cell of a feature column is a number. ``features`` None: a table of no known layout, where every
+       column but ``roles`` and the id and time ones (``ID_OR_TIME_NAMES``) is a feature when most of its
+       values are numbers; a text column (most values not numbers) is not one.
+    """
+    check_named(list(map(str, frame.columns)), named)
+    if features is None:
+        candidates = [c for c in frame.columns if c not in roles and str(c).lower() not in ID_OR_TIME_NAMES]
+    else:
+        candidates = [c for c in features if c in frame.columns]
+    for name in candidates:
+        stray = _first_non_number(frame[name], declared=features is not None)
+        if stray is not None:
+            raise InputDataError(f"column {name!r}, data row {stray[0]} (1-based, header not counted): "
+                                 f"{stray[1]!r} is not a number; fix or drop that row"
+                                 + ("" if features is not None else ", or leave the column out of the features"))
+
+
+def check_named(columns: Sequence[str], named: Mapping[str, str | Iterable[str] | None]) -> None:
+    """Refuse a column a flag names that the table lacks: one line with the flag, the name and the close matches.
+
+    >>> check_named(["id", "label"], {"--id-column": "id", "--label-column": "Label"})
+    Traceback (most recent call last):
+    ...
+    pipeline.errors.InputDataError: --label-column 'Label': the table has no such column (did you mean 'label'?); \
+it has: id, label
+    """
+    for flag, given in named.items():
+        for name in [given] if isinstance(given, str) else given or ():
+            if name not in columns:  # a typo must not train or send something silently different
+                raise InputDataError(no_such_column(flag, name, columns))
+
+
+def no_such_column(flag: str, name: str, columns: Sequence[str]) -> str:
+    """The line for a column ``flag`` names that the table lacks, with up to three close matches (difflib)."""
+    import difflib
+
+    columns = [str(c) for c in columns]
+    same_case = [c for c in columns if c.lower() == name.lower()]
+    ratios = {c: difflib.SequenceMatcher(None, name, c).ratio() for c in columns}
+    close = sorted((c for c in columns if ratios[c] >= 0.6), key=lambda c: -ratios[c])  # ties: table order
+    near = list(dict.fromkeys([*same_case, *close]))[:3]
+    hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+    shown = ", ".join(columns[:30]) + (f", ... ({len(columns)} in all)" if len(columns) > 30 else "")
+    return f"{flag} {name!r}: the table has no such column{hint}; it has: {shown}"
+
+
+def _first_non_number(column: pd.Series, declared: bool) -> tuple[int, object] | None:
+    """The first (1-based data row, value) of ``column`` that is not a number, if the column is a feature:
+    ``declared``, or most of its values are numbers. Missing cells are not looked at here."""
+    import pandas as pd
+
+    if pd.api.types.is_numeric_dtype(column) or pd.api.types.is_bool_dtype(column):
+        return None
+    try:
+        numbers = pd.to_numeric(column, errors="coerce")
+    except (TypeError, ValueError):  # lists or mappings in the cells: not numbers; check_features says so
+        return None
+    bad = (numbers.isna() & column.notna()).to_numpy()
+    if not bad.any() or (not declared and bad.sum() * 2 > column.notna().sum()):
+        return None
+    at = int(bad.argmax())
+    return at + 1, column.iloc[at]

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Callable
 
-from pipeline.cliargs import one_line
+from pipeline.cliargs import print_error
 from pipeline.errors import ConfigError
 from producer.simconfig import start_day
 
@@ -39,5 +38,5 @@ def iso_day(text: str) -> str:
 
 
 def report(message: str, prog: str = "fraud-produce") -> None:
-    """Print an error as the one line a user sees."""
-    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    """Print an error as the one line a user sees (the shape of every command's)."""
+    print_error(prog, message)

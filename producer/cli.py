@@ -99,6 +99,8 @@ def parse(argv: list[str] | None = None, environ: Mapping[str, str] | None = Non
 
 def run(argv: list[str] | None = None) -> int:
     """``fraud-produce``; returns the exit code."""
+    # before the settings are built: a misspelled FRAUD_* variable is one WARNING line, as in the other commands
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         options = parse(argv)
     except SystemExit as done:  # --help, --version, or a syntax error already printed on one line
@@ -106,8 +108,7 @@ def run(argv: list[str] | None = None) -> int:
     except FraudPipelineError as err:
         report(str(err))
         return 2
-    logging.basicConfig(level=logging.INFO if options.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.INFO if options.verbose else logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.INFO if options.verbose else logging.ERROR)
     try:
         from producer.jobs import execute  # pandas, pyarrow, the simulator, kafka-python: only now

@@ -6,15 +6,14 @@ this module only after :func:`producer.options.check` has accepted the command l
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pandas as pd
 
+from pipeline.cliargs import print_error
 from pipeline.config import KafkaSettings
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.features import read_table
-from producer.argparsing import one_line
 from producer.header import read_columns
 from producer.options import Options, ReplayJob, SimulateJob, StreamOptions
 from producer.tables import ReplaySpec, check_columns, iter_records, resolve_spec
@@ -124,7 +123,7 @@ def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings,
           f"{settings.bootstrap_servers}: {report.acked} acknowledged, {report.failed} failed, "
           f"{report.seconds:.1f}s ({report.rate:,.0f} tx/s)")
     if report.acked != report.sent:
-        print(f"fraud-produce: error: {report.sent - report.acked} records were not acknowledged: "
-              f"{one_line('; '.join(report.errors)) or 'flush timed out'}", file=sys.stderr)
+        print_error("fraud-produce", f"{report.sent - report.acked} records were not acknowledged: "
+                    f"{'; '.join(report.errors) or 'flush timed out'}")
         return 1
     return 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +77,6 @@ class Options:
 def check(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Options:
     """Turn parsed flags into :class:`Options`, or raise :class:`ConfigError` saying what to fix."""
     settings = KafkaSettings.build(args, environ=environ)
-    check_bootstrap(settings.bootstrap_servers)
     check_topic(settings.input_topic)
     if settings.request_timeout_ms > INT32_MAX:
         raise UsageError(f"request_timeout_ms={settings.request_timeout_ms} is more than Kafka's limit "
@@ -101,33 +99,6 @@ def check(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Op
     return Options(settings=settings, stream=stream, job=job, verbose=args.verbose)
 
 
-def check_bootstrap(servers: str) -> None:
-    """Refuse a bootstrap list kafka-python would crash on: each entry host, host:port, [IPv6] or [IPv6]:port.
-
-    >>> check_bootstrap("kafka:9092, [::1]:9093,PLAINTEXT://10.0.0.1")
-    >>> check_bootstrap("kafka:nine")
-    Traceback (most recent call last):
-    ...
-    producer.options.UsageError: bootstrap server 'kafka:nine': the port must be a number from 1 to 65535
-    """
-    for entry in servers.split(","):
-        address = re.sub("^.*://", "", entry.strip())  # kafka-python drops a leading PROTOCOL://
-        bracketed = re.fullmatch(r"\[([^\[\]]+)\](?::(.*))?", address)
-        if bracketed:
-            host, port = bracketed.groups()
-        elif address.startswith("["):
-            host, port = "", None
-        elif ":" not in address or _is_ipv6(address):
-            host, port = address, None
-        else:
-            host, port = address.rsplit(":", 1)
-        if not host.strip():
-            raise UsageError(f"bootstrap server {entry.strip()!r}: give host:port (IPv6 as [address]:port); "
-                             f"set --bootstrap-servers or {env_name('bootstrap_servers')}")
-        if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
-            raise UsageError(f"bootstrap server {entry.strip()!r}: the port must be a number from 1 to 65535")
-
-
 def check_topic(name: str) -> None:
     """Refuse a topic name Kafka would refuse: 1 to 249 of ASCII letters, digits, '.', '_' and '-'.
 
@@ -136,14 +107,6 @@ def check_topic(name: str) -> None:
     if not TOPIC_NAME.fullmatch(name) or name in {".", ".."}:
         raise UsageError(f"input topic {name!r}: Kafka topic names are 1 to 249 of ASCII letters, digits, "
                          f"'.', '_' and '-'; set --input-topic or {env_name('input_topic')}")
-
-
-def _is_ipv6(address: str) -> bool:
-    try:
-        socket.inet_pton(socket.AF_INET6, address)
-    except (OSError, ValueError):
-        return False
-    return True
 
 
 def check_simulate(args: argparse.Namespace) -> SimulateJob:

@@ -17,7 +17,7 @@ import orjson
 import pandas as pd
 
 from pipeline.errors import InputDataError
-from pipeline.features import LAYOUTS, TableLayout, detect_layout
+from pipeline.features import LAYOUTS, TableLayout, check_named, check_table, detect_layout
 from pipeline.schema import ID_FIELD, TIME_FIELD
 
 DEFAULT_EPOCH = "2018-04-01T00:00:00Z"  # origin for tables whose time is seconds since a start
@@ -52,7 +52,7 @@ def check_columns(
     >>> check_columns(["when", "x"], "generic", time_column="when", label_column="fraud")
     Traceback (most recent call last):
     ...
-    pipeline.errors.InputDataError: label column 'fraud' is not in the table; its columns are when, x
+    pipeline.errors.InputDataError: --label-column 'fraud': the table has no such column; it has: when, x
     """
     _plan(list(columns), layout_name, id_column, time_column, key_column, label_column, restamp)
 
@@ -67,9 +67,12 @@ def resolve_spec(
     label_column: str | None = None,
     restamp: bool = False,
 ) -> ReplaySpec:
-    """Work out the columns to use from a named or detected layout plus explicit flags."""
+    """Work out the columns to use from a named or detected layout plus explicit flags; the table must pass the
+    rules ``fraud-train fit`` applies (:func:`pipeline.features.check_table`)."""
     layout, spec = _plan(list(frame.columns), layout_name, id_column, time_column, key_column, label_column,
                          restamp)
+    roles = {spec.id_column, spec.time_column, spec.key_column, *spec.label_columns} - {None}
+    check_table(frame, {}, layout.features if layout else None, roles=roles)  # the names were checked by _plan
     if spec.id_column and frame[spec.id_column].isna().any():
         raise InputDataError(f"id column {spec.id_column!r} has missing values")
     if spec.time_column is None:
@@ -102,6 +105,8 @@ def _plan(
     else:
         raise InputDataError(f"unknown layout {layout_name!r}; use auto, generic, "
                              + ", ".join(LAYOUTS))
+    given = {"id": id_column, "time": time_column, "key": key_column, "label": label_column}
+    check_named(columns, {f"--{role}-column": column for role, column in given.items()})
     tcol = time_column or (layout.time_column if layout else None) or _time_named(columns)
     if tcol is None and not restamp:
         raise InputDataError("no time column: pass --time-column, or --restamp to stamp each record with the "
@@ -114,11 +119,9 @@ def _plan(
         label_columns=_labels(label_column, layout),
         time_unit="datetime",
     )
-    wanted = {"id": spec.id_column, "time": spec.time_column, "key": spec.key_column, "label": label_column}
-    for role, column in wanted.items():
-        if column is not None and column not in columns:
-            raise InputDataError(f"{role} column {column!r} is not in the table; its columns "
-                                 f"are {', '.join(map(str, columns))}")
+    derived = {"id": spec.id_column, "time": spec.time_column, "key": spec.key_column}
+    check_named(columns, {f"the {layout.name} layout's {role} column": column for role, column in derived.items()
+                          if layout and column and not given[role]})
     return layout, spec
 
 

@@ -186,3 +186,22 @@ def test_a_misspelled_variable_is_named_with_the_setting_meant(caplog: pytest.Lo
     messages = [r.getMessage() for r in caplog.records]
     assert "FRAUD_BOOTSTRAP_SERVER is not a setting (did you mean FRAUD_BOOTSTRAP_SERVERS?); ignored" in messages
     assert KafkaSettings.build(environ=env, overrides={}).bootstrap_servers != "kafka:9092"
+
+
+@pytest.mark.parametrize("servers", ["localhost:90x2", ":9092", "host:99999", "host:0", "", "kafka", "k:9092,",
+                                     "[::1", "[::1]", "::1:9092", "PLAINTEXT://k:9092", "k:٣"])
+def test_a_malformed_bootstrap_address_is_refused_by_the_one_check(servers: str) -> None:
+    """One check for every command (the producer had a second one that disagreed: it let through "[::1" and
+    "kafka", which the settings passed on or refused, and the settings let "PLAINTEXT://k:9092" reach the worker's
+    connection probe)."""
+    from pipeline.config import check_bootstrap
+
+    with pytest.raises(ConfigError, match="--bootstrap-servers or FRAUD_BOOTSTRAP_SERVERS"):
+        check_bootstrap(servers)
+    with pytest.raises(ConfigError, match="bootstrap"):
+        KafkaSettings.build(environ={"FRAUD_BOOTSTRAP_SERVERS": servers})
+
+
+def test_good_bootstrap_lists_are_accepted() -> None:
+    for servers in ("kafka:9092", " a:1 , b:65535 ", "[::1]:9093,10.0.0.1:9092"):
+        assert KafkaSettings.build(environ={"FRAUD_BOOTSTRAP_SERVERS": servers}).bootstrap_servers == servers

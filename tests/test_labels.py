@@ -187,7 +187,7 @@ def test_label_modes_are_refused_clearly(data: pd.DataFrame, tmp_path: Path,
         assert run(["--quiet", "--device", "cpu", "fit", "--output", str(tmp_path / "m"), "--epochs", "1",
                     *extra]) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith("error: ") and expected in err and len(err.splitlines()) == 1
+        assert err.startswith("fraud-train: error: ") and expected in err and len(err.splitlines()) == 1
     assert not (tmp_path / "m").exists()
 
 

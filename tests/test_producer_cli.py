@@ -148,7 +148,7 @@ def test_unknown_column_is_refused_from_the_header_before_the_rows_are_read(tmp_
     pd.DataFrame({"when": [1, 2], "x": [1.0, 2.0]}).to_csv(path, index=False)
     options = parse(["replay", str(path), "--time-column", "when", "--label-column", "fraud"], environ={})
     with mock.patch.object(jobs, "read_table", side_effect=AssertionError("read the rows")), \
-            pytest.raises(InputDataError, match="label column 'fraud' is not in the table"):
+            pytest.raises(InputDataError, match="--label-column 'fraud': the table has no such column"):
         jobs.execute(options)
 
 

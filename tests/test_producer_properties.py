@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from kafka.cluster import collect_hosts
 
+from pipeline.config import check_bootstrap
+from pipeline.errors import ConfigError
 from producer import jobs
 from producer.cli import run
 from producer.options import (
@@ -27,8 +29,6 @@ from producer.options import (
     TOPIC_NAME,
     Options,
     SimulateJob,
-    UsageError,
-    check_bootstrap,
     table_format,
 )
 
@@ -153,7 +153,7 @@ def test_any_command_line_is_accepted_whole_or_refused_in_one_line(tables: list[
 def test_accepted_bootstrap_lists_are_ones_kafka_python_can_parse(servers: str) -> None:
     try:
         check_bootstrap(servers)
-    except UsageError:
+    except ConfigError:
         return
     collect_hosts([s.strip() for s in servers.split(",")])  # kafka-python's own parser must not raise
 

@@ -92,10 +92,10 @@ def test_generic_layout_needs_a_time_column() -> None:
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"id_column": "nope"}, "id column 'nope' is not in the table"),
-    ({"key_column": "nope"}, "key column 'nope'"),
-    ({"time_column": "nope"}, "time column 'nope'"),
-    ({"label_column": "nope"}, "label column 'nope'"),  # was ignored: --drop-label then kept the label
+    ({"id_column": "nope"}, "--id-column 'nope': the table has no such column"),
+    ({"key_column": "nope"}, "--key-column 'nope'"),
+    ({"time_column": "nope"}, "--time-column 'nope'"),
+    ({"label_column": "nope"}, "--label-column 'nope'"),  # was ignored: --drop-label then kept the label
 ])
 def test_missing_flagged_column_is_named(kwargs: dict, message: str) -> None:
     with pytest.raises(InputDataError, match=message):
@@ -211,3 +211,30 @@ def test_a_table_without_time_replays_with_restamp_and_says_how_without() -> Non
     values = [orjson.loads(v) for _k, v in iter_records(frame, spec, restamp_rate=0, clock=lambda: 1_700_000_000.0)]
     assert [v["event_time"] for v in values] == ["2023-11-14T22:13:20.000Z"] * 3
     assert [v["amount"] for v in values] == [1.0, 2.0, 3.0] and "source_event_time" not in values[0]
+
+
+def test_an_unknown_column_names_the_flag_and_the_close_matches() -> None:
+    frame = pd.DataFrame({"when": [1, 2], "amount": [1.0, 2.0], "label": [0, 1]})
+    with pytest.raises(InputDataError) as refused:
+        resolve_spec(frame, "auto", time_column="when", label_column="Label")
+    assert str(refused.value) == ("--label-column 'Label': the table has no such column (did you mean 'label'?); "
+                                  "it has: when, amount, label")
+
+
+def test_replay_refuses_a_word_in_a_feature_column_with_the_line_fit_says() -> None:
+    """Replay sent such a table as it was (the worker dead-lettered its rows); fit refused it. Now both refuse
+    it with one line, from one function (pipeline.features.check_table)."""
+    from trainer.data import LayoutFlags, resolve_layout
+
+    frame = pd.DataFrame({"when": np.arange(9), "amount": np.arange(9.0), "note": "text"}).astype({"amount": object})
+    frame.loc[[2, 5], "amount"] = ["abc", "x"]
+    with pytest.raises(InputDataError) as replayed:
+        resolve_spec(frame, "auto", time_column="when")
+    assert str(replayed.value).startswith("column 'amount', data row 3 (1-based, header not counted): 'abc' is not")
+    with pytest.raises(InputDataError) as fitted:
+        resolve_layout(frame, LayoutFlags(time_column="when"))
+    assert str(fitted.value) == str(replayed.value)
+    handbook = handbook_frame().astype({"TX_AMOUNT": object})
+    handbook.loc[7, "TX_AMOUNT"] = "twelve"  # a known layout: any word in a feature column
+    with pytest.raises(InputDataError, match=r"column 'TX_AMOUNT', data row 8 .*'twelve' is not a number"):
+        resolve_spec(handbook, "auto")

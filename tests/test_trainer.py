@@ -30,10 +30,10 @@ def table(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI expecting exit 2 with one 'error:' line; returns that line."""
+    """Run the CLI expecting exit 2 with one 'fraud-train: error:' line; returns that line."""
     assert run(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith("fraud-train: error: ") and "Traceback" not in err and len(err.splitlines()) == 1
     return err
 
 
@@ -92,7 +92,7 @@ def test_fit_evaluate_score_end_to_end(table: Path, tmp_path: Path, capsys: pyte
     out = tmp_path / "scores.csv"
     assert run([*FAST, "score", "--model", str(root), "--data", str(table), "--output", str(out)]) == 0
     scored = pd.read_csv(out)
-    assert list(scored.columns) == ["TRANSACTION_ID", "score", "flag", "top_features"]
+    assert list(scored.columns) == ["TRANSACTION_ID", "TX_FRAUD", "score", "flag", "top_features"]
     flagged = scored[scored["flag"]]
     assert len(flagged) > 0 and (flagged["score"] > artifact.threshold).all()
     assert json.loads(flagged["top_features"].iloc[0])[0]["name"] in artifact.feature_names
@@ -122,14 +122,14 @@ def test_a_stray_word_in_a_numeric_column_stops_fit_with_the_row(tmp_path: Path,
     frame.to_csv(tmp_path / "g.csv", index=False)
     argv = [*FAST, "fit", "--data", str(tmp_path / "g.csv"), "--output", str(tmp_path / "m"), "--time-column", "t",
             "--time-unit", "s", "--epochs", "1", "--no-baselines"]
-    assert "column 'a' holds numbers but row 123 holds 'abc'" in fail(argv, capsys)
+    assert "column 'a', data row 124 (1-based, header not counted): 'abc' is not a number" in fail(argv, capsys)
 
 
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
         (["--features", "TX_AMOUNT,NOPE", "--label-column", "TX_FRAUD", "--time-column", "TX_DATETIME"],
-         "column 'NOPE' not found"),
+         "--features 'NOPE': the table has no such column"),
         (["--val-start", "2018-03-01", "--test-start", "2018-05-01"], "training set is empty"),
         (["--layout", "martian"], "unknown layout 'martian'"),
         (["--label-column", "tx_fraud"], "--label-column 'tx_fraud': the table has no such column (did you mean "
@@ -170,7 +170,7 @@ def test_bad_values_name_the_column(table: Path, tmp_path: Path, capsys: pytest.
     broken.loc[3, "TX_AMOUNT"] = "twelve"
     broken.to_csv(tmp_path / "text.csv", index=False)
     err = fail([*FAST, "fit", "--data", str(tmp_path / "text.csv"), "--output", str(tmp_path / "m")], capsys)
-    assert "column 'TX_AMOUNT' is not numeric" in err
+    assert "column 'TX_AMOUNT', data row 4 (1-based, header not counted): 'twelve' is not a number" in err
     holes = frame.copy()
     holes.loc[[5, 9], "TERMINAL_ID_RISK_7DAY_WINDOW"] = np.nan
     holes.to_parquet(tmp_path / "nan.parquet")

@@ -27,10 +27,10 @@ FAST = ["--quiet", "--device", "cpu"]
 
 
 def fail(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run the CLI expecting exit 2 and exactly one 'error:' line on stderr; returns it."""
+    """Run the CLI expecting exit 2 and exactly one 'fraud-train: error:' line on stderr; returns it."""
     assert run(argv) == 2
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("fraud-train: error: ") and "Traceback" not in err, err
     return err.strip()
 
 
@@ -62,7 +62,7 @@ def test_bad_flag_stops_before_reading_or_training(tmp_path: Path) -> None:
     done, seconds = cli("fit", "--data", str(data), "--output", str(tmp_path / "m"), "--alert-rate", "2")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.splitlines() == [
-        "error: argument --alert-rate: expected a number strictly between 0 and 1, got '2' "
+        "fraud-train: error: argument --alert-rate: expected a number strictly between 0 and 1, got '2' "
         "(see fraud-train fit --help)"]
     assert not (tmp_path / "m").exists() and seconds < 5
 
@@ -220,7 +220,7 @@ def test_ctrl_c_is_one_line_and_exit_130(command: str, tmp_path: Path, capsys: p
                                                          if command == "score" else [])
     assert run(argv) == 130
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and err.startswith("error: interrupted") and "Traceback" not in err, err
+    assert len(err.splitlines()) == 1 and err.startswith("fraud-train: error: interrupted"), err
 
 
 @pytest.mark.parametrize("command", ["fit", "evaluate", "score"])
@@ -234,4 +234,55 @@ def test_a_missing_table_is_said_before_any_heavy_library_loads(command: str, tm
             f"print(rc, sorted(m for m in {HEAVY!r} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip().splitlines()[-1] == "2 []", (done.stdout, done.stderr)
-    assert done.stderr.strip() == f"error: {tmp_path / 'missing.csv'}: no such file"
+    assert done.stderr.strip() == f"fraud-train: error: {tmp_path / 'missing.csv'}: no such file"
+
+
+@pytest.mark.parametrize(("flag", "given", "meant"), [
+    ("--label-column", "Label", "'label'"),  # was read as an unlabelled table, the label trained on as a feature
+    ("--id-column", "ID", "'id'"),
+    ("--time-column", "x", "'x0' or 'x1' or 'x2'"),  # the three closest, in table order
+    ("--customer-column", "nte", "'note'"),
+    ("--features", "x0,x11", "'x1'"),  # was "column 'x11' not found": neither the flag nor the column meant
+])
+def test_an_unknown_column_in_a_flag_stops_fit_naming_the_flag_and_the_close_matches(
+        flag: str, given: str, meant: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _generic().to_csv(tmp_path / "g.csv", index=False)
+    err = fail([*FAST, "fit", "--data", str(tmp_path / "g.csv"), "--output", str(tmp_path / "m"), flag, given],
+               capsys)
+    wrong = given.split(",")[-1]
+    assert f"{flag} '{wrong}': the table has no such column (did you mean {meant}" in err
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def generic_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("generic")
+    _generic().to_csv(root / "g.csv", index=False)
+    assert run([*FAST, "fit", "--data", str(root / "g.csv"), "--output", str(root / "m"), "--epochs", "1",
+                "--no-baselines"]) == 0
+    return root / "m"
+
+
+@pytest.mark.parametrize("command", ["fit", "score"])
+def test_a_word_in_a_feature_column_stops_with_its_column_row_and_value(
+        command: str, generic_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A third of x2 is "abc": fit dropped the column with an INFO line and trained without it; score said
+    "not numeric" without the row."""
+    table = _generic().astype({"x2": object})
+    table.loc[4::3, "x2"] = "abc"
+    table.to_csv(tmp_path / "bad.csv", index=False)
+    extra = (["--output", str(tmp_path / "m")] if command == "fit"
+             else ["--model", str(generic_model), "--output", str(tmp_path / "s.csv")])
+    err = fail([*FAST, command, "--data", str(tmp_path / "bad.csv"), *extra], capsys)
+    assert "column 'x2', data row 5 (1-based, header not counted): 'abc' is not a number" in err
+    assert not (tmp_path / "m").exists() and not (tmp_path / "s.csv").exists()
+
+
+def test_score_keeps_the_id_and_label_columns(generic_model: Path, tmp_path: Path) -> None:
+    table = _generic(n=50, seed=9)
+    table.to_csv(tmp_path / "t.csv", index=False)
+    assert run([*FAST, "score", "--data", str(tmp_path / "t.csv"), "--model", str(generic_model),
+                "--output", str(tmp_path / "s.csv")]) == 0
+    scored = pd.read_csv(tmp_path / "s.csv")
+    assert list(scored.columns) == ["id", "label", "score", "flag", "top_features"]
+    assert scored["id"].tolist() == table["id"].tolist() and scored["label"].tolist() == table["label"].tolist()

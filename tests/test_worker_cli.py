@@ -47,7 +47,7 @@ def test_unreachable_broker_is_said_in_one_line_without_library_noise(tmp_path) 
                            "--bootstrap-servers", f"127.0.0.1:{port}", "--connect-timeout-s", "2"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fraud-worker: error:")]
     assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0] and "refused" in errors[0]
     assert "kafka." not in done.stderr and "Traceback" not in done.stderr
     assert time.monotonic() - started < 30  # said before any model load or client timeout
@@ -76,6 +76,6 @@ def test_busy_metrics_port_is_said_in_one_line_before_anything_else(tmp_path) ->
                                "--bootstrap-servers", f"127.0.0.1:{free_port()}", "--connect-timeout-s", "30"],
                               cwd=REPO, env=_env(), capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fraud-worker: error:")]
     assert len(errors) == 1 and str(port) in errors[0] and "FRAUD_METRICS_PORT" in errors[0]
     assert "cannot reach Kafka" not in done.stderr  # said before trying the broker

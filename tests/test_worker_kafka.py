@@ -227,7 +227,7 @@ def test_bad_model_dir_is_refused_at_start(kafka_env: dict, tmp_path: Path) -> N
     done = subprocess.run(_worker_cmd(tmp_path, "g6"), cwd=REPO, env={**kafka_env, "FRAUD_METRICS_PORT": "0"},
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
-    assert "error:" in done.stderr and "Traceback" not in done.stderr
+    assert "fraud-worker: error:" in done.stderr and "Traceback" not in done.stderr
     assert os.fspath(tmp_path) in done.stderr or "manifest" in done.stderr
     time.sleep(0)
 
@@ -242,7 +242,7 @@ def test_topics_with_fewer_replicas_than_configured_are_refused_at_start(kafka_s
                           env={**kafka_env, "FRAUD_METRICS_PORT": "0", "FRAUD_REPLICATION_FACTOR": "2"},
                           check=False)
     assert done.returncode == 2, done.stderr[-2000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fraud-worker: error:")]
     assert len(errors) == 1 and "Traceback" not in done.stderr
     assert f"{kafka_settings.alerts_topic} (1)" in errors[0] and f"{kafka_settings.dead_letter_topic} (1)" in errors[0]
 

@@ -108,7 +108,7 @@ def test_a_failing_worker_stops_the_others_and_sets_the_exit_code(failing: int) 
                             *unreachable())
         code = launched.wait()  # the second, waiting up to 300 s for Kafka, is stopped instead
     assert code == 2, launched.text
-    errors = [line for line in launched.lines if line.startswith("error:")]
+    errors = [line for line in launched.lines if line.startswith("fraud-worker: error:")]
     assert len(errors) == 1 and str(base + failing) in errors[0], launched.text
     assert "stopping the others" in launched.text
 

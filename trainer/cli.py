@@ -1,6 +1,6 @@
 """``fraud-train``: fit, evaluate and score with the autoencoder the worker serves.
 
-Errors the user can fix print one ``error: ...`` line on stderr and exit with status 2. Flags
+Errors the user can fix print one ``fraud-train: error: ...`` line on stderr and exit with status 2. Flags
 are parsed and checked with the standard library only; torch, scikit-learn and pandas are
 imported by the subcommand that runs, so ``--help`` and a bad flag answer at once.
 """
@@ -13,22 +13,16 @@ import sys
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
 
+from pipeline.cliargs import OneLineParser, print_error
 from pipeline.config import TrainerSettings
 from pipeline.errors import ConfigError, FraudPipelineError
 from pipeline.features import LAYOUTS
 from trainer import options as opt
 
+PROG = "fraud-train"
 EXIT_USAGE = 2
 MODEL_HELP = "model version folder or model root [env FRAUD_MODEL_DIR; default models]"
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one ``error: ...`` line and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _version() -> str:
@@ -123,7 +117,7 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fraud-train`` argument parser with its fit, evaluate and score subcommands."""
-    parser = _Parser(prog="fraud-train", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="fraud-train", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _common_arguments(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,evaluate,score}")
@@ -204,16 +198,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         apply_settings(args)
         check_table(args)
         return _dispatch(args)
-    except FraudPipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, OSError) as err:  # e.g. an impossible hyperparameter, an unwritable output
-        print(f"error: {err}", file=sys.stderr)
+    except (FraudPipelineError, ValueError, OSError) as err:  # also an impossible hyperparameter, an unwritable output
+        print_error(PROG, str(err))
         return EXIT_USAGE
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through PyTorch
-        print(f"error: interrupted; fraud-train {args.command} stopped"
-              + (" (models/current moves to a new version only as fit's last step)" if args.command == "fit" else ""),
-              file=sys.stderr)
+        print_error(PROG, f"interrupted; fraud-train {args.command} stopped"
+                    + (" (models/current moves to a new version only as fit's last step)" if args.command == "fit"
+                       else ""))
         return 130
 
 

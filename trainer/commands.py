@@ -12,11 +12,19 @@ import pandas as pd
 
 from pipeline.artifact import load_artifact
 from pipeline.errors import InputDataError
-from pipeline.features import LAYOUTS, TableLayout, read_table
+from pipeline.features import LAYOUTS, TableLayout, check_table, read_table
 from pipeline.scoring import Scorer, score_frame
 from trainer import evaluate as metrics
 from trainer import options as opt
-from trainer.data import LayoutFlags, check_features, check_labels, event_times, resolve_layout
+from trainer.data import (
+    LayoutFlags,
+    check_features,
+    check_labels,
+    event_times,
+    find_label,
+    flag_columns,
+    resolve_layout,
+)
 from trainer.fit import FitOptions, customers_and_days, run_fit, score_detector
 from trainer.report import write_report
 from trainer.split import SplitSpec, time_split
@@ -61,6 +69,7 @@ def evaluate(args: argparse.Namespace, flags: LayoutFlags) -> int:
     """Score a labelled table with a model and write the report (model only, no baselines)."""
     artifact = load_artifact(args.model)
     frame, layout = _table(args, flags)
+    check_table(frame, {}, artifact.feature_names)  # the model's features, before the window renumbers rows
     frame = _window(frame, layout, args.start, args.end)
     check_features(frame, artifact.feature_names)
     labels = check_labels(frame, layout)
@@ -92,17 +101,14 @@ def _window(frame: pd.DataFrame, layout: TableLayout, start: str | None, end: st
 
 
 def score(args: argparse.Namespace, flags: LayoutFlags) -> int:
-    """Write score, flag and (for flagged rows) top features of every row."""
+    """Write score, flag and (for flagged rows) top features of every row, after the table's id and label."""
     artifact = load_artifact(args.model)
     frame = read_table(args.data)
+    check_table(frame, {**flag_columns(flags), "--features": flags.features}, artifact.feature_names)
     raw = check_features(frame, artifact.feature_names)
     batch = score_frame(Scorer(artifact, device=args.device), frame)
-    out = pd.DataFrame({"score": batch.scores, "flag": batch.flags})
-    id_column = flags.id_column or _known_id(frame)
-    if id_column:
-        if id_column not in frame.columns:
-            raise InputDataError(f"id column {id_column!r} not found")
-        out.insert(0, id_column, frame[id_column].to_numpy())
+    kept = [c for c in dict.fromkeys((flags.id_column or _known_id(frame), flags.label_column or _label(frame))) if c]
+    out = frame[kept].reset_index(drop=True).assign(score=batch.scores, flag=batch.flags)
     tops = [""] * len(out)
     for i in np.flatnonzero(batch.flags):
         tops[i] = json.dumps(batch.top_features(int(i), raw[i], k=args.top_features))
@@ -113,10 +119,18 @@ def score(args: argparse.Namespace, flags: LayoutFlags) -> int:
 
 
 def _known_id(frame: pd.DataFrame) -> str | None:
+    """A known layout's id column, else one named transaction_id or id (any case)."""
     for layout in LAYOUTS.values():
         if layout.id_column and layout.id_column in frame.columns:
             return layout.id_column
-    return None
+    by_name = {str(c).lower(): str(c) for c in frame.columns}
+    return by_name.get("transaction_id") or by_name.get("id")
+
+
+def _label(frame: pd.DataFrame) -> str | None:
+    """A known layout's label column, else a 0/1 column named like a label."""
+    known = next((lay.label_column for lay in LAYOUTS.values() if lay.label_column in frame.columns), None)
+    return known or find_label(frame)
 
 
 def _write(frame: pd.DataFrame, path: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputDataError
-from pipeline.features import LAYOUTS, TableLayout, detect_layout
+from pipeline.features import ID_OR_TIME_NAMES, LAYOUTS, TableLayout, check_table, detect_layout
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +32,24 @@ class LayoutFlags:
 
 def resolve_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
     """The layout named, given by --features, detected from the columns, or else a generic one
-    (every numeric column but the label, time, id and customer ones); flags override it.
+    (every numeric column but the label, time, id and customer ones); flags override it. The table is
+    checked first by the rules ``fraud-produce replay`` applies too (:func:`pipeline.features.check_table`).
 
     Log transforms are opt-in: on the reference data they lower every detector's ranking quality.
     """
     columns = list(map(str, frame.columns))
-    for flag, name in (("--label-column", flags.label_column), ("--time-column", flags.time_column),
-                       ("--id-column", flags.id_column), ("--customer-column", flags.customer_column)):
-        if name is not None and name not in columns:  # a typo must not train a silently different model
-            raise InputDataError(no_such_column(flag, name, columns))
+    if flags.layout and flags.layout not in LAYOUTS:
+        raise InputDataError(f"unknown layout {flags.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
+    known = None if flags.features else LAYOUTS[flags.layout] if flags.layout else detect_layout(columns)
+    named: dict[str, str | tuple[str, ...] | None] = {**flag_columns(flags), "--features": flags.features}
+    if flags.layout and known is not None:
+        named[f"--layout {flags.layout}"] = known.features
+    check_table(frame, named, flags.features or (known.features if known else None),
+                roles={c for c in flag_columns(flags).values() if c})
     if flags.features:
         base = TableLayout("generic", None, flags.time_column or "", None, None, tuple(flags.features))
-    elif flags.layout:
-        if flags.layout not in LAYOUTS:
-            raise InputDataError(f"unknown layout {flags.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
-        base = LAYOUTS[flags.layout]
     else:
-        base = detect_layout(columns) or generic_layout(frame, flags)
+        base = known or generic_layout(frame, flags)
     changes = {
         "label_column": flags.label_column, "time_column": flags.time_column, "id_column": flags.id_column,
         "key_column": flags.customer_column, "time_unit": flags.time_unit,
@@ -63,10 +64,14 @@ def resolve_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
     return dataclasses.replace(layout, log_features=log_features)
 
 
+def flag_columns(flags: LayoutFlags) -> dict[str, str | None]:
+    """The single columns the command line names, by flag."""
+    return {"--label-column": flags.label_column, "--time-column": flags.time_column,
+            "--id-column": flags.id_column, "--customer-column": flags.customer_column}
+
+
 # Column names (lower case) a generic table's label is recognised by when no --label-column is given.
 LABEL_NAMES = ("label", "class", "y", "is_fraud", "fraud", "target", "outlier", "anomaly", "is_anomaly")
-# Never features by default: identifiers and times under their usual names.
-ID_OR_TIME_NAMES = ("id", "index", "unnamed: 0", "transaction_id", "time", "timestamp", "event_time", "datetime")
 
 
 def _is_binary(column: pd.Series) -> bool:
@@ -74,23 +79,24 @@ def _is_binary(column: pd.Series) -> bool:
     return bool(values.notna().all() and values.isin([0, 1]).all())
 
 
+def find_label(frame: pd.DataFrame) -> str | None:
+    """A 0/1 column with a usual label name (``LABEL_NAMES``, any case), else None."""
+    return next((str(c) for c in frame.columns if str(c).lower() in LABEL_NAMES and _is_binary(frame[c])), None)
+
+
 def generic_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
-    """Features: every numeric column but the label, time, id and customer columns.
+    """Features: every numeric column but the label, time, id and customer columns (``check_table`` has refused
+    a column of numbers with a stray word in it).
 
     The label is --label-column, or else a 0/1 column with a usual label name (none: unlabelled).
     """
-    label = flags.label_column or next(
-        (str(c) for c in frame.columns if str(c).lower() in LABEL_NAMES and _is_binary(frame[c])), None)
+    label = flags.label_column or find_label(frame)
     roles = {label, flags.time_column, flags.id_column, flags.customer_column} - {None}
     features, skipped = [], []
     for name in map(str, frame.columns):
         if name in roles:
             continue
         numeric = pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])
-        stray = None if numeric or name.lower() in ID_OR_TIME_NAMES else _mostly_numeric(frame[name])
-        if stray is not None:  # one bad cell must not silently drop a feature
-            raise InputDataError(f"column {name!r} holds numbers but row {stray[0]} holds {stray[1]!r}; fix or drop "
-                                 "that row, or pass --features without the column")
         if numeric and name.lower() not in ID_OR_TIME_NAMES:
             features.append(name)
         else:
@@ -100,27 +106,6 @@ def generic_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
     log.info("generic table: %d feature columns (%s), label %s; not used as features: %s", len(features),
              _shorten(features), repr(label) if label else "none (unlabelled)", _shorten(skipped) or "none")
     return TableLayout("generic", None, flags.time_column or "", label, None, tuple(features))
-
-
-def no_such_column(flag: str, name: str, columns: list[str]) -> str:
-    """One line for a column named in a flag that the table does not have, with the nearest name."""
-    import difflib
-
-    near = [c for c in columns if c.lower() == name.lower()] or difflib.get_close_matches(name, columns, n=1)
-    hint = f" (did you mean {near[0]!r}?)" if near else ""
-    return f"{flag} {name!r}: the table has no such column{hint}; it has: {_shorten(columns, 30)}"
-
-
-def _mostly_numeric(column: pd.Series) -> tuple[int, object] | None:
-    """The first row and value that are not a number, in a column whose other values mostly are."""
-    present = column.dropna()
-    if present.empty:
-        return None
-    numbers = pd.to_numeric(present, errors="coerce")
-    if numbers.notna().sum() < 0.9 * len(present) or numbers.notna().all():
-        return None
-    at = numbers.index[numbers.isna()][0]
-    return int(column.index.get_loc(at)), present.loc[at]  # type: ignore[arg-type]
 
 
 def _shorten(names: list[str], most: int = 8) -> str:
@@ -141,7 +126,7 @@ def check_features(frame: pd.DataFrame, features: tuple[str, ...]) -> np.ndarray
         if bad.any():
             raise InputDataError(
                 f"column {name!r} has {int(bad.sum())} missing or infinite values "
-                f"(first at row {int(np.argmax(bad))}); fill or drop them first"
+                f"(first at data row {int(np.argmax(bad)) + 1}, 1-based); fill or drop them first"
             )
     return frame[list(features)].to_numpy(dtype=np.float32)
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+from pipeline.cliargs import print_error
+
 TRAIN_EXTRA = {"sklearn", "scipy", "matplotlib"}  # import names of the [train] extra and its SciPy
 EXIT_USAGE = 2
 
@@ -29,8 +31,8 @@ def main() -> None:
     """Run ``trainer.cli``, or explain the missing ``[train]`` extra (``--help`` and ``--version`` need none)."""
     missing = missing_extra()
     if missing and not {"-h", "--help", "--version"} & set(sys.argv[1:]):
-        print(f"error: fraud-train needs the [train] extra ({missing} is missing): "
-              "pip install 'fraud-pipeline[train]'", file=sys.stderr)
+        print_error("fraud-train", f"the [train] extra is not installed ({missing} is missing): "
+                    "pip install 'fraud-pipeline[train]'")
         sys.exit(EXIT_USAGE)
     try:
         from trainer import cli
@@ -39,6 +41,6 @@ def main() -> None:
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in TRAIN_EXTRA:
             raise
-        print(f"error: fraud-train needs the [train] extra ({err.name} is missing): "
-              "pip install 'fraud-pipeline[train]'", file=sys.stderr)
+        print_error("fraud-train", f"the [train] extra is not installed ({err.name} is missing): "
+                    "pip install 'fraud-pipeline[train]'")
         sys.exit(EXIT_USAGE)

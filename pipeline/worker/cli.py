@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from pipeline.cliargs import OneLineParser, VersionAction
+from pipeline.cliargs import OneLineParser, VersionAction, print_error
 from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import ConfigError, FraudPipelineError
 
@@ -98,7 +98,7 @@ def run(argv: list[str] | None = None) -> int:
         log.info("starting with %s and %s", kafka, settings)
         return _serve(kafka, settings, args, stop)
     except FraudPipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error("fraud-worker", str(err))
         return 2
 
 
@@ -159,7 +159,7 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
     try:
         stats = worker.run(idle_exit_s=None if stop.is_set() else args.exit_when_idle)
     except FraudPipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error("fraud-worker", str(err))
         return 1
     finally:
         watcher.close()
