@@ -13,7 +13,7 @@ TORCH           ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 export TORCH TORCH_CPU_INDEX
 
-.PHONY: demo test chaos unit lint rules tools system-tools go-tools kafka-start kafka-stop bench clean
+.PHONY: demo test chaos containers unit lint rules tools system-tools go-tools kafka-start kafka-stop bench clean
 
 # uv installs PyTorch's multi-gigabyte wheels from its cache in seconds (pip: minutes).
 # PyTorch first (the build chosen above), then the project with the trainer and test extras.
@@ -40,11 +40,19 @@ demo: $(STAMP) system-tools
 
 test: $(STAMP) tools
 	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
-	$(BIN)/python -m pytest -m "not chaos"
+	$(BIN)/python -m pytest -m "not chaos and not docker"
 
 # Workers and the broker killed mid-stream, rebalances, 100,000 hostile records (about 15 minutes).
 chaos: $(STAMP) system-tools
 	$(BIN)/python -m pytest -m chaos -s -p no:cacheprovider -o faulthandler_timeout=1150
+
+# The container suite (README, "Containers"): Podman serves the Docker API where no Docker engine
+# runs (installed from Debian's packages if missing), the images are built without any registry
+# (deploy/containers), then the testcontainers tests and the compose stack run for real.
+containers: $(STAMP) tools
+	$(BIN)/python -m deploy.containers images
+	FRAUD_CONTAINER_IMAGES=prebuilt $(BIN)/python -m deploy.containers run -- \
+	  $(BIN)/python -m pytest -m docker -s -p no:cacheprovider -o faulthandler_timeout=1500
 
 unit: $(STAMP) go-tools
 	$(BIN)/python -m pytest -m "not integration and not chaos"

@@ -31,6 +31,7 @@ from pathlib import Path
 import orjson
 
 from deploy.ports import free_port
+from pipeline.cliargs import print_error
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "demo"
@@ -135,10 +136,10 @@ def run(argv: list[str] | None = None) -> int:
         summarize(live, env, metrics, elapsed, port, warmed)
         return 0
     except subprocess.CalledProcessError as err:
-        print(f"error: step failed: {' '.join(map(str, err.cmd))}", file=sys.stderr)
+        print_error("make demo", f"step failed: {' '.join(map(str, err.cmd))}")
         return 1
     except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error("make demo", str(err))
         return 1
     finally:
         if worker is not None:

@@ -22,7 +22,6 @@ from deploy.kafka.local import LocalKafka, LocalKafkaError, wait_until_ready
 from pipeline.config import KafkaSettings
 from tests.kafka_helpers import with_shared_jars
 
-KAFKA_IMAGE = "apache/kafka:4.3.1"
 REPO = Path(__file__).resolve().parent.parent
 
 logging.getLogger("kafka").setLevel(logging.ERROR)
@@ -51,10 +50,11 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield configured
         return
     if docker_available() is None:
-        from testcontainers.kafka import KafkaContainer
+        from tests.container_helpers import apache_kafka, wait_for_broker
 
-        with KafkaContainer(KAFKA_IMAGE).with_kraft() as container:
-            yield container.get_bootstrap_server()
+        with apache_kafka() as container:
+            wait_for_broker(container.bootstrap_server)
+            yield container.bootstrap_server
         return
     home = tmp_path_factory.mktemp("kafka")
     with_shared_jars(home)

@@ -7,8 +7,9 @@ then the worker image as the worker (scores the input topic, serves /metrics) an
 (streams the simulated days after the history). Passes when alerts come out on the alerts topic
 and the worker's metrics count them.
 
-Needs a Docker engine; skipped with the reason where none answers. Run it with
-``.venv/bin/python -m pytest -m docker tests/test_container.py`` (the first build downloads
+Needs a Docker engine; skipped with the reason where none answers. ``make containers`` runs it with the
+images it built (and Podman as the engine where Docker is absent); with Docker,
+``.venv/bin/python -m pytest -m docker tests/test_container.py`` builds them here (the first build downloads
 PyTorch's CPU wheels: several minutes).
 """
 
@@ -23,8 +24,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from deploy.containers import images
 from pipeline.config import KafkaSettings
-from tests.conftest import KAFKA_IMAGE, docker_available
+from tests.conftest import docker_available
+from tests.container_helpers import PREBUILT, apache_kafka, wait_for_broker
 from tests.worker_helpers import read_topic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +48,9 @@ HISTORY_DAYS = 58
 @pytest.fixture(scope="module")
 def image() -> Iterator[str]:
     """The worker image: the Dockerfile's default target."""
+    if PREBUILT:
+        yield images.WORKER
+        return
     from testcontainers.core.image import DockerImage
 
     with DockerImage(path=REPO, dockerfile_path="deploy/Dockerfile", tag=IMAGE_TAG, clean_up=False) as built:
@@ -54,6 +60,9 @@ def image() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def trainer_image(image: str) -> Iterator[str]:
     """The trainer image (built after the worker image, whose builder stage it reuses from the cache)."""
+    if PREBUILT:
+        yield images.TRAINER
+        return
     from testcontainers.core.image import DockerImage
 
     with DockerImage(path=REPO, dockerfile_path="deploy/Dockerfile", tag=TRAINER_TAG, clean_up=False,
@@ -75,7 +84,6 @@ def _metric(text: str, name: str) -> float:
 
 @pytest.mark.timeout(1800)
 def test_image_trains_scores_and_alerts(image: str, trainer_image: str, tmp_path: Path) -> None:
-    from testcontainers.community.kafka import KafkaContainer
     from testcontainers.core.container import DockerContainer
     from testcontainers.core.network import Network
 
@@ -96,8 +104,8 @@ def test_image_trains_scores_and_alerts(image: str, trainer_image: str, tmp_path
     assert client.containers.run(image, ["python", "-c", probe], remove=True).decode().strip() == "[]"
     assert "sklearn" in client.containers.run(trainer_image, ["python", "-c", probe], remove=True).decode()
 
-    with Network() as network, \
-            KafkaContainer(KAFKA_IMAGE).with_kraft().with_network(network).with_network_aliases("kafka") as kafka:
+    with Network() as network, apache_kafka(network) as kafka:
+        wait_for_broker(kafka.bootstrap_server)
         trainer = (DockerContainer(trainer_image).with_network(network)
                    .with_volume_mapping(str(work), "/work", "rw")
                    .with_command(["sh", "-c",
@@ -125,7 +133,7 @@ def test_image_trains_scores_and_alerts(image: str, trainer_image: str, tmp_path
             assert code == 0, f"producer failed:\n{logs}"
 
             host = KafkaSettings.build(environ={}, overrides={
-                "bootstrap_servers": kafka.get_bootstrap_server(), "input_topic": topics["FRAUD_INPUT_TOPIC"],
+                "bootstrap_servers": kafka.bootstrap_server, "input_topic": topics["FRAUD_INPUT_TOPIC"],
                 "alerts_topic": topics["FRAUD_ALERTS_TOPIC"], "dead_letter_topic": topics["FRAUD_DEAD_LETTER_TOPIC"]})
             alerts = read_topic(host, host.alerts_topic, expect=1, timeout_s=180)
             assert alerts, "no alert came out of the worker container"

@@ -92,5 +92,6 @@ def test_a_cluster_needs_three_nodes_and_says_so_in_one_line(tmp_path: Path) -> 
         done = subprocess.run([sys.executable, "-m", "deploy.kafka", "start", "--home", str(tmp_path), *args],
                               cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 2, (args, done.stderr)
-        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error:"), done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith("python -m deploy.kafka: error:"), done.stderr
         assert not (tmp_path / "libs").exists()  # nothing resolved or started

@@ -12,10 +12,13 @@ import sys
 
 from deploy.kafka.cluster import LocalCluster
 from deploy.kafka.local import DEFAULT_HOME, BrokerState, LocalKafka, LocalKafkaError
+from pipeline.cliargs import print_error
+
+PROG = "python -m deploy.kafka"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deploy.kafka", description=__doc__)
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--home", default=str(DEFAULT_HOME), help="cache and state folder")
     parser.add_argument("--port", type=int, default=None, help="broker port (default: a free one)")
@@ -46,10 +49,10 @@ def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)  # kafka-python's INFO chatter; the readiness probe is quiet
     if args.brokers != 1 and args.brokers < 3:
-        print(f"error: --brokers must be 1, or 3 or more (replication factor 3), not {args.brokers}", file=sys.stderr)
+        print_error(PROG, f"--brokers must be 1, or 3 or more (replication factor 3), not {args.brokers}")
         return 2
     if args.brokers > 1 and (args.tls or args.port):
-        print("error: --tls and --port are for the single broker, not a cluster", file=sys.stderr)
+        print_error(PROG, "--tls and --port are for the single broker, not a cluster")
         return 2
     kafka = LocalKafka(args.home)
     cluster = LocalCluster(args.home, nodes=max(3, args.brokers))
@@ -79,7 +82,7 @@ def run(argv: list[str] | None = None) -> int:
                 print("not running")
             return 0 if state or nodes else 1
     except LocalKafkaError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print_error(PROG, str(err))
         return 2
     return 0
 
