@@ -205,3 +205,31 @@ def test_a_malformed_bootstrap_address_is_refused_by_the_one_check(servers: str)
 def test_good_bootstrap_lists_are_accepted() -> None:
     for servers in ("kafka:9092", " a:1 , b:65535 ", "[::1]:9093,10.0.0.1:9092"):
         assert KafkaSettings.build(environ={"FRAUD_BOOTSTRAP_SERVERS": servers}).bootstrap_servers == servers
+
+
+def test_every_exception_the_project_defines_is_in_the_one_tree() -> None:
+    """pipeline/errors.py promises one exception tree: every exception class defined in the product's packages
+    reaches FraudPipelineError (read from the source, nothing imported), but for the one named below."""
+    import ast
+
+    # a record's verdict, raised and caught within one record's processing (dead-lettered as duplicate_conflict)
+    outside = {"DuplicateConflict"}
+    repo = Path(__file__).resolve().parent.parent
+    bases: dict[str, list[str]] = {}
+    for package in ("pipeline", "producer", "trainer"):
+        for path in (repo / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    bases[node.name] = [b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases]
+
+    def in_tree(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        return name == "FraudPipelineError" or any(
+            b in bases and b not in seen and in_tree(b, seen | {name}) for b in bases.get(name, []))
+
+    def is_exception(name: str, seen: frozenset[str] = frozenset()) -> bool:
+        return any(b.endswith(("Error", "Exception")) and (b not in bases or is_exception(b, seen | {name}))
+                   for b in bases.get(name, []) if b not in seen)
+
+    known = outside | {"FraudPipelineError"}
+    strays = sorted(n for n in bases if is_exception(n) and not in_tree(n) and n not in known)
+    assert not strays, f"exceptions outside pipeline.errors' tree: {strays}"

@@ -26,17 +26,11 @@ import pytest
 
 from deploy.containers import images
 from pipeline.config import KafkaSettings
-from tests.conftest import docker_available
-from tests.container_helpers import PREBUILT, apache_kafka, wait_for_broker
+from tests.container_helpers import PREBUILT, apache_kafka, container_marks, wait_for_broker
 from tests.worker_helpers import read_topic
 
 REPO = Path(__file__).resolve().parent.parent
-NO_DOCKER = docker_available()
-pytestmark = [
-    pytest.mark.docker,
-    pytest.mark.slow,
-    pytest.mark.skipif(NO_DOCKER is not None, reason=f"container test skipped: {NO_DOCKER}"),
-]
+pytestmark = container_marks("container test")
 
 IMAGE_TAG = "fraud-pipeline:container-test"
 TRAINER_TAG = "fraud-pipeline-trainer:container-test"

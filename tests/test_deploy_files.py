@@ -206,7 +206,9 @@ def test_worker_scales_and_gpu_profile_reserves_nvidia(services: dict) -> None:
 
 
 def test_env_example_lists_every_compose_variable() -> None:
-    used = {m.group(1): m.group(2) for m in VARIABLE.finditer(COMPOSE.read_text())}
+    """Every variable of docker-compose.yml and of its cluster overlay, with the same default."""
+    text = COMPOSE.read_text() + (DEPLOY / "compose.cluster.yml").read_text()
+    used = {m.group(1): m.group(2) for m in VARIABLE.finditer(text)}
     assert all(default is not None for default in used.values()), "every variable needs a default"
     listed = dict(line.split("=", 1) for line in ENV_EXAMPLE.read_text().splitlines()
                   if line.strip() and not line.startswith("#"))
@@ -491,6 +493,14 @@ def test_the_cluster_overlay_makes_three_replicating_nodes() -> None:
         assert env_of["KAFKA_MIN_INSYNC_REPLICAS"] == env_of["KAFKA_TRANSACTION_STATE_LOG_MIN_ISR"] == "2", name
         assert [v["type"] for v in node["volumes"]] == ["volume"], name
     assert len({n["volumes"][0]["source"] for n in nodes.values()}) == 3
+    # every node reachable from the host on its own port: a host client is sent to each partition's leader
+    published = {name: [(p["host_ip"], p["published"]) for p in node["ports"] if p["target"] == 9094]
+                 for name, node in nodes.items()}
+    assert all(len(ports) == 1 for ports in published.values()), published
+    assert len({ports[0][1] for ports in published.values()}) == 3, published
+    for name, node in nodes.items():
+        advertised = node["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+        assert f":{published[name][0][1]}" in advertised.split("EXTERNAL://", 1)[1], (name, advertised)
     assert services["kafka-init"]["environment"]["TOPIC_REPLICATION_FACTOR"] == "3"
     for name in ("worker", "worker-gpu", "producer"):
         assert services[name]["environment"]["FRAUD_BOOTSTRAP_SERVERS"] == "kafka:9092,kafka-2:9092,kafka-3:9092"

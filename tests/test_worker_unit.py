@@ -489,3 +489,24 @@ def test_a_transactional_error_the_client_cannot_name_neither_stops_the_worker_n
     delivery._ready_producer = ready  # type: ignore[method-assign]
     assert delivery.deliver([Output("alerts", b"k", b"v")], {tp: 10}) is done
     assert first.closed
+
+
+def test_the_range_assignor_is_pinned_for_both_clients(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw input's co-partitioning needs the range assignor: the worker names it, and the confluent driver passes
+    it on as librdkafka's "range" (not a default list that would allow round-robin)."""
+    from kafka.coordinator.assignors.range import RangePartitionAssignor
+
+    from pipeline.worker import clients, confluent
+
+    seen: dict = {}
+
+    def capture(client: str, **options: object) -> object:
+        seen.update(options)
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(clients, "consumer", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        worker._connect()
+    assert seen["partition_assignment_strategy"] == (RangePartitionAssignor,)
+    conf = confluent.config({"partition_assignment_strategy": seen["partition_assignment_strategy"]}, role="consumer")
+    assert conf["partition.assignment.strategy"] == "range"

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CorruptRecordError, KafkaError
 
 from pipeline.config import KafkaSettings, WorkerSettings
@@ -110,6 +111,10 @@ class Worker:
             max_poll_records=self.settings.max_batch, max_partition_fetch_bytes=4 * 1024 * 1024,
             fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=10_000, heartbeat_interval_ms=3000,
             metadata_max_age_ms=15_000,  # notice new partitions of the input topic within seconds
+            # Raw input's stages need partition p of the input, repartition and labels topics on one member
+            # (co-partitioning): the range assignor gives that, round-robin does not. Pinned, not left to each
+            # client's default list.
+            partition_assignment_strategy=(RangePartitionAssignor,),
         )
         self.consumer.before_revoke = self._settle_before_revoke
         self.listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget, self.joined)

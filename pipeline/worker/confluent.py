@@ -85,6 +85,7 @@ CONSUMER = {
     "session_timeout_ms": "session.timeout.ms",
     "heartbeat_interval_ms": "heartbeat.interval.ms",
     "max_poll_records": None,  # poll's max_records
+    "partition_assignment_strategy": "partition.assignment.strategy",  # kafka-python's assignor classes
 }
 PRODUCER = {
     "acks": "acks",
@@ -131,6 +132,8 @@ def config(options: dict[str, Any], *, role: str) -> dict[str, Any]:
             value = "https" if value else "none"
         elif name == "security_protocol":
             value = value.lower()
+        elif name == "partition_assignment_strategy":
+            value = ",".join(assignor.name for assignor in value)  # RangePartitionAssignor.name: "range"
         conf[prop] = value
     if "ssl.key.location" in conf and "ssl.certificate.location" not in conf:
         conf.pop("ssl.key.password", None)

@@ -75,8 +75,9 @@ REPORT_EVERY_S = 30.0
 SLOW_ACK_S = 5.0  # an acknowledgement this late is logged (once per batch)
 
 
-class StopWithoutCommit(Exception):
-    """Asked to stop while outputs or offsets could not be delivered: nothing is committed."""
+class StopWithoutCommit(FraudPipelineError):
+    """Asked to stop while outputs or offsets could not be delivered: nothing is committed (the worker's run
+    handles it; one that escapes is one ``fraud-worker: error:`` line, like every error of the tree)."""
 
 
 class DeliveryError(FraudPipelineError):

@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
+from pipeline.errors import FraudPipelineError
 from pipeline.worker.clients import Call
 from pipeline.worker.delivery import (
     FENCED,
@@ -70,8 +71,9 @@ T = TypeVar("T")
 STOP_GRACE_S = 10.0  # how long a stopping worker still waits on a blocked transactional call
 
 
-class TransactionLost(KafkaError):
-    """A transactional call outlived the transaction it belongs to (see the module's docstring)."""
+class TransactionLost(KafkaError, FraudPipelineError):
+    """A transactional call outlived the transaction it belongs to (see the module's docstring). A KafkaError
+    for the paths that handle Kafka's own, and in the project's one tree."""
 
     def __init__(self, call: str, waited_s: float) -> None:
         super().__init__(f"{call} still waiting on Kafka after {waited_s:.0f}s, past the transaction timeout")
