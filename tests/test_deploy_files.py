@@ -89,6 +89,7 @@ def resolved() -> dict:
     return yaml.safe_load(done.stdout)
 
 
+@pytest.mark.tools
 def test_compose_loads_as_docker_compose_loads_it(resolved: dict) -> None:
     """Schema, interpolation and the anchors' merges, checked by Docker Compose's own loader."""
     services = resolved["services"]
@@ -471,6 +472,7 @@ def test_dashboard_filters_every_query_by_the_job_variable() -> None:
                     assert 'job="$job"' in selector, f"{panel['title']}: {name}{selector} ignores $job"
 
 
+@pytest.mark.tools
 def test_the_cluster_overlay_makes_three_replicating_nodes() -> None:
     """deploy/compose.cluster.yml over docker-compose.yml, resolved by Docker Compose's own loader: three
     combined KRaft nodes in one quorum, RF 3 and min ISR 2 everywhere, a volume each, and every Kafka client
@@ -508,6 +510,7 @@ def test_the_cluster_overlay_makes_three_replicating_nodes() -> None:
     assert services["worker"]["environment"]["FRAUD_REPLICATION_FACTOR"] == "3"
 
 
+@pytest.mark.tools
 def test_the_single_broker_stack_keeps_one_replica(resolved: dict) -> None:
     assert resolved["services"]["kafka-init"]["environment"]["TOPIC_REPLICATION_FACTOR"] == "1"
     assert "kafka-2" not in resolved["services"]

@@ -41,18 +41,21 @@ def github_anchors(markdown: str) -> set[str]:
     return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
 
 
+@pytest.mark.tools
 def test_promtool_is_the_release_compose_runs(promtool: Path) -> None:
     wanted = compose_prometheus_version()
     found = tool_version(promtool)
     assert found is not None and found.split(".")[0] == wanted.split(".")[0], (promtool, found, wanted)
 
 
+@pytest.mark.tools
 def test_promtool_accepts_rules_and_compose_config(promtool: Path) -> None:
     for args in (["check", "rules", str(RULES)], ["check", "config", str(PROMETHEUS / "prometheus.yml")]):
         done = subprocess.run([str(promtool), *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, f"promtool {' '.join(args)}:\n{done.stdout}{done.stderr}"
 
 
+@pytest.mark.tools
 def test_rule_unit_tests_pass(promtool: Path) -> None:
     done = subprocess.run([str(promtool), "test", "rules", str(RULES_TEST)], capture_output=True, text=True,
                           timeout=120, cwd=PROMETHEUS)

@@ -393,3 +393,17 @@ def test_alignment_timers_start_again_when_a_partition_comes_back() -> None:
     consumer.parts = [p0, p1]
     aligned(made, consumer, clock, 32.0)
     assert aligned(made, consumer, clock, 40.0) == {p0}
+
+
+@pytest.mark.xfail(strict=True, reason="known bug (issue 18 note, 2026-12-06): a customer window evicts by its newest "
+                   "event only, so a transaction read again after a refused commit, once later batches 3 days ahead "
+                   "were applied, is scored from a cut window; the fix floors eviction by the uncommitted range")
+def test_a_replay_after_later_events_gets_its_first_features() -> None:
+    from pipeline.streamfeatures import DAY_MS, CustomerWindows
+
+    windows, t0 = CustomerWindows(), 1_530_000_000_000
+    for day in range(36):  # one transaction a day, days 0-35
+        windows.update(1000 + day, t0 + day * DAY_MS, 10.0)
+    first = windows.update(1035, t0 + 35 * DAY_MS, 10.0)  # day 35: 30 in its 30-day window (days 6-35)
+    windows.update(2000, t0 + 38 * DAY_MS, 10.0)  # a later batch of the same partition, already applied
+    assert windows.update(1035, t0 + 35 * DAY_MS, 10.0) == first  # the replay of the refused batch
