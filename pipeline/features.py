@@ -172,8 +172,16 @@ def no_such_column(flag: str, name: str, columns: Sequence[str]) -> str:
     close = sorted((c for c in columns if ratios[c] >= 0.6), key=lambda c: -ratios[c])  # ties: table order
     near = list(dict.fromkeys([*same_case, *close]))[:3]
     hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
-    shown = ", ".join(columns[:30]) + (f", ... ({len(columns)} in all)" if len(columns) > 30 else "")
-    return f"{flag} {name!r}: the table has no such column{hint}; it has: {shown}"
+    return f"{flag} {name!r}: the table has no such column{hint}; it has: {shorten(columns, 30)}"
+
+
+def shorten(names: Sequence[str], most: int = 8) -> str:
+    """Names for a message: the first ``most``, then how many in all.
+
+    >>> shorten(["a", "b", "c"], 2)
+    'a, b, ... (3 in all)'
+    """
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def _first_non_number(column: pd.Series, declared: bool) -> tuple[int, object] | None:

@@ -9,7 +9,6 @@ import argparse
 import math
 from collections.abc import Callable
 
-from pipeline.cliargs import print_error
 from pipeline.errors import ConfigError
 from producer.simconfig import start_day
 
@@ -36,7 +35,3 @@ def iso_day(text: str) -> str:
     except ConfigError as err:
         raise argparse.ArgumentTypeError(str(err).replace("start_date ", "")) from err
 
-
-def report(message: str, prog: str = "fraud-produce") -> None:
-    """Print an error as the one line a user sees (the shape of every command's)."""
-    print_error(prog, message)

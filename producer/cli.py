@@ -12,12 +12,13 @@ import logging
 from collections.abc import Mapping
 from pathlib import Path
 
-from pipeline.cliargs import OneLineParser, VersionAction
+from pipeline.cliargs import OneLineParser, VersionAction, print_error
 from pipeline.config import KafkaSettings
 from pipeline.errors import FraudPipelineError
-from producer.argparsing import iso_day, number, report
+from producer.argparsing import iso_day, number
 from producer.options import INT32_MAX, LAYOUT_NAMES, MAX_LABEL_DELAY_DAYS, MIN_RATE, Options, check
 
+PROG = "fraud-produce"
 EPILOG = "A misuse (bad flag, missing file, unknown column) stops with one line on stderr and exit code 2."
 
 
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     stream.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar (default: on a terminal)")
 
-    parser = OneLineParser(prog="fraud-produce", description=__doc__.split("\n")[0], epilog=EPILOG)
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0], epilog=EPILOG)
     parser.add_argument("--version", action=VersionAction)
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{simulate,replay}")
@@ -106,7 +107,7 @@ def run(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, --version, or a syntax error already printed on one line
         return 0 if done.code is None else done.code if isinstance(done.code, int) else 2
     except FraudPipelineError as err:
-        report(str(err))
+        print_error(PROG, str(err))
         return 2
     logging.getLogger().setLevel(logging.INFO if options.verbose else logging.WARNING)
     logging.getLogger("kafka").setLevel(logging.INFO if options.verbose else logging.ERROR)
@@ -115,12 +116,12 @@ def run(argv: list[str] | None = None) -> int:
 
         return execute(options)
     except FraudPipelineError as err:
-        report(str(err))
+        print_error(PROG, str(err))
         return 2
     except KeyboardInterrupt as stop:
         sent = getattr(stop, "report", None)  # producer.send.Interrupted: what went out before Ctrl-C
-        report("interrupted" if sent is None else
-               f"interrupted: {sent.acked} records acknowledged of {sent.sent} sent ({sent.failed} failed)")
+        print_error(PROG, "interrupted" if sent is None else
+                    f"interrupted: {sent.acked} records acknowledged of {sent.sent} sent ({sent.failed} failed)")
         return 130
 
 

@@ -163,7 +163,7 @@ def check_outcome(settings: KafkaSettings, model_dir: Path, frame: pd.DataFrame,
 
 def input_lag(settings: KafkaSettings, group: str) -> int:
     """Records of the input topic the group has not committed yet."""
-    return sum(end - (committed or 0) for end, committed in input_progress(settings, group))
+    return sum(end - (committed or 0) for end, committed in input_progress(settings, group).values())
 
 
 def ids_of(frame: pd.DataFrame) -> set[str]:

@@ -50,10 +50,10 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield configured
         return
     if docker_available() is None:
-        from tests.container_helpers import apache_kafka, wait_for_broker
+        from tests.container_helpers import apache_kafka
 
         with apache_kafka() as container:
-            wait_for_broker(container.bootstrap_server)
+            wait_until_ready(container.bootstrap_server, 120)
             yield container.bootstrap_server
         return
     home = tmp_path_factory.mktemp("kafka")

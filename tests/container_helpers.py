@@ -72,23 +72,6 @@ def apache_kafka(network: Any = None, alias: str = "kafka"):  # type: ignore[no-
     return container
 
 
-def wait_for_broker(bootstrap: str, timeout_s: float = 120.0) -> None:
-    """Until the broker answers a metadata request from this host."""
-    from kafka import KafkaAdminClient
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-            admin.list_topics()
-            admin.close()
-            return
-        except Exception as err:  # not up yet: any client error
-            if time.monotonic() > deadline:
-                raise AssertionError(f"Kafka at {bootstrap} did not answer in {timeout_s:.0f} s: {err}") from err
-            time.sleep(1)
-
-
 def get_json(url: str, timeout_s: float = 5.0) -> Any:
     with urllib.request.urlopen(url, timeout=timeout_s) as response:
         return json.loads(response.read())
@@ -185,20 +168,13 @@ def running(stack: Stack) -> Iterator[Stack]:
 
 def offsets(stack: Stack) -> tuple[dict[int, int], dict[int, int]]:
     """The input topic's end offsets and the workers' committed offsets, per partition (0: none committed)."""
-    from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+    from pipeline.config import KafkaSettings
+    from tests.worker_helpers import input_progress
 
-    bootstrap = f"127.0.0.1:{stack.kafka_port}"
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        committed = admin.list_group_offsets("fraud-worker").get("fraud-worker", {})
-        parts = [TopicPartition("transactions", p) for p in range(PARTITIONS)]
-        ends = consumer.end_offsets(parts)
-    finally:
-        admin.close()
-        consumer.close()
-    return ({tp.partition: ends[tp] for tp in parts},
-            {tp.partition: committed[tp].offset if tp in committed else 0 for tp in parts})
+    settings = KafkaSettings.build(environ={}, overrides={"bootstrap_servers": f"127.0.0.1:{stack.kafka_port}",
+                                                          "input_topic": "transactions"})
+    progress = input_progress(settings, "fraud-worker")
+    return ({p: end for p, (end, _) in progress.items()}, {p: committed or 0 for p, (_, committed) in progress.items()})
 
 
 def caught_up(stack: Stack) -> dict[int, int] | None:

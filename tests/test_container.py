@@ -25,8 +25,9 @@ import orjson
 import pytest
 
 from deploy.containers import images
+from deploy.kafka.local import wait_until_ready
 from pipeline.config import KafkaSettings
-from tests.container_helpers import PREBUILT, apache_kafka, container_marks, wait_for_broker
+from tests.container_helpers import PREBUILT, apache_kafka, container_marks
 from tests.worker_helpers import read_topic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def test_image_trains_scores_and_alerts(image: str, trainer_image: str, tmp_path
     assert "sklearn" in client.containers.run(trainer_image, ["python", "-c", probe], remove=True).decode()
 
     with Network() as network, apache_kafka(network) as kafka:
-        wait_for_broker(kafka.bootstrap_server)
+        wait_until_ready(kafka.bootstrap_server, 120)
         trainer = (DockerContainer(trainer_image).with_network(network)
                    .with_volume_mapping(str(work), "/work", "rw")
                    .with_command(["sh", "-c",

@@ -128,20 +128,20 @@ def read_topic(settings: KafkaSettings, topic: str, expect: int | None = None, t
     return out
 
 
-def input_progress(settings: KafkaSettings, group: str) -> list[tuple[int, int | None]]:
+def input_progress(settings: KafkaSettings, group: str) -> dict[int, tuple[int, int | None]]:
     """Per input partition: its end offset and the group's committed offset (None: nothing committed)."""
     consumer = KafkaConsumer(**settings.client_options(), group_id=group, enable_auto_commit=False)
     try:
         parts = [TopicPartition(settings.input_topic, p) for p in consumer.partitions_for_topic(settings.input_topic)]
         ends = consumer.end_offsets(parts)
-        return [(ends[tp], consumer.committed(tp)) for tp in parts]
+        return {tp.partition: (ends[tp], consumer.committed(tp)) for tp in parts}
     finally:
         consumer.close(autocommit=False)
 
 
 def committed_to_end(settings: KafkaSettings, group: str) -> bool:
     """True when the group's committed offsets equal the end of every input partition."""
-    return all(committed == end for end, committed in input_progress(settings, group))
+    return all(committed == end for end, committed in input_progress(settings, group).values())
 
 
 def committed_to_end_yet(settings: KafkaSettings, group: str) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputDataError
-from pipeline.features import ID_OR_TIME_NAMES, LAYOUTS, TableLayout, check_table, detect_layout
+from pipeline.features import ID_OR_TIME_NAMES, LAYOUTS, TableLayout, check_table, detect_layout, shorten
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,8 @@ def generic_layout(frame: pd.DataFrame, flags: LayoutFlags) -> TableLayout:
     if not features:
         raise InputDataError("the table has no numeric feature columns; pass --features a,b,c")
     log.info("generic table: %d feature columns (%s), label %s; not used as features: %s", len(features),
-             _shorten(features), repr(label) if label else "none (unlabelled)", _shorten(skipped) or "none")
+             shorten(features), repr(label) if label else "none (unlabelled)", shorten(skipped) or "none")
     return TableLayout("generic", None, flags.time_column or "", label, None, tuple(features))
-
-
-def _shorten(names: list[str], most: int = 8) -> str:
-    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
 
 def check_features(frame: pd.DataFrame, features: tuple[str, ...]) -> np.ndarray:

@@ -106,15 +106,19 @@ def build_standins() -> None:
             raise EngineError(f"no {TOOLS / tool}: `make tools` builds it")
     build(PROMETHEUS, _context("prometheus", {"prometheus": TOOLS / "prometheus", "promtool": TOOLS / "promtool",
                                               "prometheus.yml": REPO / "deploy" / "prometheus" / "prometheus.yml"}))
-    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-    if uv is None:
+    build(UV, _context("uv", {"uv": uv()}))
+
+
+def uv() -> Path:
+    """The uv beside this Python (the Makefile installs it into .venv), else the one on PATH."""
+    found = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if found is None:
         raise EngineError("no uv next to this Python or on PATH (the Makefile installs it into .venv)")
-    build(UV, _context("uv", {"uv": Path(uv)}))
+    return Path(found)
 
 
 def uv_cache() -> Path | None:
-    done = subprocess.run(["uv", "cache", "dir"], capture_output=True, text=True, check=False,
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"})
+    done = subprocess.run([str(uv()), "cache", "dir"], capture_output=True, text=True, check=False)
     path = Path(done.stdout.strip()) if done.returncode == 0 and done.stdout.strip() else None
     return path if path and path.is_dir() else None
 
@@ -134,10 +138,10 @@ def product_build_args() -> list[str]:
 
 
 def build_product() -> None:
-    dockerfile = str(REPO / "deploy" / "Dockerfile")
+    dockerfile, args = str(REPO / "deploy" / "Dockerfile"), product_build_args()
     for tag, target in ((WORKER, "worker"), (TRAINER, "trainer")):
-        podman("build", "--layers", *FORMAT, "-f", dockerfile, "--target", target, "-t", tag, *product_build_args(),
-               str(REPO), timeout=3600, capture=False)
+        podman("build", "--layers", *FORMAT, "-f", dockerfile, "--target", target, "-t", tag, *args, str(REPO),
+               timeout=3600, capture=False)
     # The images a rebuild replaced, and the builder stage's, hold gigabytes each: drop the untagged ones. The
     # layers the tagged images are made of (PyTorch's among them) stay, and with them the build cache.
     podman("image", "prune", "--force", timeout=600)
