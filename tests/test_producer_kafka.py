@@ -100,8 +100,11 @@ def test_ctrl_c_says_how_many_records_went_out(tmp_path: Path, kafka_settings: K
     frame = handbook_frame(5000)
     path = tmp_path / "tx.parquet"
     frame.to_parquet(path)
+    # Ctrl-C as a terminal delivers it: a runner started in the background without job control passes SIGINT on
+    # ignored, and Python then installs no KeyboardInterrupt at all (the producer honours an ignored SIGINT)
     proc = subprocess.Popen([sys.executable, "-m", "producer", "replay", str(path), "--rate", "500"], cwd=REPO,
-                            env=kafka_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=kafka_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     time.sleep(6)  # start-up, then about 1,000 records at 500/s
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
