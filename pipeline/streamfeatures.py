@@ -190,6 +190,18 @@ class _Events:
         self._index = array("q", sorted(self.ids)) if len(self.ids) > HOT_EVENTS else None
 
 
+def _evict_cutoff(newest: int, t_ms: int, floor_ms: int | None, horizon_ms: int) -> int:
+    """Events at or before the returned time may go: those a look-back plus grace behind the newest time
+    known, but never any that an event at ``floor_ms`` needs. An event replayed after later ones were
+    applied (a batch read again after its commit was refused, its later batches' state already in the
+    changelog) must get the features it got the first time: evicting by the newest time alone cut its
+    windows (issue 18, found 2026-12-06)."""
+    top = newest if newest > t_ms else t_ms
+    if floor_ms is not None and floor_ms < top:
+        top = floor_ms
+    return top - horizon_ms
+
+
 class _PrefixSums:
     """Running sums of a busy customer's amounts, in double-double precision: a window's sum is a difference
     of two of them (O(1)) and as exact as ``math.fsum`` for any amounts the bounds let in."""
@@ -253,11 +265,14 @@ class CustomerWindows(_Events):
         self.amounts = array("d")
         self._sums: _PrefixSums | None = None
 
-    def update(self, eid: int, t_ms: int, amount: float) -> tuple[float, ...]:
+    def update(self, eid: int, t_ms: int, amount: float, floor_ms: int | None = None) -> tuple[float, ...]:
         """Add an event (once) and return its 6 features: counts, then mean amounts, per window.
 
         An event seen before (a replay) changes nothing and gets its first features back; one
-        with the same id but another time or amount raises DuplicateConflict.
+        with the same id but another time or amount raises DuplicateConflict. ``floor_ms``: the
+        oldest event time that may still be replayed (the oldest uncommitted one of its input
+        partition); nothing that event's windows reach is evicted, however far later events
+        have moved on (see ``_evict_cutoff``).
         """
         times, amounts = self.times, self.amounts
         late = False
@@ -266,8 +281,7 @@ class CustomerWindows(_Events):
             if amounts[end - 1] != amount:
                 raise DuplicateConflict(f"transaction seen before with amount {amounts[end - 1]!r}, now {amount!r}")
         else:
-            newest = times[-1] if times else t_ms
-            cutoff = (newest if newest > t_ms else t_ms) - self.HORIZON_MS
+            cutoff = _evict_cutoff(times[-1] if times else t_ms, t_ms, floor_ms, self.HORIZON_MS)
             if times and times[0] <= cutoff:
                 held = len(times)
                 self._evict(cutoff, amounts)
@@ -369,13 +383,13 @@ class TerminalWindows(_Events):
     def horizon_ms(self) -> int:
         return 2 * self.delay_ms + max(_WINDOWS_MS)
 
-    def update(self, eid: int, t_ms: int) -> tuple[float, ...]:
-        """Add an event (once) and return its 6 features: counts, then fraud shares, per window."""
+    def update(self, eid: int, t_ms: int, floor_ms: int | None = None) -> tuple[float, ...]:
+        """Add an event (once) and return its 6 features: counts, then fraud shares, per window.
+        ``floor_ms`` as for ``CustomerWindows.update``."""
         times = self.times
         self.last_new = False
         if self.find(eid, t_ms) < 0:
-            newest = times[-1] if times else t_ms
-            cutoff = (newest if newest > t_ms else t_ms) - self.horizon_ms
+            cutoff = _evict_cutoff(times[-1] if times else t_ms, t_ms, floor_ms, self.horizon_ms)
             if times and times[0] <= cutoff:
                 self._evict_to(cutoff)
             if t_ms > cutoff:

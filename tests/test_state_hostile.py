@@ -55,14 +55,19 @@ class Feed:
 
     def send(self, value: bytes) -> dict[str, Any] | str:
         self.offset += 1
-        staged = self.stages.stage([Record(value, self.offset, TOPICS.input, 0)], [])
-        if staged.failed:
-            return staged.failed[0][1].reason
-        hop = staged.outputs[0]
-        tx = decode(hop.value)
-        assert not isinstance(tx, RecordError)
-        error = self.stages.enrich(Record(hop.value, self.offset, TOPICS.repartition, 0, hop.key), tx)
-        return error.reason if error else tx.fields
+        try:
+            staged = self.stages.stage([Record(value, self.offset, TOPICS.input, 0)], [])
+            if staged.failed:
+                return staged.failed[0][1].reason
+            hop = staged.outputs[0]
+            tx = decode(hop.value)
+            assert not isinstance(tx, RecordError)
+            error = self.stages.enrich(Record(hop.value, self.offset, TOPICS.repartition, 0, hop.key), tx)
+            return error.reason if error else tx.fields
+        finally:  # committed, as the worker does once the outputs are acknowledged
+            offsets = {TopicPartition(topic, 0): self.offset + 1 for topic in (TOPICS.input, TOPICS.repartition)}
+            self.stages.staged(offsets)
+            self.stages.committed(offsets)
 
 
 def history(feed: Feed, days: int = 20, customer: int = 1) -> list[dict[str, Any] | str]:

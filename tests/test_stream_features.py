@@ -395,15 +395,64 @@ def test_alignment_timers_start_again_when_a_partition_comes_back() -> None:
     assert aligned(made, consumer, clock, 40.0) == {p0}
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (issue 18 note, 2026-12-06): a customer window evicts by its newest "
-                   "event only, so a transaction read again after a refused commit, once later batches 3 days ahead "
-                   "were applied, is scored from a cut window; the fix floors eviction by the uncommitted range")
 def test_a_replay_after_later_events_gets_its_first_features() -> None:
+    """Windows evict by the newest event, floored by the oldest event that may still be read again."""
     from pipeline.streamfeatures import DAY_MS, CustomerWindows
 
     windows, t0 = CustomerWindows(), 1_530_000_000_000
     for day in range(36):  # one transaction a day, days 0-35
         windows.update(1000 + day, t0 + day * DAY_MS, 10.0)
-    first = windows.update(1035, t0 + 35 * DAY_MS, 10.0)  # day 35: 30 in its 30-day window (days 6-35)
-    windows.update(2000, t0 + 38 * DAY_MS, 10.0)  # a later batch of the same partition, already applied
-    assert windows.update(1035, t0 + 35 * DAY_MS, 10.0) == first  # the replay of the refused batch
+    floor = t0 + 35 * DAY_MS  # day 35's transaction is not committed yet
+    first = windows.update(1035, t0 + 35 * DAY_MS, 10.0, floor)  # 30 in its 30-day window (days 6-35)
+    windows.update(2000, t0 + 38 * DAY_MS, 10.0, floor)  # a later batch of the same partition, already applied
+    assert windows.update(1035, t0 + 35 * DAY_MS, 10.0, floor) == first  # the replay of the refused batch
+    windows.update(2001, t0 + 39 * DAY_MS, 10.0)  # committed since: eviction catches up
+    assert windows.update(1035, t0 + 35 * DAY_MS, 10.0) != first
+
+
+def test_the_stages_keep_what_an_uncommitted_batch_needs_until_it_is_committed() -> None:
+    """The worker's path (issue 18, found 2026-12-06): pipelined batches N and N+1 of one input partition are
+    staged, N's commit is refused and N is read again. Before, N+1 (3 days later) had evicted the oldest days
+    of N's windows and the replay was scored from them (28 transactions in the 30-day window, not 30)."""
+    made, t0 = stages(), 1_530_000_000_000
+    tp = TopicPartition(TOPICS.input, 0)
+
+    def tx(offset: int, day: int) -> Record:
+        value = orjson.dumps({"transaction_id": f"t{offset}", "event_time": t0 + day * DAY_MS, "CUSTOMER_ID": 7,
+                              "TERMINAL_ID": offset, "TX_AMOUNT": 10.0})
+        return Record(value, offset, TOPICS.input, 0, b"7")
+
+    def customer_features(staged: Any) -> list[float]:
+        return [orjson.loads(staged.outputs[0].value)[n] for n in CUSTOMER_FEATURES]
+
+    for day in range(35):  # days 0-34, committed
+        made.stage([tx(day, day)], [])
+        made.staged({tp: day + 1})
+        made.committed({tp: day + 1})
+    first = customer_features(made.stage([tx(35, 35)], []))  # batch N
+    made.staged({tp: 36})
+    made.stage([tx(36, 38)], [])  # batch N+1, in flight
+    made.staged({tp: 37})
+    made.changelog()  # the sweep, as after every batch, keeps them too
+    assert first[2] == 30.0  # the 30-day count
+    assert customer_features(made.stage([tx(35, 35)], [])) == first  # N read again: as the first time
+    made.staged({tp: 36})
+    made.committed({tp: 37})  # all committed now: the next event evicts what no window needs
+    made.stage([tx(37, 39)], [])
+    assert made.customers[0].entities["7"].times[0] == t0 + 9 * DAY_MS  # days 0-8 gone
+
+
+def test_batches_that_are_never_committed_are_named_in_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """Windows keep what uncommitted batches need; commits that stop arriving would make that memory grow
+    without a word."""
+    from pipeline.worker.state.stages import UNCOMMITTED_WARN
+
+    made, t0 = stages(), 1_530_000_000_000
+    tp = TopicPartition(TOPICS.input, 0)
+    for offset in range(UNCOMMITTED_WARN):
+        value = orjson.dumps({"transaction_id": f"t{offset}", "event_time": t0 + offset * 60_000, "CUSTOMER_ID": 7,
+                              "TERMINAL_ID": 1, "TX_AMOUNT": 10.0})
+        made.stage([Record(value, offset, TOPICS.input, 0, b"7")], [])
+        made.staged({tp: offset + 1})
+    (line,) = [r.getMessage() for r in caplog.records if "none committed" in r.getMessage()]
+    assert line.startswith(f"raw[0]: {UNCOMMITTED_WARN} batches staged") and "2018-06-26" in line

@@ -26,7 +26,7 @@ from producer.rawfeed import raw_messages
 from producer.send import make_producer, send_records
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
-from tests.worker_helpers import committed_to_end, read_topic, start_worker, wait_for
+from tests.worker_helpers import read_topic, start_worker, state_drained, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -164,7 +164,7 @@ def test_a_whole_backlog_at_the_default_batch_size_gets_exact_features(
     for _worker, thread, _box in started:
         thread.start()
     try:
-        assert wait_for(lambda: committed_to_end(settings, group), 300)
+        assert state_drained(settings, group, 300)
     finally:
         for worker, _thread, _box in started:
             worker.stop.set()

@@ -285,7 +285,7 @@ class Worker:
         offsets = {found.topic_partition: found.next_offset}
         if self.delivery.deliver([letter], offsets):
             outcome = BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1))
-            self.ledger.committed(1, outcome, offsets, self.consumer)
+            self._committed(1, outcome, offsets)
             self.consumer.seek(found.topic_partition, found.next_offset)
 
     def _in_flight(self) -> bool:
@@ -316,6 +316,7 @@ class Worker:
                 offsets = offsets_after(before_hand_back([*records, *unreadable], handed_back))
                 for tp, offset in handed_back.items():
                     self.consumer.seek(tp, offset)
+            self.stages.staged(offsets)  # until committed, its events may be read again: their windows stay
         for record in unreadable:
             log.warning("%s[%d]@%d cannot be read (%s); dead-lettered", record.topic, record.partition,
                         record.offset, record.unreadable)
@@ -324,16 +325,21 @@ class Worker:
             outcome.dead_letters["corrupt_record"] += 1
         consumed += len(unreadable)
         if isinstance(self.delivery, AtLeastOnce) and self.delivery.max_in_flight > 1:
-            self.delivery.submit(outcome.outputs, offsets,
-                                 lambda: self.ledger.committed(consumed, outcome, offsets, self.consumer))
+            self.delivery.submit(outcome.outputs, offsets, lambda: self._committed(consumed, outcome, offsets))
         elif self.delivery.deliver(outcome.outputs, offsets):
-            self.ledger.committed(consumed, outcome, offsets, self.consumer)
+            self._committed(consumed, outcome, offsets)
             if self.listener is not None:
                 self.listener.committed(set(offsets))
         elif self.settings.processing_guarantee == "exactly-once":
             if self.stages is not None:
                 self.stages.discard(records)  # the aborted batch's state changes are gone with it
             self._rewind(records)
+
+    def _committed(self, consumed: int, outcome: BatchOutcome, offsets: dict[TopicPartition, int]) -> None:
+        """A batch's outputs and offsets are committed: count it; its records will not be read again."""
+        self.ledger.committed(consumed, outcome, offsets, self.consumer)
+        if self.stages is not None:
+            self.stages.committed(offsets)
 
     def _process_raw(self, stages: FeatureStages, records: Sequence[Any]
                      ) -> tuple[BatchOutcome, int, dict[TopicPartition, int]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_EVERY_MS = DAY_MS  # a store drops its idle entities each time its stream time has moved this far
 LATE_LOG_EVERY_S = 60.0
+UNCOMMITTED_WARN = 1_000  # batches of one partition staged and not committed: said once, in a WARNING
 
 
 @dataclass
@@ -74,6 +76,12 @@ class FeatureStages:
         self._terminal_horizon_ms = TerminalWindows(self.delay_ms).horizon_ms
         self._lock = threading.Lock()
         self._stale: set[int] = set()  # partitions whose stores must be restored again (revoked meanwhile)
+        # Replays. Per consumed partition: the batches staged and not yet committed (offset after, oldest event
+        # time processed), and the oldest event time any of them (or the batch being staged) processed. No
+        # window evicts what an event at that time needs: it may be read again (see ``committed``).
+        self._uncommitted: dict[TopicPartition, deque[tuple[int, int]]] = {}
+        self._oldest: dict[TopicPartition, int] = {}
+        self._batch_oldest: dict[TopicPartition, int] = {}
         self.late_events = 0  # as fraud_late_events_total counts them, for the end-of-run summary
         self.late_labels = 0  # as fraud_late_labels_total counts them
         self._late_since_log = 0
@@ -112,6 +120,8 @@ class FeatureStages:
         ):
             for partition in [p for p in stores if p not in owned or p in stale]:
                 del stores[partition]
+                self._release(TopicPartition(self.topics.input if stores is self.customers else
+                                             self.topics.repartition, partition))
                 if stores is self.terminals:
                     self.terminal_times.pop(partition, None)
             for partition in sorted(owned - stores.keys()):
@@ -129,6 +139,53 @@ class FeatureStages:
                 log.info("restored %s store %d: %d keys from %d changelog records in %.2fs", name, partition,
                          len(store.entities), count, seconds)
             self.metrics.state_entities.labels(name).set(sum(len(s.entities) for s in stores.values()))
+
+    # -- replays ------------------------------------------------------------------------
+    def _hold(self, tp: TopicPartition, t: int) -> int:
+        """An event at ``t`` of ``tp`` is processed: the oldest event time of ``tp`` that may be read again."""
+        if t < self._batch_oldest.get(tp, t + 1):
+            self._batch_oldest[tp] = t
+        oldest = self._oldest.get(tp)
+        if oldest is None or t < oldest:
+            self._oldest[tp] = oldest = t
+        return oldest
+
+    def staged(self, offsets: dict[TopicPartition, int]) -> None:
+        """The batch just staged will be committed at ``offsets``: until then, its events may be read again.
+
+        At-least-once commits after the outputs are acknowledged, and batches are pipelined: when a
+        commit is refused (the group moved on), the partition's next owner reads the batch again
+        from a state restored from changelogs that already hold later batches. Every window keeps
+        what the oldest uncommitted event needs, so the replay is scored as the first reading was.
+        """
+        for tp, oldest in self._batch_oldest.items():
+            batches = self._uncommitted.setdefault(tp, deque())
+            batches.append((offsets.get(tp, 1 << 62), oldest))
+            if len(batches) == UNCOMMITTED_WARN:  # more than any pipeline holds: commits stopped reaching here
+                log.warning("%s[%d]: %d batches staged and none committed; windows keep every event since %s "
+                            "until a commit or a rebalance releases them", tp.topic, tp.partition, len(batches),
+                            format_event_time(self._oldest[tp]))
+        self._batch_oldest = {}
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """``offsets`` are committed: what came before them will not be read again."""
+        for tp, offset in offsets.items():
+            batches = self._uncommitted.get(tp)
+            if not batches:
+                continue
+            while batches and batches[0][0] <= offset:
+                batches.popleft()
+            if batches:
+                self._oldest[tp] = min(t for _end, t in batches)
+            else:
+                del self._uncommitted[tp]
+                self._oldest.pop(tp, None)
+
+    def _release(self, tp: TopicPartition) -> None:
+        """A store dropped (revoked, or to be restored): its partition starts again from its commit."""
+        self._uncommitted.pop(tp, None)
+        self._oldest.pop(tp, None)
+        self._batch_oldest.pop(tp, None)
 
     # -- the stages ---------------------------------------------------------------------
     def activity(self, tp: TopicPartition, records: Sequence[Any]) -> int:
@@ -239,8 +296,9 @@ class FeatureStages:
         assert isinstance(customer, str) and isinstance(terminal, str) and isinstance(amount, float)
         store = self.customers[record.partition]
         windows = store.entities.get(customer) or store.factory()
-        derived = (*calendar(tx.event_time_ms), *windows.update(event_id(tx.transaction_id), tx.event_time_ms,
-                                                                  amount))
+        t = tx.event_time_ms
+        floor = self._hold(TopicPartition(record.topic, record.partition), t)
+        derived = (*calendar(t), *windows.update(event_id(tx.transaction_id), t, amount, floor))
         store.keep(customer, windows)  # only once the update succeeded
         value = encode({**fields, **dict(zip((*CALENDAR_FEATURES, *CUSTOMER_FEATURES), derived, strict=True))})
         return Output(self.topics.repartition, terminal.encode(), value)
@@ -286,7 +344,8 @@ class FeatureStages:
         t = tx.event_time_ms
         newest = windows.newest
         try:
-            derived = windows.update(event_id(tx.transaction_id), t)
+            derived = windows.update(event_id(tx.transaction_id), t,
+                                     self._hold(TopicPartition(record.topic, record.partition), t))
         except DuplicateConflict as err:
             return RecordError("duplicate_conflict", ID_FIELD, str(err))
         store.keep(terminal, windows)
@@ -335,17 +394,19 @@ class FeatureStages:
         return outputs + self.watermarks.marks_due()
 
     def _sweep(self) -> None:
-        for name, stores, times, horizon in (
-            ("customer", self.customers, self.watermarks.stream, CustomerWindows.HORIZON_MS),
-            ("terminal", self.terminals, self.terminal_times, self._terminal_horizon_ms),
+        for name, stores, times, horizon, topic in (
+            ("customer", self.customers, self.watermarks.stream, CustomerWindows.HORIZON_MS, self.topics.input),
+            ("terminal", self.terminals, self.terminal_times, self._terminal_horizon_ms, self.topics.repartition),
         ):
             for partition, store in stores.items():
                 now = times.get(partition)
                 if now is None or (store.swept_at is not None and now - store.swept_at < SWEEP_EVERY_MS):
                     continue
                 store.swept_at = now
+                oldest = self._oldest.get(TopicPartition(topic, partition))  # what may be read again stays
                 # the margin: the bounds let a stream time run up to max_ahead_ms ahead of the true one
-                removed = store.sweep(now - horizon - self.bounds.max_ahead_ms)
+                removed = store.sweep(min(now, oldest if oldest is not None else now) - horizon
+                                      - self.bounds.max_ahead_ms)
                 if removed:
                     self.metrics.state_swept.labels(name).inc(removed)
                     self.metrics.state_entities.labels(name).set(sum(len(s.entities) for s in stores.values()))
