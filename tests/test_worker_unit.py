@@ -510,3 +510,60 @@ def test_the_range_assignor_is_pinned_for_both_clients(worker: Worker, monkeypat
     assert seen["partition_assignment_strategy"] == (RangePartitionAssignor,)
     conf = confluent.config({"partition_assignment_strategy": seen["partition_assignment_strategy"]}, role="consumer")
     assert conf["partition.assignment.strategy"] == "range"
+
+
+# -- the checkpoint: the one owner of the commit ------------------------------------------------------
+def test_only_the_checkpoint_and_the_delivery_modes_commit() -> None:
+    """quix-streams' Checkpoint shape: the loop decides when, one object decides how. A commit, send-offsets or
+    deliver call anywhere else in the product would be a second owner (the client drivers implement them)."""
+    import re
+    from pathlib import Path
+
+    owners = {"checkpoint.py", "delivery.py", "transactions.py", "confluent.py", "clients.py"}
+    calls = re.compile(r"(?<!checkpoint)\.(deliver|submit|commit|commit_transaction|send_offsets_to_transaction)\(")
+    root = Path(__file__).resolve().parent.parent
+    found = [f"{path.relative_to(root)}:{n}" for folder in ("pipeline", "producer", "trainer")
+             for path in (root / folder).rglob("*.py") if path.name not in owners
+             for n, line in enumerate(path.read_text().splitlines(), 1) if calls.search(line)]
+    assert found == []
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return lambda *args, **kwargs: self.calls.append((name, *args))
+
+
+class _Delivery:
+    def __init__(self, ok: bool) -> None:
+        self.ok, self.delivered = ok, []
+
+    def deliver(self, outputs: list, offsets: dict) -> bool:
+        self.delivered.append((outputs, offsets))
+        return self.ok
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_the_checkpoint_counts_a_committed_batch_and_rewinds_an_aborted_one(ok: bool) -> None:
+    from pipeline.worker.checkpoint import Checkpoint
+    from pipeline.worker.processing import BatchOutcome
+
+    ledger, stages, listener, consumer = _Recorder(), _Recorder(), _Recorder(), _Recorder()
+    delivery = _Delivery(ok)
+    checkpoint = Checkpoint(delivery, ledger, lambda: consumer, lambda: stages, lambda: listener,  # type: ignore[arg-type]
+                            exactly_once=True)
+    records = [Record(b"{}", 5), Record(b"{}", 6)]
+    tp = TopicPartition("tx", 0)
+    outcome = BatchOutcome()
+    checkpoint.commit(["alert"], {tp: 7}, records, 2, outcome)  # type: ignore[list-item]
+    assert delivery.delivered == [(["alert"], {tp: 7})]
+    if ok:  # counted, the stages release what they kept for a replay, the listener forgets its rewinds
+        assert ledger.calls == [("committed", 2, outcome, {tp: 7}, consumer)]
+        assert stages.calls == [("committed", {tp: 7})] and listener.calls == [("committed", {tp})]
+        assert consumer.calls == []
+    else:  # aborted: nothing counted, the stores it touched restored, the batch read again from its first record
+        assert ledger.calls == []
+        assert stages.calls == [("discard", records)]
+        assert consumer.calls == [("seek", tp, 5)] and listener.calls == [("rewind_on_assignment", {tp: 5})]

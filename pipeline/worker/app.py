@@ -2,15 +2,15 @@
 
 The loop: fill a batch (``max_batch`` records or ``max_wait_ms`` after its first), turn it
 into alerts and dead letters (:mod:`~pipeline.worker.processing`, where no record can stop
-the batch), deliver them with the batch's offsets (:mod:`~pipeline.worker.delivery`, in
-the chosen processing guarantee), count it once committed. Rebalances release the records
+the batch), and hand it to the :class:`~pipeline.worker.checkpoint.Checkpoint`, the one owner
+of the commit (outputs acknowledged or in the transaction, then offsets, then the batch is
+counted); the loop only decides when. Rebalances release the records
 in hand (:mod:`~pipeline.worker.rebalance`); a member that sits without partitions while
 some have no owner joins again (:mod:`~pipeline.worker.liveness`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 import time
@@ -28,12 +28,12 @@ from pipeline.schema import RecordError
 from pipeline.scores import BatchScorer
 from pipeline.streamfeatures import DAY_MS
 from pipeline.worker import clients, corrupt
+from pipeline.worker.checkpoint import Checkpoint
 from pipeline.worker.delivery import (
     AtLeastOnce,
     Delivery,
     DeliveryError,
     StopWithoutCommit,
-    first_offsets,
     offsets_after,
 )
 from pipeline.worker.ledger import Ledger, WorkerStats
@@ -82,9 +82,19 @@ class Worker:
         self.joined = threading.Event()  # holds a settled assignment: not joining, not between revoke and assign
         self.failure: BaseException | None = None
         self.consumer: Any = None  # clients.consumer: kafka-python's or the confluent adapter
-        self.delivery: Delivery | None = None
+        self.checkpoint: Checkpoint | None = None  # owns every commit (made with the delivery, see ``delivery``)
         self.stages: FeatureStages | None = None  # raw input only
         self._use(scorer)
+
+    @property
+    def delivery(self) -> Delivery | None:
+        return self.checkpoint.delivery if self.checkpoint is not None else None
+
+    @delivery.setter
+    def delivery(self, delivery: Delivery) -> None:
+        self.checkpoint = Checkpoint(delivery, self.ledger, lambda: self.consumer, lambda: self.stages,
+                                     lambda: self.listener,
+                                     exactly_once=self.settings.processing_guarantee == "exactly-once")
 
     # -- set-up -----------------------------------------------------------------------
     def _use(self, scorer: BatchScorer) -> None:
@@ -121,10 +131,10 @@ class Worker:
         topics = self.stages.topics.consumed if self.stages is not None else [self.kafka.input_topic]
         self.consumer.subscribe(topics, listener=self.listener)
         self.ledger.assigned = set()
-        if self.delivery is None:
+        if self.checkpoint is None:
             self.delivery = self._make_delivery(common)
         else:
-            self.delivery.consumer = self.consumer
+            self.checkpoint.delivery.consumer = self.consumer
 
     def _make_delivery(self, common: dict[str, Any]) -> Delivery:
         assert self.consumer is not None
@@ -189,9 +199,9 @@ class Worker:
         """
         self.stages = self._stateful_stages()
         self._connect()
-        assert self.delivery is not None
+        assert self.checkpoint is not None
         outputs = (self.kafka.alerts_topic, self.kafka.dead_letter_topic, self.kafka.features_topic)
-        self.delivery.warm([t for t in outputs if t])
+        self.checkpoint.delivery.warm([t for t in outputs if t])
         watchdog = StallWatchdog(self.settings.stall_timeout_s, self._unowned)
         last_record = time.monotonic()
         try:
@@ -232,17 +242,18 @@ class Worker:
 
     def _fill_batch(self) -> int:
         """Poll until the batch is full or ``max_wait_ms`` has passed since its first record."""
-        assert self.consumer is not None
+        assert self.consumer is not None and self.checkpoint is not None
+        checkpoint = self.checkpoint
         max_batch, wait_s = self.settings.max_batch, self.settings.max_wait_ms / 1000
         first_at: float | None = None
         got = 0
         while len(self.pending) < max_batch and not self.stop.is_set() and self.failure is None:
-            if self._in_flight() and self.consumer.rebalance_coming():
-                self._settle()  # commit what is in flight while the partitions are surely still ours
+            if checkpoint.in_flight and self.consumer.rebalance_coming():
+                checkpoint.settle()  # commit what is in flight while the partitions are surely still ours
             if first_at is None:
                 # idle: come back often enough to notice stop and new models; at once while batches are in
                 # flight, which are then committed before waiting (a quiet stream waits for no commit)
-                timeout_ms = 0 if self._in_flight() else 200
+                timeout_ms = 0 if checkpoint.in_flight else 200
             else:
                 remaining = first_at + wait_s - time.monotonic()
                 if remaining <= 0:
@@ -257,12 +268,11 @@ class Worker:
             for tp, records in polled.items():
                 self.pending.extend(records)
                 got += len(records) if self.stages is None else self.stages.activity(tp, records)
-            if self._in_flight():
-                self.delivery.settle(block=False)  # type: ignore[union-attr]
+            checkpoint.settle(block=False)
             if len(self.pending) and first_at is None:
                 first_at = time.monotonic()
-            elif not polled and first_at is None and self._in_flight():
-                self._settle()
+            elif not polled and first_at is None and checkpoint.in_flight:
+                checkpoint.settle()
                 continue
             elif not polled and first_at is None:
                 if time.monotonic() - asked < timeout_ms / 2000:  # poll returned at once (no partitions yet):
@@ -272,7 +282,7 @@ class Worker:
 
     def _skip_corrupt(self, err: CorruptRecordError) -> None:
         """Dead-letter a record kafka-python cannot parse and resume after it (see ``corrupt``)."""
-        assert self.consumer is not None and self.delivery is not None
+        assert self.consumer is not None and self.checkpoint is not None
         found = corrupt.locate(err)
         if found is None:
             raise WorkerFailed(f"Kafka returned a record that cannot be parsed, at an unknown position: {err}") \
@@ -283,18 +293,14 @@ class Worker:
         log.warning("%s[%d]@%d cannot be parsed (%s); dead-lettered, resuming at offset %d", found.topic,
                     found.partition, found.offset, err, found.next_offset)
         offsets = {found.topic_partition: found.next_offset}
-        if self.delivery.deliver([letter], offsets):
-            outcome = BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1))
-            self._committed(1, outcome, offsets)
+        outcome = BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1))
+        if self.checkpoint.commit_now([letter], offsets, 1, outcome):
             self.consumer.seek(found.topic_partition, found.next_offset)
-
-    def _in_flight(self) -> bool:
-        return isinstance(self.delivery, AtLeastOnce) and bool(self.delivery.in_flight)
 
     def _settle(self) -> None:
         """Wait for every batch in flight and commit them (nothing left to overlap with)."""
-        if self._in_flight():
-            self.delivery.settle(block=True)  # type: ignore[union-attr]
+        if self.checkpoint is not None:
+            self.checkpoint.settle()
 
     def _process_pending(self) -> None:
         records = self.pending.take()
@@ -302,8 +308,8 @@ class Worker:
             self.process(records)
 
     def process(self, records: Sequence[Any]) -> None:
-        """Score one batch, deliver its outputs with its offsets, count it once committed."""
-        assert self.delivery is not None
+        """Score one batch and hand it to the checkpoint with its offsets."""
+        assert self.checkpoint is not None
         offsets = offsets_after(records)  # the unreadable ones' too: their dead letters go with the batch
         unreadable = [r for r in records if getattr(r, "unreadable", None)]  # confluent adapter only
         if unreadable:
@@ -324,22 +330,7 @@ class Worker:
                 record, RecordError("corrupt_record", None, record.unreadable)))
             outcome.dead_letters["corrupt_record"] += 1
         consumed += len(unreadable)
-        if isinstance(self.delivery, AtLeastOnce) and self.delivery.max_in_flight > 1:
-            self.delivery.submit(outcome.outputs, offsets, lambda: self._committed(consumed, outcome, offsets))
-        elif self.delivery.deliver(outcome.outputs, offsets):
-            self._committed(consumed, outcome, offsets)
-            if self.listener is not None:
-                self.listener.committed(set(offsets))
-        elif self.settings.processing_guarantee == "exactly-once":
-            if self.stages is not None:
-                self.stages.discard(records)  # the aborted batch's state changes are gone with it
-            self._rewind(records)
-
-    def _committed(self, consumed: int, outcome: BatchOutcome, offsets: dict[TopicPartition, int]) -> None:
-        """A batch's outputs and offsets are committed: count it; its records will not be read again."""
-        self.ledger.committed(consumed, outcome, offsets, self.consumer)
-        if self.stages is not None:
-            self.stages.committed(offsets)
+        self.checkpoint.commit(outcome.outputs, offsets, records, consumed, outcome)
 
     def _process_raw(self, stages: FeatureStages, records: Sequence[Any]
                      ) -> tuple[BatchOutcome, int, dict[TopicPartition, int]]:
@@ -357,23 +348,12 @@ class Worker:
 
     def _publish_marks(self, stages: FeatureStages) -> None:
         """Watermark marks due between batches (a partition turned idle, or the periodic repeat)."""
-        assert self.delivery is not None
+        assert self.checkpoint is not None
         if len(self.pending) or not self.joined.is_set():
             return
         marks = stages.watermarks.marks_due()
         if marks:
-            self._settle()
-            self.delivery.deliver(marks, {})
-
-    def _rewind(self, records: Sequence[Any]) -> None:
-        """After an aborted transaction: read the batch again where this worker still owns it."""
-        assert self.consumer is not None
-        targets = first_offsets(records)
-        for tp, offset in targets.items():
-            with contextlib.suppress(ValueError, KafkaError):  # no longer ours: the new owner reads it again
-                self.consumer.seek(tp, offset)
-        if self.listener is not None:  # ... unless it is ours again before anything of it is committed
-            self.listener.rewind_on_assignment(targets)
+            self.checkpoint.publish(marks)
 
     def _unowned(self) -> int:
         admin = KafkaAdminClient(**self.kafka.client_options(), **RECONNECT, client_id=f"{self.worker_id}-watch")
@@ -411,7 +391,7 @@ class Worker:
                 self.consumer.close(autocommit=False)
             except KafkaError as err:
                 log.warning("error while leaving the group: %s", err)
-        if self.delivery is not None:
-            self.delivery.close()
+        if self.checkpoint is not None:
+            self.checkpoint.delivery.close()
         if self.stages is not None:
             self.stages.restorer.close()
