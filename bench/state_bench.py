@@ -40,7 +40,6 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -168,17 +167,6 @@ def bench_feature_rows(frame: pd.DataFrame) -> dict[str, Any]:
     return {"events": len(frame), "seconds": seconds, "events_s": len(frame) / seconds}
 
 
-@dataclass
-class Rec:
-    """A consumed record as the stages read it (kafka-python's ConsumerRecord)."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    partition: int = 0
-    offset: int = 0
-
-
 class NoRestore:
     """A Restorer for stores that start empty (no broker)."""
 
@@ -201,16 +189,17 @@ def bench_stages(frame: pd.DataFrame, max_batch: int) -> dict[str, Any]:
 
     from pipeline.schema import DEFAULT_MAX_BYTES
     from pipeline.worker.metrics import WorkerMetrics
+    from pipeline.worker.records import Record
     from pipeline.worker.state import FeatureStages, StateTopics
     from producer.rawfeed import raw_messages
     from producer.tables import resolve_spec
 
-    topics = StateTopics("in", "labels", "repartition", "customer-changelog", "terminal-changelog")
+    topics = StateTopics("in", "labels", "repartition", "customer-changelog", "terminal-changelog", 1)
     stages = FeatureStages(topics, DELAY_DAYS, NoRestore(), WorkerMetrics(CollectorRegistry()),  # type: ignore[arg-type]
                            DEFAULT_MAX_BYTES, threading.Event())
     stages.sync({TopicPartition(t, 0) for t in topics.consumed})
-    records = [Rec(*m) for m in raw_messages(frame, resolve_spec(frame, "handbook"), topics.input, topics.labels,
-                                             DELAY_DAYS)]
+    feed = raw_messages(frame, resolve_spec(frame, "handbook"), topics.input, topics.labels, DELAY_DAYS)
+    records = [Record(topic, 0, 0, -1, key, value, []) for topic, key, value in feed]
     times = epoch_ms(frame)
     warm = int(np.searchsorted(times, times[0] + TERMINAL_HORIZON_MS))  # raw records of the first 38 days
     phases = {phase: {"events": 0, **dict.fromkeys(STAGE_STEPS, 0.0)} for phase in ("all", "steady")}
@@ -234,15 +223,18 @@ def _rates(spent: dict[str, Any]) -> dict[str, Any]:
             **{f"{step}_events_s": spent["events"] / spent[step] for step in STAGE_STEPS}}
 
 
-def _stage_batch(stages: Any, batch: list[Rec], counts: dict[str, int]) -> dict[str, float]:
+def _stage_batch(stages: Any, batch: list[Any], counts: dict[str, int]) -> dict[str, float]:
     """One batch through the stages as the worker runs it, repartition records enriched at once; seconds per step."""
     from pipeline.schema import decode
+    from pipeline.worker.records import Record
+    from pipeline.worker.state.hop import unpack
 
-    raw, labels, _ = stages.split(batch)
+    raw, labels, _, _ = stages.split(batch)
     t0 = time.perf_counter()
     staged = stages.stage(raw, labels)
     t1 = time.perf_counter()
-    repartitioned = [Rec(o.topic, o.key, o.value) for o in staged.outputs]
+    repartitioned = [r for o in staged.outputs for r in unpack(Record(o.topic, o.partition or 0, 0, -1, o.key,
+                                                                      o.value, []))]
     decoded = [decode(r.value) for r in repartitioned]
     t2 = time.perf_counter()
     failed = [e for e in (stages.enrich(r, tx) for r, tx in zip(repartitioned, decoded, strict=True)) if e]

@@ -29,6 +29,7 @@ from pipeline.streamfeatures import CALENDAR_FEATURES, CUSTOMER_FEATURES, DAY_MS
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.state import FeatureStages, StateTopics
 from pipeline.worker.state.eventtime import ADMIT_MS, Mark, Watermarks
+from pipeline.worker.state.hop import partition_for
 from producer.rawfeed import raw_messages
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
@@ -102,7 +103,7 @@ class Consumer(PausingConsumer):
 
 
 def partition_of(key: bytes) -> int:
-    return int(key) % PARTITIONS
+    return partition_for(key, PARTITIONS)  # Kafka's default partitioner, as the producers and the hop use
 
 
 def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: list[int], feed: int | None = None,
@@ -175,7 +176,8 @@ def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: lis
         stages, consumer = members[rng.choice(started)]
         stages.sync(consumer.assignment())
         records = consumer.poll(rng, rng.randint(1, max_batch))
-        raw, labels, featured = stages.split(records)
+        raw, labels, featured, broken = stages.split(records)
+        assert broken == []
         if raw:
             stages.confirm_idle(consumer)  # as the worker does before admitting a batch
         staged = stages.stage(raw, labels)

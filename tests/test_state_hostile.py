@@ -22,10 +22,10 @@ from pipeline.schema import RecordError, decode
 from pipeline.streamfeatures import DAY_MS, HOT_EVENTS, CustomerWindows, TerminalWindows
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.state import FeatureStages, Restorer, StateTopics, Store
-from tests.worker_helpers import Record
+from tests.worker_helpers import Record, hop_records
 
 TOPICS = StateTopics("raw", "labels", "g-by-terminal-repartition", "g-customer-windows-changelog",
-                     "g-terminal-windows-changelog")
+                     "g-terminal-windows-changelog", 1)
 T0 = 1_522_540_800_000  # 2018-04-01
 
 
@@ -59,10 +59,10 @@ class Feed:
             staged = self.stages.stage([Record(value, self.offset, TOPICS.input, 0)], [])
             if staged.failed:
                 return staged.failed[0][1].reason
-            hop = staged.outputs[0]
+            (hop,) = hop_records(staged.outputs, self.offset)
             tx = decode(hop.value)
             assert not isinstance(tx, RecordError)
-            error = self.stages.enrich(Record(hop.value, self.offset, TOPICS.repartition, 0, hop.key), tx)
+            error = self.stages.enrich(hop, tx)
             return error.reason if error else tx.fields
         finally:  # committed, as the worker does once the outputs are acknowledged
             offsets = {TopicPartition(topic, 0): self.offset + 1 for topic in (TOPICS.input, TOPICS.repartition)}

@@ -45,6 +45,16 @@ class Record:
     partition: int = 0
     key: bytes | None = b"k"
     headers: list = field(default_factory=list)
+    timestamp: int = -1
+
+
+def hop_records(outputs: list, offset: int = 0) -> list:
+    """The transactions of the customer stage's packed repartition outputs, as the terminal stage reads them
+    (records at ``offset`` of the packed record's partition)."""
+    from pipeline.worker.records import Record as Consumed
+    from pipeline.worker.state.hop import unpack
+
+    return [t for o in outputs for t in unpack(Consumed(o.topic, o.partition or 0, offset, -1, o.key, o.value, []))]
 
 
 class PausingConsumer:

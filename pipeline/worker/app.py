@@ -338,11 +338,11 @@ class Worker:
         offsets handed back (see ``state.eventtime``)."""
         assert self.consumer is not None
         stages.sync(self.consumer.assignment())
-        raw, labels, featured = stages.split(records)
+        raw, labels, featured, broken = stages.split(records)
         if raw:
             stages.confirm_idle(self.consumer)
         staged = stages.stage(raw, labels)
-        outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed)
+        outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed + broken)
         outcome.outputs += staged.outputs + stages.changelog()
         return outcome, len(before_hand_back(raw, staged.handed_back)), staged.handed_back
 

@@ -41,7 +41,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import confluent_kafka as ck
@@ -49,6 +48,7 @@ from kafka import TopicPartition
 from kafka import errors as kerr
 
 from pipeline.worker.clients import Call
+from pipeline.worker.records import Record
 
 log = logging.getLogger(__name__)
 librdkafka_log = logging.getLogger("pipeline.worker.librdkafka")
@@ -187,20 +187,6 @@ def _tp(ctp: ck.TopicPartition) -> TopicPartition:
 
 
 _headers = operator.methodcaller("headers")  # a C-level call checks the error confluent-kafka 2.16 leaves
-
-
-@dataclass(slots=True)
-class Record:
-    """A consumed record, with the fields of kafka-python's ``ConsumerRecord`` the worker reads."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes | None]]
-    unreadable: str | None = None  # why it cannot be read (the worker dead-letters it)
 
 
 def to_record(msg: Any) -> Record:

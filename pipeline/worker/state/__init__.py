@@ -22,6 +22,7 @@ The modules, one job each:
 - :mod:`.fields`: what a raw record must carry before it touches state (keys, amount, time);
 - :mod:`.store`: the in-memory stores, their changelog records, restore, the idle sweep;
 - :mod:`.eventtime`: watermarks through the repartition topic, admission and pausing;
+- :mod:`.hop`: the repartition topic's packed records (a batch's transactions per partition);
 - :mod:`.stages`: the customer and terminal stages that use all of the above.
 
 Window updates are idempotent by transaction id, so a batch replayed after a crash counts

@@ -34,6 +34,7 @@ from pipeline.streamfeatures import (
 from pipeline.worker.outputs import Output, processing_error
 from pipeline.worker.state.eventtime import Mark, Watermarks, is_mark
 from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key
+from pipeline.worker.state.hop import is_packed, pack, packed_count, unpack
 from pipeline.worker.state.store import Restorer, Store
 from pipeline.worker.state.topology import StateTopics
 
@@ -189,15 +190,16 @@ class FeatureStages:
 
     # -- the stages ---------------------------------------------------------------------
     def activity(self, tp: TopicPartition, records: Sequence[Any]) -> int:
-        """How many of ``records`` are data (watermark marks are not: a quiet stream stays quiet)."""
+        """How many transactions ``records`` carry (watermark marks none: a quiet stream stays quiet)."""
         if tp.topic != self.topics.repartition:
             return len(records)
-        return sum(1 for r in records if not is_mark(r))
+        return sum(packed_count(r.value) if is_packed(r) else 1 for r in records if not is_mark(r))
 
-    def split(self, records: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
-        """The batch's raw input records, its label records, and its records to score (repartitioned).
+    def split(self, records: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any], list[tuple[Any, RecordError]]]:
+        """The batch's raw input records, its label records, its records to score (repartitioned, packed ones
+        read as one record per transaction), and the repartition records that cannot be read (dead-lettered).
         Watermark marks are taken in here."""
-        raw, labels, featured = [], [], []
+        raw, labels, featured, broken = [], [], [], []
         for record in records:
             if record.topic == self.topics.input:
                 raw.append(record)
@@ -205,9 +207,14 @@ class FeatureStages:
                 labels.append(record)
             elif is_mark(record):
                 self._hear(record)
+            elif is_packed(record):
+                try:
+                    featured += unpack(record)
+                except ValueError as err:
+                    broken.append((record, RecordError("corrupt_record", None, str(err))))
             else:
                 featured.append(record)
-        return raw, labels, featured
+        return raw, labels, featured, broken
 
     def _hear(self, record: Any) -> None:
         try:
@@ -261,6 +268,9 @@ class FeatureStages:
         for record in labels:
             tx = self._decode(record)
             self._collect(record, tx if isinstance(tx, RecordError) else self._step(record, tx, self._label), out)
+        if out.outputs:  # the transactions for the terminal stage, packed (see ``hop``)
+            out.outputs = pack(self.topics.repartition, self.topics.partitions,
+                               [(o.key or b"", o.value or b"") for o in out.outputs])
         return out
 
     def _decode(self, record: Any) -> Transaction | RecordError:
