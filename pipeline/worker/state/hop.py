@@ -33,7 +33,8 @@ from pipeline.worker.outputs import Output
 from pipeline.worker.records import Record
 
 PACKED_KEY = b"\x00packed"
-PACK_BYTES = 256 * 1024  # a packed record is closed past this (Kafka's default limit is 1 MB)
+PACK_BYTES = 64 * 1024  # a packed record is closed past this: below any message limit a changelog record (up to
+# ~100 KB) already needs, far below Kafka's default 1 MB; ~150 transactions a record
 _FORMAT = 1
 _HEAD = struct.Struct("<2sBI")
 _LEN = struct.Struct("<I")
