@@ -465,9 +465,12 @@ def scrape(port: int) -> dict[str, float]:
 
 def topic_size(bootstrap: str, topic: str, data_dir: Path | None) -> dict[str, Any]:
     """Records in a topic (end offsets), the watermark marks among them (records with an empty key, which only
-    the repartition topic has) and, on a broker started here, its bytes on disk."""
+    the repartition topic has), the transactions its packed records carry, and, on a broker started here, its
+    bytes on disk."""
+    from pipeline.worker.state.hop import is_packed, packed_count
+
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    marks = 0
+    marks = carried = 0
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
         ends = consumer.end_offsets(parts)
@@ -478,12 +481,14 @@ def topic_size(bootstrap: str, topic: str, data_dir: Path | None) -> dict[str, A
             while any(consumer.position(tp) < ends[tp] for tp in parts):
                 for batch in consumer.poll(timeout_ms=500).values():
                     marks += sum(1 for r in batch if not r.key)
+                    carried += sum(packed_count(r.value) if is_packed(r) else 1 for r in batch if r.key)
     finally:
         consumer.close()
     size = None
     if data_dir is not None:
         size = sum(f.stat().st_size for d in data_dir.glob(f"{topic}-*") for f in d.glob("*.log"))
-    return {"records": records - marks, "watermark_marks": marks, "bytes_on_disk": size}
+    out = {"records": records - marks, "watermark_marks": marks, "bytes_on_disk": size}
+    return {**out, "transactions": carried} if topic.endswith("-repartition") else out
 
 
 def bench_workers(bootstrap: str, data_dir: Path | None, frame: pd.DataFrame, args: argparse.Namespace,
@@ -611,7 +616,8 @@ def _worker_table(w: dict[str, Any]) -> list[str]:
                    f"{sum(float(m[3]) for m in found):.2f}s ({len(found)} partitions).  ")
     internal = w["runs"]["raw"][0]["internal_topics"]
     out.append("First raw run's internal topics: " + ", ".join(
-        f"{k} {v['records']:,} records" + (f" + {v['watermark_marks']:,} watermark marks" if v.get("watermark_marks")
+        f"{k} {v['records']:,} records" + (f" ({v['transactions']:,} transactions)" if "transactions" in v else "")
+        + (f" + {v['watermark_marks']:,} watermark marks" if v.get("watermark_marks")
                                              else "")
         + (f" ({v['bytes_on_disk'] / 2**20:,.0f} MiB)" if v["bytes_on_disk"] else "")
         for k, v in internal.items()) + ".")
