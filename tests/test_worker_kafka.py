@@ -280,13 +280,16 @@ def test_broker_outage_mid_stream_loses_nothing(kafka_settings: KafkaSettings, k
     try:
         # Freeze as soon as the worker has committed something and not yet everything. (Waiting for its first
         # alert instead, through 2-s topic reads, once let the confluent client finish the backlog first.)
-        progress: list[dict] = []
-        assert wait_for(lambda: progress.append(input_progress(kafka_settings, group)) or any(
-            committed for _end, committed in progress[-1].values()), timeout_s=90, every_s=0.02), \
-            "the worker committed nothing"
+        seen: dict[int, tuple[int, int | None]] = {}
+
+        def committed_some() -> bool:
+            seen.update(input_progress(kafka_settings, group))
+            return any(committed for _end, committed in seen.values())
+
+        assert wait_for(committed_some, timeout_s=90, every_s=0.02), "the worker committed nothing"
         os.kill(broker_pid, signal.SIGSTOP)
-        assert not all(committed == end for end, committed in progress[-1].values()), \
-            f"the worker must still be working when the broker freezes: {progress[-1]}"
+        assert not all(committed == end for end, committed in seen.values()), \
+            f"the worker must still be working when the broker freezes: {seen}"
         time.sleep(18)
     finally:
         os.kill(broker_pid, signal.SIGCONT)
