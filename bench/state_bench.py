@@ -459,7 +459,9 @@ def scrape(port: int) -> dict[str, float]:
         return {"error": str(err)}  # type: ignore[dict-item]
     return {sample.name + "".join(f"{{{k}={v}}}" for k, v in sample.labels.items()): sample.value
             for family in text_string_to_metric_families(text) for sample in family.samples
-            if sample.name.startswith(("fraud_alerts_total", "fraud_late_events_total", "fraud_state_"))
+            if sample.name.startswith(("fraud_alerts_total", "fraud_late_events_total", "fraud_late_labels_total",
+                                        "fraud_state_", "fraud_records_held_for_labels_total",
+                                        "fraud_records_handed_back_total"))
             and not sample.name.endswith("_created")}
 
 

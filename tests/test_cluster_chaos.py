@@ -37,6 +37,16 @@ from tests.worker_helpers import committed_to_end, produce_frame, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(1200)]
 
+# Raw input's labels are sent 6 days after their transactions, a day (1.7 s of this test's pace) before the
+# 7-day delay makes any window need them. Sent exactly at the delay, each label races the transactions of
+# that moment in the *producer*: a leader moved by the rolling restart makes the label's batch retry while
+# the next transaction's batch, for a partition whose leader stayed, is written first (CI, 2026-12-07: one
+# terminal risk of 0 where the table has 1). No consumer can wait for a label not written yet; the worker
+# counts it in fraud_late_labels_total. One fetched late is waited for (``labelgate``; its tests in
+# test_labelgate and test_event_time feed labels exactly at the delay). A label a day early changes no
+# feature: the windows count only transactions older than the delay.
+LABELS_AFTER_DAYS = 6.0
+
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
@@ -203,7 +213,7 @@ def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCl
     settings = dataclasses.replace(settings, labels_topic=f"labels-{settings.client_id}",
                                    features_topic=f"features-{settings.client_id}")
     messages = list(raw_messages(frame, resolve_spec(frame, "handbook"), settings.input_topic,
-                                 settings.labels_topic, 7.0))
+                                 settings.labels_topic, LABELS_AFTER_DAYS))
     transactions = sum(m[0] == settings.input_topic for m in messages)
     produce_frame(settings, frame.iloc[:0])  # the input and output topics (3 partitions, 3 replicas)
     sent: dict = {}
@@ -251,11 +261,12 @@ def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCl
     seen = streamed_features(settings, transactions)
     copies = sum(len(c) for c in seen.values())
     late = [int(n) for n in re.findall(r"(\d+) late events", out)]
+    late_labels = [int(n) for n in re.findall(r"(\d+) late labels", out)]
     print(f"chaos: cluster, raw input, rolling restart (replicas in sync after {sync_s} s) then two nodes down "
           f"20 s: {{'mode': '{mode}', 'transactions': {transactions}, 'features_records': {copies}, "
-          f"'repeated': {copies - len(seen)}, 'late_events': {late}, "
+          f"'repeated': {copies - len(seen)}, 'late_events': {late}, 'late_labels': {late_labels}, "
           f"'first_commit_after_two_back_s': {first_commit_s:.1f}}}")
-    assert late == [0]
+    assert late == [0] and late_labels == [0]
     assert_equal_to_offline(frame, seen)
     if mode == "exactly-once":
         assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"

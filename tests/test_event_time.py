@@ -77,6 +77,7 @@ class Consumer(PausingConsumer):
         super().__init__([TopicPartition(t, p) for t in TOPICS.consumed for p in owned])
         self.log = log
         self.fetched: dict[TopicPartition, int] = {}  # high watermarks as of each partition's last fetch
+        self.skip_labels = 0.3  # how often a fetch leaves out a labels partition (its leader moved, say)
 
     def assignment(self) -> set[TopicPartition]:
         return set(self.parts)
@@ -92,7 +93,7 @@ class Consumer(PausingConsumer):
         for tp in self.parts:
             if tp in self.held:
                 continue
-            if rng.random() < 0.3:
+            if rng.random() < (self.skip_labels if tp.topic == TOPICS.labels else 0.3):
                 continue  # not in this fetch: what the consumer knows of its end stays as it was
             start = self.positions[tp]
             take = self.log[tp][start: start + (max_batch if tp.topic == TOPICS.input else rng.randint(0, 400))]
@@ -107,8 +108,8 @@ def partition_of(key: bytes) -> int:
 
 
 def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: list[int], feed: int | None = None,
-        refuse: float = 0.0, copies: dict[str, list[np.ndarray]] | None = None
-        ) -> tuple[dict[str, np.ndarray], int, int]:
+        refuse: float = 0.0, copies: dict[str, list[np.ndarray]] | None = None, labels_fed: bool = False,
+        skip_labels: float = 0.3, gate: bool = True) -> tuple[dict[str, np.ndarray], int, int]:
     """Stream the bank through ``workers`` workers joining at step ``starts[i]`` (partitions move to them, their
     stores restored from the changelog); the features each transaction got, late events, records handed back.
 
@@ -122,7 +123,12 @@ def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: lis
     with this probability a member's commit is refused instead (the group moved on without it): its batches
     in flight are not committed, its stores are dropped, and it reads its partitions again from their commits
     with stores restored from changelogs that hold those batches already. ``copies`` receives every features
-    record of each transaction, the first and those of the batches read again."""
+    record of each transaction, the first and those of the batches read again.
+
+    ``labels_fed``: the labels are written with the transactions, each when it is due (``feed`` steps), as
+    ``fraud-produce`` sends them; ``skip_labels``: how often a fetch leaves a labels partition out; ``gate``:
+    False leaves out the terminal stage's wait for its labels partition (``labelgate``), to show what it
+    prevents."""
     rng = random.Random(seed)
     log: dict[TopicPartition, list[Record]] = {TopicPartition(t, p): [] for t in TOPICS.consumed
                                                for p in range(PARTITIONS)}
@@ -135,15 +141,17 @@ def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: lis
         log[tp].append(Record(value, len(log[tp]), tp.topic, tp.partition, key))
 
     every = list(raw_messages(bank, resolve_spec(bank, "handbook"), TOPICS.input, TOPICS.labels, 7.0))
-    for topic, key, value in every:  # the labels (all of them, when fed: a label due exactly at the label
-        if feed is None or topic == TOPICS.labels:  # delay races the transactions of that moment)
+    for topic, key, value in every:  # the labels (all of them, when fed, unless fed with the transactions)
+        if feed is None or (topic == TOPICS.labels and not labels_fed):
             append(topic, key, value)
-    pending = [m for m in every if m[0] == TOPICS.input] if feed else []
+    pending = [m for m in every if m[0] == TOPICS.input or labels_fed] if feed else []
     fed = 0
     clock = Clock()
     members = [(FeatureStages(TOPICS, 7, LogRestore(changelog), WorkerMetrics(CollectorRegistry()),  # type: ignore[arg-type]
                               65536, threading.Event(), clock=clock), Consumer(log, []))
                for _ in range(workers)]
+    for _stages, consumer in members:
+        consumer.skip_labels = skip_labels
 
     def commit(i: int) -> None:  # member i's batches in flight, in order
         for offsets in in_flight[i]:
@@ -182,6 +190,9 @@ def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: lis
             stages.confirm_idle(consumer)  # as the worker does before admitting a batch
         staged = stages.stage(raw, labels)
         assert staged.failed == []
+        if gate:  # as the worker does before scoring: labels first
+            featured, _broken, waiting = stages.gate.admit(consumer, featured, [])
+            staged.handed_back.update(waiting)
         for tp, offset in staged.handed_back.items():
             consumer.positions[tp] = offset
         for record in featured:
@@ -248,6 +259,22 @@ def test_three_workers_on_topics_filled_after_they_found_them_empty(bank: pd.Dat
     expected = bank.set_index(bank["TRANSACTION_ID"].astype(str))[list(FEATURES)]
     got = np.stack([seen[tx_id] for tx_id in expected.index])
     np.testing.assert_allclose(got, expected.to_numpy(np.float32), rtol=2.4e-7)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_labels_fetched_late_still_count_before_the_transactions_that_need_them(bank: pd.DataFrame,
+                                                                                seed: int) -> None:
+    """Labels written when due, each just before the transactions whose terminal risk needs it, and fetched
+    late (a labels partition left out of two fetches in three: its leader moved, its node's connection backs
+    off). The terminal stage waits for them: every feature equals the table, no label late. Without the wait
+    (found 2026-12-07 in the cluster chaos test) labels arrive after transactions that needed them."""
+    seen, late, _handed = run(bank, seed, 2, 600, [0, 0], feed=50, labels_fed=True, skip_labels=0.67)
+    assert late == 0
+    expected = bank.set_index(bank["TRANSACTION_ID"].astype(str))[list(FEATURES)]
+    got = np.stack([seen[tx_id] for tx_id in expected.index])
+    np.testing.assert_allclose(got, expected.to_numpy(np.float32), rtol=2.4e-7)
+    _seen, late, _handed = run(bank, seed, 2, 600, [0, 0], feed=50, labels_fed=True, skip_labels=0.67, gate=False)
+    assert late > 0
 
 
 def test_a_backlog_is_handed_back_rather_than_read_out_of_order(bank: pd.DataFrame) -> None:

@@ -104,10 +104,18 @@ def assert_equal_to_offline(frame: pd.DataFrame, seen: dict[str, list[np.ndarray
     expected = frame.set_index(frame["TRANSACTION_ID"].astype(str))[list(HANDBOOK_FEATURES)]
     assert set(seen) == set(expected.index), (len(seen), len(expected))
     assert expected.filter(like="RISK").to_numpy().max() > 0  # the labels topic reached the terminal stage
+    wrong = []
     for tx_id, copies in seen.items():
+        want = expected.loc[tx_id].to_numpy(np.float32)
         for got in copies:  # float32 tolerance: the offline table is float32
-            np.testing.assert_allclose(got.astype(np.float32), expected.loc[tx_id].to_numpy(np.float32),
-                                       rtol=2.4e-7, err_msg=f"transaction {tx_id}")
+            if not np.allclose(got.astype(np.float32), want, rtol=2.4e-7, atol=0):
+                wrong.append((tx_id, [name for name, g, w in zip(HANDBOOK_FEATURES, got, want, strict=True)
+                                      if not np.isclose(np.float32(g), w, rtol=2.4e-7, atol=0)]))
+    if wrong:  # all of them, not the first: one feature of one transaction reads differently from a whole window
+        tx_id = wrong[0][0]
+        np.testing.assert_allclose(seen[tx_id][0].astype(np.float32), expected.loc[tx_id].to_numpy(np.float32),
+                                   rtol=2.4e-7, err_msg=f"{len(wrong)} features records differ from the table, "
+                                   f"e.g. {wrong[:5]}; first: transaction {tx_id}")
 
 
 @pytest.mark.parametrize(("kafka_client", "max_wait_ms"), [

@@ -173,7 +173,7 @@ class Worker:
         bounds = Bounds(self.settings.min_amount, self.settings.max_amount,
                         int(self.settings.max_event_ahead_days * DAY_MS))
         return FeatureStages(topics, artifact.feature_delay_days, restorer, self.metrics,
-                             self.settings.max_record_bytes, self.stop, bounds)
+                             self.settings.max_record_bytes, self.stop, bounds, end_offsets=restorer.end_offsets)
 
     def _settle_before_revoke(self) -> None:
         """librdkafka revokes inside ``poll``, on this thread: commit what is in flight while it is ours."""
@@ -334,14 +334,17 @@ class Worker:
 
     def _process_raw(self, stages: FeatureStages, records: Sequence[Any]
                      ) -> tuple[BatchOutcome, int, dict[TopicPartition, int]]:
-        """Raw input: customer stage, labels, terminal stage and scoring, then the changed state; the input
-        offsets handed back (see ``state.eventtime``)."""
+        """Raw input: customer stage, labels, terminal stage and scoring, then the changed state; the offsets
+        handed back (input records ahead in event time, ``state.eventtime``; repartition records that wait for
+        labels, ``state.labelgate``)."""
         assert self.consumer is not None
         stages.sync(self.consumer.assignment())
         raw, labels, featured, broken = stages.split(records)
         if raw:
             stages.confirm_idle(self.consumer)
         staged = stages.stage(raw, labels)
+        featured, broken, waiting = stages.gate.admit(self.consumer, featured, broken)  # labels first
+        staged.handed_back.update(waiting)
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed + broken)
         outcome.outputs += staged.outputs + stages.changelog()
         return outcome, len(before_hand_back(raw, staged.handed_back)), staged.handed_back

@@ -120,6 +120,9 @@ class WorkerMetrics:
         self.handed_back = Counter("records_handed_back", "Raw input: records read again later because their "
                                    "input partition ran ahead of the others in event time (watermark alignment)",
                                    namespace=ns, registry=registry)
+        self.held_for_labels = Counter("records_held_for_labels", "Raw input: transactions read again later "
+                                       "because their terminal's labels partition had labels not read yet",
+                                       namespace=ns, registry=registry)
         self.state_swept = Counter("state_swept_entities", "Raw input: customers or terminals dropped from the "
                                    "window stores once nothing of theirs was left in any window",
                                    ["store"], namespace=ns, registry=registry)

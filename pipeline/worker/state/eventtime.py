@@ -160,14 +160,16 @@ class Watermarks:
         lows = self._lows(first)
         return {p: min(self._floor(lows, p), first[p]) + ADMIT_MS for p in first}
 
-    def confirm_idle(self, consumer: Any) -> None:
+    def confirm_idle(self, consumer: Any,
+                     end_offsets: Callable[[list[TopicPartition]], dict[TopicPartition, int]] | None = None) -> None:
         """Ask the broker whether the partitions taken for idle still have nothing to read.
 
         A partition's high watermark as the consumer knows it comes with its last fetch: one that
         was empty when fetched (a topic filled just after the worker started, a producer that
         paused) can hold records the consumer has not heard of yet. Taken for idle, it would let
         the others run ahead of records that are already there. Called before each batch is
-        admitted, for the idle ones only (one ListOffsets request)."""
+        admitted, for the idle ones only (one ListOffsets request, through ``end_offsets`` when given: a
+        connection no long-polling fetch holds)."""
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self.topics.input}
         mine = sorted(self.idle & self.owned & assigned - self._gave_up)  # a partition revoked since: not asked
         theirs = [p for p, mark in sorted(self.heard.items()) if mark.idle and p not in self.owned]
@@ -175,7 +177,7 @@ class Watermarks:
             return
         tps = [TopicPartition(self.topics.input, p) for p in mine + theirs]
         try:
-            ends = consumer.end_offsets(tps)
+            ends = (end_offsets or consumer.end_offsets)(tps)
         except Exception as err:  # cannot tell: hold the others rather than release them
             log.debug("could not read the end offsets of idle partitions: %s", err)
             ends = {tp: math.inf for tp in tps}

@@ -35,6 +35,7 @@ from pipeline.worker.outputs import Output, processing_error
 from pipeline.worker.state.eventtime import Mark, Watermarks, is_mark
 from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key
 from pipeline.worker.state.hop import is_packed, pack, packed_count, unpack
+from pipeline.worker.state.labelgate import LabelGate
 from pipeline.worker.state.store import Restorer, Store
 from pipeline.worker.state.topology import StateTopics
 
@@ -65,12 +66,17 @@ class FeatureStages:
 
     def __init__(self, topics: StateTopics, delay_days: int, restorer: Restorer, metrics: Any,
                  max_record_bytes: int, stop: threading.Event, bounds: Bounds | None = None,
-                 wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic) -> None:
+                 wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic,
+                 end_offsets: Callable[[list[TopicPartition]], dict[TopicPartition, int]] | None = None) -> None:
+        """``end_offsets``: how to ask the broker for end offsets off the group consumer's connections (the
+        restorer's); None: the group consumer's own ``end_offsets``."""
         self.topics, self.restorer, self.metrics = topics, restorer, metrics
         self.delay_ms, self.max_record_bytes, self.stop = delay_days * DAY_MS, max_record_bytes, stop
         self.bounds = bounds or Bounds()
         self.wall, self.clock = wall, clock
         self.watermarks = Watermarks(topics, clock)
+        self.gate = LabelGate(topics, metrics, clock, end_offsets)  # the terminal stage reads its labels first
+        self._end_offsets = end_offsets
         self.customers: dict[int, Store[CustomerWindows]] = {}
         self.terminals: dict[int, Store[TerminalWindows]] = {}
         self.terminal_times: dict[int, int] = {}  # repartition partition -> newest event time enriched there
@@ -386,11 +392,13 @@ class FeatureStages:
 
     def confirm_idle(self, consumer: Any) -> None:
         """Before a batch is admitted: partitions taken for idle that have records after all hold again."""
-        self.watermarks.confirm_idle(consumer)
+        self.watermarks.confirm_idle(consumer, self._end_offsets)
 
     def align(self, consumer: Any) -> None:
-        """Keep this worker's input partitions aligned in event time with every other (``eventtime``)."""
+        """Between batches: keep this worker's input partitions aligned in event time with every other
+        (``eventtime``), and pause the repartition partitions that wait for labels (``labelgate``)."""
         self.watermarks.align(consumer)
+        self.gate.between_batches(consumer)
 
     def changelog(self) -> list[Output]:
         """The changelog records of every key the batch changed (tombstones for idle entities swept away), to each
