@@ -217,8 +217,8 @@ def run(bank: pd.DataFrame, seed: int, workers: int, max_batch: int, starts: lis
             stages.forget(set(consumer.parts))
             consumer.positions = {tp: committed[tp] for tp in consumer.parts}
             consumer.held.clear()
-        elif not refuse or rng.random() < 0.5:  # ... or left in flight until a later batch's commit
-            commit(i)
+        elif not refuse or rng.random() < 0.5 or staged.awaiting_commit:  # ... or left in flight until a later
+            commit(i)  # batch's commit (the worker settles what is in flight when records wait for it)
         stages.align(consumer)
         clock.now += rng.random() * 0.2
         if step % 50 == 49:  # a quiet moment: what is in flight settles

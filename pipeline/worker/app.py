@@ -314,10 +314,11 @@ class Worker:
         unreadable = [r for r in records if getattr(r, "unreadable", None)]  # confluent adapter only
         if unreadable:
             records = [r for r in records if not getattr(r, "unreadable", None)]
+        awaiting_commit = False
         if self.stages is None:
             outcome, consumed = self.processor.process(records), len(records)
         else:
-            outcome, consumed, handed_back = self._process_raw(self.stages, records)
+            outcome, consumed, handed_back, awaiting_commit = self._process_raw(self.stages, records)
             if handed_back:  # read again from there: commit only what came before
                 offsets = offsets_after(before_hand_back([*records, *unreadable], handed_back))
                 for tp, offset in handed_back.items():
@@ -331,9 +332,11 @@ class Worker:
             outcome.dead_letters["corrupt_record"] += 1
         consumed += len(unreadable)
         self.checkpoint.commit(outcome.outputs, offsets, records, consumed, outcome)
+        if self.stages is not None and awaiting_commit:  # records wait for the batches in flight: commit them
+            self.checkpoint.settle()
 
     def _process_raw(self, stages: FeatureStages, records: Sequence[Any]
-                     ) -> tuple[BatchOutcome, int, dict[TopicPartition, int]]:
+                     ) -> tuple[BatchOutcome, int, dict[TopicPartition, int], bool]:
         """Raw input: customer stage, labels, terminal stage and scoring, then the changed state; the offsets
         handed back (input records ahead in event time, ``state.eventtime``; repartition records that wait for
         labels, ``state.labelgate``)."""
@@ -347,7 +350,8 @@ class Worker:
         staged.handed_back.update(waiting)
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed + broken)
         outcome.outputs += staged.outputs + stages.changelog()
-        return outcome, len(before_hand_back(raw, staged.handed_back)), staged.handed_back
+        return (outcome, len(before_hand_back(raw, staged.handed_back)), staged.handed_back,
+                staged.awaiting_commit)
 
     def _publish_marks(self, stages: FeatureStages) -> None:
         """Watermark marks due between batches (a partition turned idle, or the periodic repeat)."""

@@ -32,7 +32,7 @@ from pipeline.streamfeatures import (
     event_id,
 )
 from pipeline.worker.outputs import Output, processing_error
-from pipeline.worker.state.eventtime import Mark, Watermarks, is_mark
+from pipeline.worker.state.eventtime import ADMIT_MS, Mark, Watermarks, is_mark
 from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key
 from pipeline.worker.state.hop import is_packed, pack, packed_count, unpack
 from pipeline.worker.state.labelgate import LabelGate
@@ -54,6 +54,7 @@ class Staged:
     outputs: list[Output]
     failed: list[tuple[Any, RecordError]]
     handed_back: dict[TopicPartition, int] = field(default_factory=dict)
+    awaiting_commit: bool = False  # some were handed back until earlier batches of their partition are committed
 
 
 def before_hand_back(records: Iterable[Any], handed_back: dict[TopicPartition, int]) -> list[Any]:
@@ -234,8 +235,18 @@ class FeatureStages:
         """Customer stage on raw records (repartition records out) and label records into terminal state.
 
         A partition's records are processed in offset order up to the first one further ahead in
-        event time than the other partitions allow (``Watermarks.limits``); that one and the rest
+        event time than the other partitions allow (``Watermarks.limits``), or more than
+        ``ADMIT_MS`` past the oldest event of its earlier batches not committed yet; that one and the rest
         are handed back, to be read again.
+
+        The second bound is for replays. Batches are pipelined under at-least-once, and a refused
+        commit has the partition's next owner read every uncommitted batch again: the customer
+        stage writes their transactions to the repartition topic a second time, behind what the
+        terminal stage has read since. The terminal windows keep the label delay (7 days) of
+        grace: ``ADMIT_MS`` (other partitions ahead) plus at most ``ADMIT_MS`` of uncommitted
+        batches plus a day of disorder fits, so the copies are scored as the first reading was.
+        Without it, four batches in flight of a backlog spanned up to 12 days (found 2026-12-07 by
+        the property test: a copy's terminal 30-day count 83, not 90).
         """
         out = Staged([], [])
         now_ms = int(self.wall() * 1000)
@@ -251,6 +262,13 @@ class FeatureStages:
                     first[p] = tx.event_time_ms
                     break
         limits = marks.limits(first)
+        by_commit = set()
+        for p, limit in limits.items():  # and never more than ADMIT_MS past the oldest uncommitted event either
+            batches = self._uncommitted.get(TopicPartition(self.topics.input, p))
+            oldest = min(t for _end, t in batches) if batches else None
+            if oldest is not None and oldest + ADMIT_MS < limit:
+                limits[p] = oldest + ADMIT_MS
+                by_commit.add(p)
         for p, items in by_partition.items():
             limit = limits.get(p)
             resume_at = None
@@ -260,6 +278,7 @@ class FeatureStages:
                     result = self.bounds.event_time(t, marks.stream.get(p), now_ms)
                     if result is None and limit is not None and t > limit:
                         out.handed_back[TopicPartition(record.topic, p)] = record.offset
+                        out.awaiting_commit |= p in by_commit
                         self.metrics.handed_back.inc(len(items) - i)
                         resume_at = t
                         break
