@@ -141,8 +141,8 @@ class Stack:
     def service(self, name: str) -> list[dict]:
         return [c for c in self.containers() if c.get("Service") == name]
 
-    def logs(self, name: str) -> str:
-        return self.compose("logs", "--no-color", "--tail", "60", name)
+    def logs(self, name: str, tail: str = "60") -> str:
+        return self.compose("logs", "--no-color", "--tail", tail, name)
 
     def prometheus(self, path: str):  # type: ignore[no-untyped-def]
         return get_json(f"http://127.0.0.1:{self.prometheus_port}{path}")
@@ -160,7 +160,12 @@ def running(stack: Stack) -> Iterator[Stack]:
     finally:
         try:
             for name in ("worker", "producer", "trainer"):
-                print(f"--- {name} logs (tail) ---\n{stack.logs(name)[-3000:]}", flush=True)
+                text = stack.logs(name, "all")
+                notable = [line[:500] for line in text.splitlines()
+                           if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+                print(f"--- {name}: WARNING and ERROR lines ({len(notable)}, the last 40) ---\n" +
+                      "\n".join(notable[-40:]), flush=True)
+                print(f"--- {name} logs (tail) ---\n{text[-3000:]}", flush=True)
         except AssertionError:
             pass
         stack.compose("down", "-v", "--remove-orphans", timeout_s=300)

@@ -42,6 +42,13 @@ def test_the_cluster_overlay_loses_nothing_when_a_node_dies() -> None:
         finally:
             admin.close()
         assert {len(p["replica_nodes"]) for p in partitions} == {3}, partitions
+        retries = {kind: stack.query(f'sum(fraud_errors_total{{kind="{kind}"}})')
+                   for kind in ("publish_failed", "commit_failed", "commit_retry", "producer_renewed")}
+        print(f"cluster: the worker's recoveries from the kill {retries}", flush=True)
         assert stack.query("sum(fraud_dead_letters_total)") == 0
-        assert stack.query('sum(fraud_errors_total{kind=~"output_dropped|publish_failed|commit_failed"})') == 0
+        # Nothing dropped. Recoveries are not losses: with the group coordinator's node killed for 15 s the
+        # member can be expelled (session 10 s) and its commit refused, and a partition's ISR briefly
+        # below 2 refuses a write (NotEnoughReplicas) that is then retried; each was seen in one run of
+        # three here (2026-12-07). Every input record is committed (above) and no output was given up.
+        assert stack.query('sum(fraud_errors_total{kind="output_dropped"})') == 0
         assert stack.query("sum(fraud_late_events_total)") == 0
