@@ -332,7 +332,7 @@ class Worker:
             outcome.dead_letters["corrupt_record"] += 1
         consumed += len(unreadable)
         self.checkpoint.commit(outcome.outputs, offsets, records, consumed, outcome)
-        if self.stages is not None and awaiting_commit:  # records wait for the batches in flight: commit them
+        if awaiting_commit:  # records wait for the batches in flight: commit them
             self.checkpoint.settle()
 
     def _process_raw(self, stages: FeatureStages, records: Sequence[Any]

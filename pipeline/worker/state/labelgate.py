@@ -80,24 +80,24 @@ class LabelGate:
         if not offsets:
             return list(featured), list(broken), {}
         assigned, now = consumer.assignment(), self.clock()
+        positions = _Positions(consumer, self.topics.labels)  # each labels partition's, read once per batch
         below: dict[int, float] = {}  # per partition: its records below this offset are scored now
         ask = []
         for p, offs in offsets.items():
-            labels = TopicPartition(self.topics.labels, p)
-            if labels not in assigned:  # not co-assigned (range assignment does): no labels of it to wait for
-                below[p] = math.inf
+            if TopicPartition(self.topics.labels, p) not in assigned:  # not co-assigned (range assignment
+                below[p] = math.inf  # does): no labels of it to wait for
                 continue
             if p in self.gave_up:  # not waited for again until it moves
-                if _position(consumer, labels) == self.gave_up[p]:
+                if positions[p] == self.gave_up[p]:
                     below[p] = math.inf
                     continue
                 del self.gave_up[p]
             wait = self.waits.get(p)
-            if wait is not None and self._timed_out(p, wait, consumer, now):
+            if wait is not None and self._timed_out(p, wait, positions[p], now):
                 below[p] = math.inf
                 continue
             if wait is not None and wait.target is not None:
-                if not _reached(consumer, labels, wait.target):
+                if not _reached(positions[p], wait.target):
                     below[p] = -math.inf
                     continue
                 below[p] = wait.covers
@@ -108,13 +108,12 @@ class LabelGate:
         ends = self._ends(consumer, ask)
         for p in ask:
             end = ends.get(p)
-            position = None if end == 0 else _position(consumer, TopicPartition(self.topics.labels, p))
-            if end == 0 or (end is not None and position is not None and position >= end):  # 0: nothing to read
+            if end == 0 or (end is not None and _reached(positions[p], end)):  # 0: nothing to read
                 below[p] = math.inf
                 self.waits.pop(p, None)
                 continue
             old = self.waits.get(p)
-            self.waits[p] = _Wait(end, max(offsets[p]) + 1, old.since if old else now, position)
+            self.waits[p] = _Wait(end, max(offsets[p]) + 1, old.since if old else now, positions[p])
             below.setdefault(p, -math.inf)
         handed_back = {}
         for p, limit in below.items():
@@ -123,12 +122,13 @@ class LabelGate:
                 handed_back[TopicPartition(self.topics.repartition, p)] = min(later)
         if not handed_back:
             return list(featured), list(broken), {}
-        now_featured = [r for r in featured if r.offset < handed_back.get(TopicPartition(r.topic, r.partition),
-                                                                          math.inf)]
-        now_broken = [(r, e) for r, e in broken if r.offset < handed_back.get(TopicPartition(r.topic, r.partition),
-                                                                              math.inf)]
+
+        def now_or_later(record: Any) -> bool:  # the rule of ``stages.before_hand_back``
+            return record.offset < handed_back.get(TopicPartition(record.topic, record.partition), record.offset + 1)
+
+        now_featured = [r for r in featured if now_or_later(r)]
         self.metrics.held_for_labels.inc(len(featured) - len(now_featured))
-        return now_featured, now_broken, handed_back
+        return now_featured, [(r, e) for r, e in broken if now_or_later(r)], handed_back
 
     def between_batches(self, consumer: Any) -> None:
         """Pause the repartition partitions that wait for labels, resume the others; forget partitions gone."""
@@ -139,8 +139,10 @@ class LabelGate:
             if labels not in assigned or repartition not in assigned:
                 del self.waits[p]
                 self.gave_up.pop(p, None)
-            elif (wait.target is not None and not _reached(consumer, labels, wait.target)
-                  and not self._timed_out(p, wait, consumer, now)):
+                continue
+            position = _position(consumer, labels)
+            if (wait.target is not None and not _reached(position, wait.target)
+                    and not self._timed_out(p, wait, position, now)):
                 wanted.add(repartition)
         paused = {tp for tp in consumer.paused() if tp.topic == self.topics.repartition}
         if paused - wanted:
@@ -148,9 +150,9 @@ class LabelGate:
         if wanted - paused:
             consumer.pause(*(wanted - paused))
 
-    def _timed_out(self, p: int, wait: _Wait, consumer: Any, now: float) -> bool:
-        """Whether the labels partition made no progress for WAIT_MAX_S (then the wait is given up, said once)."""
-        position = _position(consumer, TopicPartition(self.topics.labels, p))
+    def _timed_out(self, p: int, wait: _Wait, position: int | None, now: float) -> bool:
+        """Whether the labels partition (read to ``position``) made no progress for WAIT_MAX_S (then the wait is
+        given up, said once)."""
         if position is not None and position != wait.position:
             wait.position, wait.since = position, now
             return False
@@ -175,8 +177,20 @@ class LabelGate:
         return {tp.partition: end for tp, end in ends.items() if end is not None}
 
 
-def _reached(consumer: Any, tp: TopicPartition, target: int) -> bool:
-    position = _position(consumer, tp)
+class _Positions(dict):  # type: ignore[type-arg]
+    """Labels partition -> the consumer's position in it (None: unknown), asked on first use only (the
+    confluent driver asks the broker for a partition that has returned no record yet)."""
+
+    def __init__(self, consumer: Any, topic: str) -> None:
+        super().__init__()
+        self.consumer, self.topic = consumer, topic
+
+    def __missing__(self, partition: int) -> int | None:
+        position = self[partition] = _position(self.consumer, TopicPartition(self.topic, partition))
+        return position
+
+
+def _reached(position: int | None, target: int) -> bool:
     return position is not None and position >= target
 
 
