@@ -56,6 +56,7 @@ class SendReport:
     failed: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    side_waits: int = 0  # times a record for ``topic`` waited for those sent to another topic before it
 
     @property
     def rate(self) -> float:
@@ -108,6 +109,11 @@ def send_records(
 
     A record is ``(key, value)`` for ``topic``, or ``(topic, key, value)`` for another topic
     (the labels beside raw transactions). ``progress=None`` shows the bar only on a terminal.
+
+    Records for another topic are acknowledged (or failed) before the next record for ``topic`` is
+    sent: a label is on the broker before the transactions that count it, whatever the partitions'
+    leaders do. Kafka orders nothing across partitions; without the wait a label whose leader moved
+    was retried while the next transaction, for a partition whose leader stayed, was written first.
     """
     report = SendReport()
     pacer = Pacer(rate)
@@ -120,6 +126,7 @@ def send_records(
         if len(report.errors) < 5:
             report.errors.append(str(exc))
 
+    side: list = []  # records for other topics sent since the last one for ``topic``
     start = time.monotonic()
     bar = tqdm(total=total, unit="tx", disable=None if progress is None else not progress,
                smoothing=0.1, mininterval=0.5)
@@ -128,8 +135,15 @@ def send_records(
             for index, record in enumerate(records):
                 pacer.wait(index)
                 to, key, value = record if len(record) == 3 else (topic, *record)
+                if to == topic and side and not all(f.is_done for f in side):
+                    producer.flush(timeout=flush_timeout_s)
+                    report.side_waits += 1
+                if to == topic:
+                    side.clear()
                 future = producer.send(to, key=key, value=value)
                 future.add_callback(on_ok).add_errback(on_err)
+                if to != topic:
+                    side.append(future)
                 report.sent += 1
                 if index % 1000 == 999:
                     bar.update(1000)

@@ -164,3 +164,30 @@ def test_partitions_revoked_are_forgotten_and_resumed() -> None:
     consumer.held.discard(R0)  # the client forgets the pause of a partition revoked
     gate.between_batches(consumer)
     assert gate.waits == {} and consumer.held == set()
+
+
+def test_the_restore_consumer_asks_with_a_bound_and_says_once_a_minute_when_it_cannot(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline.config import KafkaSettings
+    from pipeline.worker.state import store
+    from pipeline.worker.state.store import ASK_TIMEOUT_S, Restorer
+
+    asked: list[int | None] = []
+
+    class Unreachable:
+        def end_offsets(self, tps: list[TopicPartition], timeout_ms: int | None = None) -> dict:
+            asked.append(timeout_ms)
+            raise TimeoutError("Failed to get offsets by timestamps")
+
+    now = [1000.0]
+    monkeypatch.setattr(store.time, "monotonic", lambda: now[0])
+    restorer = Restorer(KafkaSettings.build(environ={}, overrides={}), "w", {})
+    restorer.consumer = Unreachable()  # type: ignore[assignment]
+    with caplog.at_level(logging.WARNING):
+        for step in (0, 30, 61):  # seconds
+            now[0] = 1000.0 + step
+            with pytest.raises(TimeoutError):
+                restorer.end_offsets([L0])
+    assert asked == [int(ASK_TIMEOUT_S * 1000)] * 3
+    said = [r.getMessage() for r in caplog.records if r.name == store.__name__]
+    assert len(said) == 2 and said[0].startswith("could not read the end offsets of ['labels'] (TimeoutError: ")

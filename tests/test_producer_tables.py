@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import orjson
 import pandas as pd
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pipeline.config import KafkaSettings
 from pipeline.errors import InputDataError
@@ -177,6 +180,74 @@ def test_pacer_spaces_events_and_catches_up() -> None:
     assert len(slept) == 1
     Pacer(0.0, clock=lambda: 0.0, sleep=sleep).wait(5)
     assert len(slept) == 1
+
+
+class _Future:
+    """A send's future as kafka-python gives it: done once acknowledged (here: on flush, or when the test
+    says the broker answered on its own)."""
+
+    def __init__(self) -> None:
+        self.is_done = False
+        self._callbacks: list = []
+
+    def add_callback(self, fn: Callable[[object], None]) -> _Future:
+        if self.is_done:
+            fn(None)
+        else:
+            self._callbacks.append(fn)
+        return self
+
+    def add_errback(self, _fn: object) -> _Future:
+        return self
+
+    def ack(self) -> None:
+        if not self.is_done:
+            self.is_done = True
+            for fn in self._callbacks:
+                fn(None)
+
+
+class _OrderProducer:
+    """Records what each send found already acknowledged."""
+
+    def __init__(self, acked_alone: list[bool]) -> None:
+        self.futures: list[tuple[str, _Future]] = []
+        self.flushes = 0
+        self.acked_alone = iter(acked_alone)
+        self.unacked_labels_at_tx: list[int] = []
+
+    def send(self, topic: str, key: bytes | None, value: bytes) -> _Future:
+        if topic == "tx":
+            self.unacked_labels_at_tx.append(sum(not f.is_done for t, f in self.futures if t == "labels"))
+        future = _Future()
+        self.futures.append((topic, future))
+        if next(self.acked_alone, False):  # the broker answered before the next send
+            future.ack()
+        return future
+
+    def flush(self, timeout: float | None = None) -> None:
+        self.flushes += 1
+        for _, future in self.futures:
+            future.ack()
+
+
+@given(st.lists(st.tuples(st.sampled_from(["tx", "labels"]), st.booleans()), max_size=60))
+def test_each_label_is_acknowledged_before_the_next_transaction_is_sent(feed: list[tuple[str, bool]]) -> None:
+    producer = _OrderProducer([alone for _, alone in feed])
+    records = [(topic, b"k", b"v") if topic == "labels" else (b"k", b"v") for topic, _ in feed]
+    report = send.send_records(records, "tx", producer, progress=False)  # type: ignore[arg-type]
+    assert report.sent == report.acked == len(feed)
+    assert producer.unacked_labels_at_tx == [0] * sum(topic == "tx" for topic, _ in feed)
+    # a wait only where a label sent since the last transaction was still unacknowledged
+    needed = 0
+    pending = False
+    for topic, alone in feed:
+        if topic == "tx":
+            needed += pending
+            pending = False
+        else:
+            pending = pending or not alone
+    assert report.side_waits == needed
 
 
 def test_restamp_uses_send_time_and_keeps_the_original() -> None:

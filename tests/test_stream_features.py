@@ -367,6 +367,26 @@ def test_a_partition_not_fetched_yet_holds_the_others_past_the_idle_limit(caplog
         "transactions count in fraud_late_events_total)") == 1
 
 
+def test_a_partition_revoked_and_assigned_again_within_one_poll_waits_anew_to_be_fetched() -> None:
+    """Partition 1 was unfetched for a moment after the first assignment, then read; 100 s later it is revoked
+    and assigned again inside one poll (the worker sees the same partitions before and after), so it is not
+    fetched again yet. It holds partition 0 for UNFETCHED_MAX_S from then, not from the first assignment."""
+    clock = Clock()
+    made, consumer = stages(clock, UNSIZED), AligningConsumer(2)
+    p0, p1 = consumer.parts
+    made.watermarks.stream[0] = 24 * HOUR
+    consumer.ends[p0], consumer.positions[p0] = 9000, 3000
+    assert aligned(made, consumer, clock, 0.0) == {p0}  # partition 1 not fetched yet
+    consumer.ends[p1], consumer.positions[p1] = 100, 0
+    made.watermarks.stream[1] = HOUR
+    assert aligned(made, consumer, clock, 1.0) == {p0}  # fetched, behind: it holds 0
+    consumer.ends[p1] = None  # reassigned within one poll: its fetch position and high watermark are gone
+    made.watermarks.stream.pop(1)
+    assert aligned(made, consumer, clock, 100.0) == {p0}
+    assert aligned(made, consumer, clock, 129.0) == {p0}
+    assert aligned(made, consumer, clock, 130.0) == set()  # given up on, 30 s after the reassignment
+
+
 def test_a_partition_with_records_to_read_holds_the_others_however_long() -> None:
     clock = Clock()
     made, consumer = stages(clock, UNSIZED), AligningConsumer(2)

@@ -242,13 +242,17 @@ class Watermarks:
                                 "without it (its late transactions count in fraud_late_events_total)", tp,
                                 now - since)
                 idle = p in self._gave_up
-            elif consumer.position(tp) < end or p in self.heads:  # records to read: it holds the others
-                self._idle_since.pop(p, None)
-                self._gave_up.discard(p)
-                idle = False
             else:
-                idle = now - self._idle_since.setdefault(p, now) >= IDLE_S
-                self._positions[p] = end
+                # fetched: its wait is over (a revoke and a reassignment within one poll, which ``owned`` does not
+                # show, leave it unfetched again: a new wait starts then, not at the first assignment)
+                self._unfetched_since.pop(p, None)
+                if consumer.position(tp) < end or p in self.heads:  # records to read: it holds the others
+                    self._idle_since.pop(p, None)
+                    self._gave_up.discard(p)
+                    idle = False
+                else:
+                    idle = now - self._idle_since.setdefault(p, now) >= IDLE_S
+                    self._positions[p] = end
             if idle:
                 self.idle.add(p)
             else:

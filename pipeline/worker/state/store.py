@@ -17,6 +17,7 @@ changed hours, not its whole history, per batch. The hours that emptied get tomb
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import threading
 import time
@@ -34,6 +35,7 @@ from pipeline.worker.outputs import Output
 log = logging.getLogger(__name__)
 
 RESTORE_STALL_S = 60.0  # a restore that makes no progress this long stops the worker
+ASK_TIMEOUT_S = 5.0  # an end-offsets request between batches gives up after this long (asked again next batch)
 BIG_ENTRIES = 4096  # an entity holding more events and labels than this is written in segments
 W = TypeVar("W", CustomerWindows, TerminalWindows)
 
@@ -181,6 +183,7 @@ class Restorer:
     def __init__(self, kafka: KafkaSettings, client_id: str, options: dict[str, Any], metrics: Any = None) -> None:
         self.kafka, self.client_id, self.options, self.metrics = kafka, client_id, options, metrics
         self.consumer: KafkaConsumer | None = None
+        self._warned_at = -math.inf
 
     def _client(self) -> KafkaConsumer:
         if self.consumer is None:
@@ -196,8 +199,20 @@ class Restorer:
         """The broker's end offsets (read_committed: the last stable offsets), asked on this consumer's own
         connections, which no fetch holds between restores. The group consumer's are held by its long-polling
         fetches: a ListOffsets request waits behind one for up to ``fetch.max.wait.ms`` (500 ms per batch in
-        the benchmark, 2026-12-07)."""
-        return self._client().end_offsets(partitions)
+        the benchmark, 2026-12-07).
+
+        Bounded by ``ASK_TIMEOUT_S`` (kafka-python's default, the request timeout, held the worker's loop for
+        30 s while two of three nodes were down); a failure raises, the callers treat the offsets as unknown
+        and ask again with the next batch, and a WARNING says so at most once a minute."""
+        try:
+            return self._client().end_offsets(partitions, timeout_ms=int(ASK_TIMEOUT_S * 1000))
+        except Exception as err:
+            now = time.monotonic()
+            if now - self._warned_at >= 60:
+                self._warned_at = now
+                log.warning("could not read the end offsets of %s (%s: %s); what waits on them waits, asked again "
+                            "with the next batch", sorted({tp.topic for tp in partitions}), type(err).__name__, err)
+            raise
 
     def restore(self, topic: str, partition: int, store: Store[Any], stop: threading.Event) -> int:
         """Load every record of ``topic``[``partition``] into ``store``; the number of records read."""
