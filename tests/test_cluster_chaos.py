@@ -27,7 +27,7 @@ from kafka.errors import KafkaError
 from deploy.kafka.cluster import LocalCluster
 from pipeline.config import KafkaSettings
 from producer.rawfeed import raw_messages
-from producer.send import make_producer, send_records
+from producer.send import SendReport, make_producer, send_records
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
 from tests.chaos_helpers import Workers, assigned, check_outcome, committed_total, feed, stream_file
@@ -199,6 +199,85 @@ def wait_replicas_in_sync(settings: KafkaSettings, timeout_s: float = 120) -> fl
     return time.monotonic() - started
 
 
+class RawFeed:
+    """Raw transactions and their labels (sent exactly at the delay) fed at a steady pace for ``seconds`` to a group of
+    raw-input workers on the cluster; ``check`` stops them once every input is committed and compares every
+    streamed feature with the offline table."""
+
+    def __init__(self, settings: KafkaSettings, model_dir: Path, mode: str, tmp_path: Path, name: str,
+                 seconds: float = 75) -> None:
+        self.frame = simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=45, seed=11,
+                                              terminals_compromised_per_day=0.5))
+        self.settings = settings = dataclasses.replace(settings, labels_topic=f"labels-{settings.client_id}",
+                                                       features_topic=f"features-{settings.client_id}")
+        self.messages = list(raw_messages(self.frame, resolve_spec(self.frame, "handbook"), settings.input_topic,
+                                          settings.labels_topic, LABELS_AFTER_DAYS))
+        self.transactions = sum(m[0] == settings.input_topic for m in self.messages)
+        produce_frame(settings, self.frame.iloc[:0])  # the input and output topics (3 partitions, 3 replicas)
+        self.mode, self.group, self.seconds = mode, f"{name}-{settings.client_id}", seconds
+        self.workers = Workers(settings, model_dir, self.group, mode, tmp_path)
+        self.workers.env.update({"FRAUD_LABELS_TOPIC": settings.labels_topic,
+                                 "FRAUD_FEATURES_TOPIC": settings.features_topic, "FRAUD_REPLICATION_FACTOR": "3"})
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+        self.report: SendReport | None = None
+        self.feeder = threading.Thread(target=self._feed, daemon=True)
+
+    def _feed(self) -> None:
+        producer = make_producer(self.settings)
+        try:
+            self.report = send_records(self.messages, self.settings.input_topic, producer,
+                                       rate=len(self.messages) / self.seconds, progress=False, flush_timeout_s=300)
+        finally:
+            producer.close()
+
+    def start_worker(self) -> Path:
+        proc, log = self.workers.start("--max-batch", "1024")
+        self.procs.append((proc, log))
+        assert wait_for(lambda: assigned(log), timeout_s=120), log.read_text()[-2000:]
+        return log
+
+    def committed(self) -> int:
+        return committed_now(self.settings, self.group)
+
+    def wait_commit_past(self, before: int) -> float:
+        """Seconds until the group commits past ``before``."""
+        since = time.monotonic()
+        assert wait_for(lambda: self.committed() > before, timeout_s=150, every_s=0.5), \
+            self.procs[-1][1].read_text()[-3000:]
+        return time.monotonic() - since
+
+    def kill_workers(self) -> None:
+        for proc, _log in self.procs:
+            proc.kill()
+
+    def check(self, what: str, **figures: object) -> None:
+        self.feeder.join(timeout=400)
+        assert self.report is not None and self.report.acked == len(self.messages), \
+            self.report.errors if self.report else "the feed did not finish"
+        outs = [finish(proc, log, self.settings, self.group) for proc, log in self.procs]
+        seen = streamed_features(self.settings, self.transactions)
+        copies = sum(len(c) for c in seen.values())
+        late = [int(n) for out in outs for n in re.findall(r"(\d+) late events", out)]
+        late_labels = [int(n) for out in outs for n in re.findall(r"(\d+) late labels", out)]
+        print(f"chaos: cluster, raw input, {what}: {{'mode': '{self.mode}', 'transactions': {self.transactions}, "
+              f"'features_records': {copies}, 'repeated': {copies - len(seen)}, 'late_events': {late}, "
+              f"'late_labels': {late_labels}, {', '.join(f'{k!r}: {v}' for k, v in figures.items())}}}")
+        warnings = [line for out in outs for line in out.splitlines() if " WARNING " in line or " ERROR " in line]
+        assert not any(late) and not any(late_labels), "\n".join(warnings[-40:])
+        assert_equal_to_offline(self.frame, seen)
+        if self.mode == "exactly-once":
+            assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"
+
+
+def leader_of(settings: KafkaSettings, topic: str, partition: int) -> int:
+    admin = KafkaAdminClient(**settings.client_options())
+    try:
+        (described,) = admin.describe_topics([topic])
+    finally:
+        admin.close()
+    return next(p["leader_id"] for p in described["partitions"] if p["partition_index"] == partition)
+
+
 @pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
 def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCluster, settings: KafkaSettings,
                                                                 raw_model_dir: Path, mode: str,
@@ -207,66 +286,64 @@ def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCl
     replicas in sync), then two nodes are killed at once for 20 s (below min.insync.replicas: no write is
     acknowledged, nothing committed) and come back. Every transaction's streamed features equal the offline
     table, no late events, every offset committed; under exactly-once each transaction is scored once."""
-    frame = simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=45, seed=11,
-                                     terminals_compromised_per_day=0.5))
-    settings = dataclasses.replace(settings, labels_topic=f"labels-{settings.client_id}",
-                                   features_topic=f"features-{settings.client_id}")
-    messages = list(raw_messages(frame, resolve_spec(frame, "handbook"), settings.input_topic,
-                                 settings.labels_topic, LABELS_AFTER_DAYS))
-    transactions = sum(m[0] == settings.input_topic for m in messages)
-    produce_frame(settings, frame.iloc[:0])  # the input and output topics (3 partitions, 3 replicas)
-    sent: dict = {}
-
-    def feed_paced() -> None:
-        producer = make_producer(settings)
-        try:
-            sent["report"] = send_records(messages, settings.input_topic, producer, rate=len(messages) / 75,
-                                          progress=False, flush_timeout_s=300)
-        finally:
-            producer.close()
-
-    feeder = threading.Thread(target=feed_paced, daemon=True)
-    group = f"rawroll-{settings.client_id}"
-    workers = Workers(settings, raw_model_dir, group, mode, tmp_path)
-    workers.env.update({"FRAUD_LABELS_TOPIC": settings.labels_topic, "FRAUD_FEATURES_TOPIC": settings.features_topic,
-                        "FRAUD_REPLICATION_FACTOR": "3"})
-    proc, log = workers.start("--max-batch", "1024")
+    run = RawFeed(settings, raw_model_dir, mode, tmp_path, "rawroll")
     try:
-        assert wait_for(lambda: assigned(log), timeout_s=120), log.read_text()[-2000:]
-        feeder.start()
+        run.start_worker()
+        run.feeder.start()
         time.sleep(3)
         sync_s = []
         for node in (1, 2, 3):
             cluster.stop_node(node)
             cluster.restart(node)
-            sync_s.append(round(wait_replicas_in_sync(settings), 1))
-        assert feeder.is_alive(), "the feed must still flow when two nodes go down"
-        before = committed_now(settings, group)
+            sync_s.append(round(wait_replicas_in_sync(run.settings), 1))
+        assert run.feeder.is_alive(), "the feed must still flow when two nodes go down"
+        before = run.committed()
         cluster.kill(1)
         cluster.kill(2)
         time.sleep(20)
         cluster.restart(1)
         cluster.restart(2)
-        back = time.monotonic()
-        assert wait_for(lambda: committed_now(settings, group) > before, timeout_s=150, every_s=0.5), \
-            log.read_text()[-3000:]
-        first_commit_s = time.monotonic() - back
-        feeder.join(timeout=400)
-        assert sent["report"].acked == len(messages), sent["report"].errors
+        first_commit_s = run.wait_commit_past(before)
     except BaseException:
-        proc.kill()
+        run.kill_workers()
         raise
-    out = finish(proc, log, settings, group)
-    seen = streamed_features(settings, transactions)
-    copies = sum(len(c) for c in seen.values())
-    late = [int(n) for n in re.findall(r"(\d+) late events", out)]
-    late_labels = [int(n) for n in re.findall(r"(\d+) late labels", out)]
-    print(f"chaos: cluster, raw input, rolling restart (replicas in sync after {sync_s} s) then two nodes down "
-          f"20 s: {{'mode': '{mode}', 'transactions': {transactions}, 'features_records': {copies}, "
-          f"'repeated': {copies - len(seen)}, 'late_events': {late}, 'late_labels': {late_labels}, "
-          f"'first_commit_after_two_back_s': {first_commit_s:.1f}}}")
-    warnings = [line for line in out.splitlines() if " WARNING " in line or " ERROR " in line]
-    assert late == [0] and late_labels == [0], "\n".join(warnings[-40:])
-    assert_equal_to_offline(frame, seen)
-    if mode == "exactly-once":
-        assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"
+    run.check(f"rolling restart (replicas in sync after {sync_s} s) then two nodes down 20 s",
+              first_commit_after_two_back_s=round(first_commit_s, 1))
+
+
+def test_raw_input_through_its_changelog_leader_and_its_group_coordinator_killed(
+        cluster: LocalCluster, settings: KafkaSettings, raw_model_dir: Path, tmp_path: Path) -> None:
+    """Exactly-once, raw input: kill -9 for 15 s the node leading the terminal changelog's partition 0 (the
+    state writes of open transactions move to a new leader), then a second worker joins and the node
+    coordinating the group is killed -9 for 15 s during the rebalance that follows. Features equal the offline
+    table, nothing late, each transaction scored once, both workers exit 0."""
+    run = RawFeed(settings, raw_model_dir, "exactly-once", tmp_path, "rawlead", seconds=120)
+    try:
+        run.start_worker()
+        run.feeder.start()
+        time.sleep(8)
+        changelog = f"{run.group}-terminal-windows-changelog"
+        node = leader_of(run.settings, changelog, 0)
+        before = run.committed()
+        cluster.kill(node)
+        time.sleep(15)
+        cluster.restart(node)
+        after_changelog_s = run.wait_commit_past(before)
+        wait_replicas_in_sync(run.settings)
+        coordinator = group_coordinator(run.settings, run.group)
+        assert run.feeder.is_alive(), "the faults must fall inside the feed"
+        second = run.workers.start("--max-batch", "1024")
+        run.procs.append(second)
+        time.sleep(1)
+        before = run.committed()
+        cluster.kill(coordinator)
+        time.sleep(15)
+        cluster.restart(coordinator)
+        after_coordinator_s = run.wait_commit_past(before)
+        assert wait_for(lambda: assigned(second[1]), timeout_s=120), second[1].read_text()[-2000:]
+    except BaseException:
+        run.kill_workers()
+        raise
+    run.check(f"kill -9 of the changelog leader (node {node}) then of the group coordinator (node {coordinator}) "
+              "as a second worker joins", first_commit_after_changelog_leader_s=round(after_changelog_s, 1),
+              first_commit_after_coordinator_s=round(after_coordinator_s, 1))
