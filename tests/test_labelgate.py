@@ -57,7 +57,7 @@ def made() -> tuple[LabelGate, LabelsConsumer, Clock, WorkerMetrics]:
 
 
 def held(metrics: WorkerMetrics) -> float:
-    return metrics.held_for_labels._value.get()
+    return metrics.registry.get_sample_value("fraud_records_held_for_labels_total")
 
 
 def test_labels_read_to_the_end_let_every_transaction_through_with_one_request() -> None:

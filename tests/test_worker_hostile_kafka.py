@@ -88,7 +88,7 @@ def test_poison_records_do_not_stop_the_partition(kafka_settings: KafkaSettings,
     assert alerts["deep"]["fields_dropped"] is True and "fields" not in alerts["deep"]  # the fraud is raised
     assert offline_flags(model_dir, frame) <= set(alerts)
     assert {f"after-{i}" for i in offline_flags(model_dir, frame.iloc[:300])} <= set(alerts)  # records behind
-    assert worker.metrics.dead_letters.labels("corrupt_record")._value.get() == 1
+    assert worker.metrics.registry.get_sample_value("fraud_dead_letters_total", {"reason": "corrupt_record"}) == 1
     assert committed_to_end(kafka_settings, group)
 
 
@@ -117,13 +117,14 @@ def test_partitions_added_while_running_are_picked_up(kafka_settings: KafkaSetti
     group = f"gn-{kafka_settings.client_id}"
     worker, thread, _box = start_worker(kafka_settings, model_dir, group, kafka_client=kafka_client)
     thread.start()
-    assert wait_for(lambda: worker.metrics.assigned._value.get() == 1, timeout_s=60)
+    assert wait_for(lambda: worker.metrics.registry.get_sample_value("fraud_assigned_partitions") == 1, timeout_s=60)
     admin = KafkaAdminClient(**kafka_settings.client_options())
     admin.create_partitions({kafka_settings.input_topic: NewPartitions(total_count=3)})
     admin.close()
     produce_frame(kafka_settings, stream_frame.iloc[10:2010], partitions=3)
     try:
-        assert wait_for(lambda: worker.metrics.assigned._value.get() == 3, timeout_s=60), \
+        assert wait_for(lambda: worker.metrics.registry.get_sample_value("fraud_assigned_partitions") == 3,
+                        timeout_s=60), \
             "new partitions must be noticed within the consumer's metadata refresh, not minutes later"
         assert wait_for(lambda: committed_to_end(kafka_settings, group), timeout_s=60)
     finally:
@@ -150,7 +151,7 @@ def test_lag_is_reported_from_assignment_even_when_nothing_is_committed(
             samples = worker.metrics.registry.collect()
             return sum(s.value for m in samples if m.name == "fraud_consumer_lag" for s in m.samples)
         assert wait_for(lambda: lag() == 900, timeout_s=60), lag()  # a worker stuck from the start shows its lag
-        assert worker.metrics.batches._value.get() == 0
+        assert worker.metrics.registry.get_sample_value("fraud_batches_total") == 0
     finally:
         gate.set()
         assert wait_for(lambda: committed_to_end(kafka_settings, group), timeout_s=60)

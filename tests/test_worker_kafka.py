@@ -73,7 +73,7 @@ def test_in_process_every_record_accounted_for(kafka_settings: KafkaSettings, mo
         original = next(v for v, _ in BAD_RECORDS if v == record.value)
         assert record.value == original  # original bytes kept
     assert committed_to_end(kafka_settings, group)
-    assert worker.metrics.transactions.labels("scored")._value.get() == len(frame)
+    assert worker.metrics.registry.get_sample_value("fraud_transactions_total", {"outcome": "scored"}) == len(frame)
 
 
 def test_two_workers_share_the_partitions(kafka_settings: KafkaSettings, model_dir: Path,
@@ -162,7 +162,7 @@ def test_hot_reload_swaps_models_and_refuses_a_corrupted_one(kafka_settings: Kaf
     publish_current(root, root / second_model_dir.name)
     produce_frame(kafka_settings, stream_frame.iloc[500:1000])
     assert wait_for(lambda: worker.scorer.artifact.version != first_version, timeout_s=30)
-    assert worker.metrics.reloads.labels("ok")._value.get() == 1
+    assert worker.metrics.registry.get_sample_value("fraud_model_reloads_total", {"result": "ok"}) == 1
 
     bad = root / "corrupted"
     shutil.copytree(second_model_dir, bad)
@@ -171,7 +171,8 @@ def test_hot_reload_swaps_models_and_refuses_a_corrupted_one(kafka_settings: Kaf
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     publish_current(root, bad)
-    assert wait_for(lambda: worker.metrics.reloads.labels("refused")._value.get() == 1, timeout_s=30)
+    assert wait_for(lambda: worker.metrics.registry.get_sample_value("fraud_model_reloads_total",
+                                                                     {"result": "refused"}) == 1, timeout_s=30)
     produce_frame(kafka_settings, stream_frame.iloc[1000:1500])
     assert wait_for(lambda: committed_to_end(kafka_settings, group), timeout_s=60)
     assert worker.scorer.artifact.version != first_version  # the good new model keeps serving

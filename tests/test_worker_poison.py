@@ -129,8 +129,8 @@ def test_value_that_overflows_standardisation_is_alerted_out_of_range(worker: Wo
     assert alerts[0]["out_of_range"] is True and alerts[0]["score"] == FLOAT32_MAX
     assert alerts[0]["top_features"][0]["name"] == narrow and alerts[0]["top_features"][0]["out_of_range"]
     m = worker.metrics
-    assert m.transactions.labels("scored")._value.get() == 3
-    assert m.out_of_range._value.get() == 1
+    assert m.registry.get_sample_value("fraud_transactions_total", {"outcome": "scored"}) == 3
+    assert m.registry.get_sample_value("fraud_out_of_range_total") == 1
     assert m.scores._sum.get() > 0 and math.isfinite(m.scores._sum.get())  # the histogram took the others
     assert worker.consumer.commits[-1][TopicPartition("tx", 0)].offset == 3  # type: ignore[union-attr]
 
@@ -181,14 +181,14 @@ def test_too_large_dead_letter_is_truncated_then_sent_as_headers_only() -> None:
     truncated._publish([letter])
     (out,) = truncated.producer.sent  # type: ignore[union-attr]
     assert out.value == value[:TRUNCATED_VALUE_BYTES] and b"900000" in dict(out.headers or [])["dlq.truncated"]
-    assert truncated.metrics.errors.labels("output_shrunk")._value.get() == 1
+    assert truncated.metrics.registry.get_sample_value("fraud_errors_total", {"kind": "output_shrunk"}) == 1
     tiny = delivery(StrictProducer(max_bytes=2_000))
     tiny._publish([letter])
     (out,) = tiny.producer.sent  # type: ignore[union-attr]
     assert out.value == b"" and dict(out.headers or [])["dlq.source.offset"] == b"3"
     nothing = delivery(StrictProducer(max_bytes=10))
     nothing._publish([letter])  # returns: the partition moves on, the drop is counted
-    assert nothing.metrics.errors.labels("output_dropped")._value.get() == 1
+    assert nothing.metrics.registry.get_sample_value("fraud_errors_total", {"kind": "output_dropped"}) == 1
 
 
 def test_authorization_error_stops_delivery_instead_of_dropping() -> None:
