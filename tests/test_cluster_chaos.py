@@ -205,7 +205,7 @@ class RawFeed:
     streamed feature with the offline table."""
 
     def __init__(self, settings: KafkaSettings, model_dir: Path, mode: str, tmp_path: Path, name: str,
-                 seconds: float = 75) -> None:
+                 seconds: float = 75, client: str = "kafka-python") -> None:
         self.frame = simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=45, seed=11,
                                               terminals_compromised_per_day=0.5))
         self.settings = settings = dataclasses.replace(settings, labels_topic=f"labels-{settings.client_id}",
@@ -215,7 +215,7 @@ class RawFeed:
         self.transactions = sum(m[0] == settings.input_topic for m in self.messages)
         produce_frame(settings, self.frame.iloc[:0])  # the input and output topics (3 partitions, 3 replicas)
         self.mode, self.group, self.seconds = mode, f"{name}-{settings.client_id}", seconds
-        self.workers = Workers(settings, model_dir, self.group, mode, tmp_path)
+        self.workers = Workers(settings, model_dir, self.group, mode, tmp_path, client=client)
         self.workers.env.update({"FRAUD_LABELS_TOPIC": settings.labels_topic,
                                  "FRAUD_FEATURES_TOPIC": settings.features_topic, "FRAUD_REPLICATION_FACTOR": "3"})
         self.procs: list[tuple[subprocess.Popen, Path]] = []
@@ -278,15 +278,16 @@ def leader_of(settings: KafkaSettings, topic: str, partition: int) -> int:
     return next(p["leader_id"] for p in described["partitions"] if p["partition_index"] == partition)
 
 
-@pytest.mark.parametrize("mode", ["at-least-once", "exactly-once"])
+@pytest.mark.parametrize(("mode", "client"), [("at-least-once", "kafka-python"), ("exactly-once", "kafka-python"),
+                                              ("at-least-once", "confluent")])
 def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCluster, settings: KafkaSettings,
-                                                                raw_model_dir: Path, mode: str,
+                                                                raw_model_dir: Path, mode: str, client: str,
                                                                 tmp_path: Path) -> None:
     """Raw transactions and labels fed at a steady pace while each node is restarted in turn (SIGTERM, back,
     replicas in sync), then two nodes are killed at once for 20 s (below min.insync.replicas: no write is
     acknowledged, nothing committed) and come back. Every transaction's streamed features equal the offline
     table, no late events, every offset committed; under exactly-once each transaction is scored once."""
-    run = RawFeed(settings, raw_model_dir, mode, tmp_path, "rawroll")
+    run = RawFeed(settings, raw_model_dir, mode, tmp_path, "rawroll", client=client)
     try:
         run.start_worker()
         run.feeder.start()
@@ -307,7 +308,7 @@ def test_raw_input_through_a_rolling_restart_and_two_nodes_down(cluster: LocalCl
     except BaseException:
         run.kill_workers()
         raise
-    run.check(f"rolling restart (replicas in sync after {sync_s} s) then two nodes down 20 s",
+    run.check(f"rolling restart (replicas in sync after {sync_s} s) then two nodes down 20 s, {client}",
               first_commit_after_two_back_s=round(first_commit_s, 1))
 
 
