@@ -201,9 +201,10 @@ class Restorer:
         fetches: a ListOffsets request waits behind one for up to ``fetch.max.wait.ms`` (500 ms per batch in
         the benchmark, 2026-12-07).
 
-        Bounded by ``ASK_TIMEOUT_S`` (kafka-python's default, the request timeout, held the worker's loop for
-        30 s while two of three nodes were down); a failure raises, the callers treat the offsets as unknown
-        and ask again with the next batch, and a WARNING says so at most once a minute."""
+        Bounded by ``ASK_TIMEOUT_S``: kafka-python's default is the request timeout, and a call against the
+        three-node cluster with two nodes down blocked its full 30 s before it raised. A failure raises, the
+        callers treat the offsets as unknown and ask again with the next batch, and a WARNING says so at most
+        once a minute."""
         try:
             return self._client().end_offsets(partitions, timeout_ms=int(ASK_TIMEOUT_S * 1000))
         except Exception as err:
