@@ -4,6 +4,9 @@ the same fields; the confluent driver and the repartition hop's unpacking make t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from kafka import TopicPartition
 
 
 @dataclass(slots=True)
@@ -18,3 +21,9 @@ class Record:
     value: bytes | None
     headers: list[tuple[str, bytes | None]]
     unreadable: str | None = None  # why it cannot be read (the worker dead-letters it)
+
+
+def comes_before_hand_back(record: Any, handed_back: dict[TopicPartition, int]) -> bool:
+    """Whether ``record`` comes before its partition's hand-back offset (True where its partition has none):
+    scored now, not read again later."""
+    return record.offset < handed_back.get(TopicPartition(record.topic, record.partition), record.offset + 1)

@@ -40,6 +40,7 @@ from typing import Any
 
 from kafka import TopicPartition
 
+from pipeline.worker.records import comes_before_hand_back
 from pipeline.worker.state.topology import StateTopics
 
 log = logging.getLogger(__name__)
@@ -122,13 +123,9 @@ class LabelGate:
                 handed_back[TopicPartition(self.topics.repartition, p)] = min(later)
         if not handed_back:
             return list(featured), list(broken), {}
-
-        def now_or_later(record: Any) -> bool:  # the rule of ``stages.before_hand_back``
-            return record.offset < handed_back.get(TopicPartition(record.topic, record.partition), record.offset + 1)
-
-        now_featured = [r for r in featured if now_or_later(r)]
+        now_featured = [r for r in featured if comes_before_hand_back(r, handed_back)]
         self.metrics.held_for_labels.inc(len(featured) - len(now_featured))
-        return now_featured, [(r, e) for r, e in broken if now_or_later(r)], handed_back
+        return now_featured, [(r, e) for r, e in broken if comes_before_hand_back(r, handed_back)], handed_back
 
     def between_batches(self, consumer: Any) -> None:
         """Pause the repartition partitions that wait for labels, resume the others; forget partitions gone."""

@@ -32,6 +32,7 @@ from pipeline.streamfeatures import (
     event_id,
 )
 from pipeline.worker.outputs import Output, processing_error
+from pipeline.worker.records import comes_before_hand_back
 from pipeline.worker.state.eventtime import ADMIT_MS, Mark, Watermarks, is_mark
 from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key
 from pipeline.worker.state.hop import is_packed, pack, packed_count, unpack
@@ -59,7 +60,7 @@ class Staged:
 
 def before_hand_back(records: Iterable[Any], handed_back: dict[TopicPartition, int]) -> list[Any]:
     """The records of ``records`` that come before their partition's hand-back (all, where none)."""
-    return [r for r in records if r.offset < handed_back.get(TopicPartition(r.topic, r.partition), r.offset + 1)]
+    return [r for r in records if comes_before_hand_back(r, handed_back)]
 
 
 class FeatureStages:
