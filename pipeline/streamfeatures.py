@@ -52,6 +52,7 @@ TERMINAL_FEATURES = (*(f"TERMINAL_ID_NB_TX_{w}DAY_WINDOW" for w in WINDOWS),
 DERIVED_FEATURES = (*CALENDAR_FEATURES, *CUSTOMER_FEATURES, *TERMINAL_FEATURES)
 
 _WINDOWS_MS = tuple(w * DAY_MS for w in WINDOWS)
+EVENT, LABEL = 0, 1  # the kinds of change a changelog delta holds (``apply``)
 _FORMAT = 1  # first byte of every serialized state; bump when the layout changes
 _SEGMENTED = 2  # first byte of a big entity's head record (its state lives in segment records)
 
@@ -88,12 +89,13 @@ class _Events:
     cheaper than the memory an index takes, for the 60 events a customer holds on average.
     """
 
-    __slots__ = ("_index", "ids", "times", "touched")
+    __slots__ = ("_index", "ids", "last_new", "times", "touched")
 
     def __init__(self) -> None:
         self.times, self.ids = array("q"), array("q")
         self._index: array | None = None  # the ids, sorted (hot entities only)
         self.touched: set[int] | None = None  # segments changed since the changelog last wrote them (big ones)
+        self.last_new = False  # whether the last update kept its event (False: a replay, or too late to keep)
 
     @property
     def size(self) -> int:
@@ -276,6 +278,7 @@ class CustomerWindows(_Events):
         """
         times, amounts = self.times, self.amounts
         late = False
+        self.last_new = False
         end = self.find(eid, t_ms) + 1
         if end:  # seen before: as of its first arrival
             if amounts[end - 1] != amount:
@@ -292,6 +295,7 @@ class CustomerWindows(_Events):
             end = self._insert(eid, t_ms, (amounts, amount))
             self._sum_inserted(end - 1)
             late = t_ms <= cutoff  # too late to keep: its features from what is kept, then dropped
+            self.last_new = not late
         counts, means = [], []
         sums = self._sums
         for window in _WINDOWS_MS:
@@ -303,6 +307,14 @@ class CustomerWindows(_Events):
             if self._sums is not None:
                 self._sums.rebuild(end - 1, amounts)
         return (*counts, *means)
+
+    def apply(self, kind: int, eid: int, t_ms: int, value: float) -> None:
+        """Replay one change a changelog delta holds (``EVENT`` only): the event is placed as ``update`` placed
+        it, unless held already; nothing is evicted (the next update evicts with its own replay floor)."""
+        if kind != EVENT:
+            raise ValueError(f"a customer delta holds events only, not change kind {kind}")
+        if self.locate(eid, t_ms) < 0:
+            self._sum_inserted(self._insert(eid, t_ms, (self.amounts, value)) - 1)
 
     def _sum_inserted(self, at: int) -> None:
         sums = self._sums
@@ -370,14 +382,13 @@ class TerminalWindows(_Events):
     searches however busy the terminal.
     """
 
-    __slots__ = ("_fraud_times", "delay_ms", "frauds", "last_new")
+    __slots__ = ("_fraud_times", "delay_ms", "frauds")
 
     def __init__(self, delay_ms: int = DELAY_DAYS * DAY_MS) -> None:
         super().__init__()
         self.delay_ms = delay_ms
         self.frauds: dict[int, int] = {}
         self._fraud_times: array | None = None  # times of the held events that carry a fraud label, sorted
-        self.last_new = False  # whether the last update added its event (False: a replay, or too late to keep)
 
     @property
     def horizon_ms(self) -> int:
@@ -409,6 +420,18 @@ class TerminalWindows(_Events):
             risks.append((frauds_hi - bisect_right(fraud_times, top - window, 0, frauds_hi)) / n
                          if frauds_hi and n else 0.0)
         return (*counts, *risks)
+
+    def apply(self, kind: int, eid: int, t_ms: int, value: float) -> None:
+        """Replay one change a changelog delta holds: an event (placed as ``update`` placed it, unless held
+        already; nothing evicted) or a label (``value`` 1.0: fraud, 0.0: withdrawn)."""
+        if kind == LABEL:
+            self.label(eid, t_ms, bool(value))
+        elif kind != EVENT:
+            raise ValueError(f"unknown change kind {kind} in a terminal delta")
+        elif self.locate(eid, t_ms) < 0:
+            self._insert(eid, t_ms)
+            if eid in self.frauds:
+                self._add_fraud_time(t_ms)
 
     def label(self, eid: int, t_ms: int, fraud: bool = True) -> None:
         """A label for the transaction ``eid`` (at ``t_ms``): fraud, or not (a label withdrawn)."""

@@ -172,8 +172,14 @@ class Worker:
         restorer = Restorer(self.kafka, self.worker_id, {**self.kafka.client_options(), **RECONNECT}, self.metrics)
         bounds = Bounds(self.settings.min_amount, self.settings.max_amount,
                         int(self.settings.max_event_ahead_days * DAY_MS))
+        # a changelog delta is deleted only once the whole states replacing it are acknowledged (``state.store``):
+        # at-least-once sends a batch's outputs before it waits for the oldest of max_in_flight batches in flight,
+        # so the batch max_in_flight + 1 later is the first sent after that one is acknowledged; exactly-once
+        # commits each batch's transaction before the next
+        settle = self.settings.max_in_flight + 1 if self.settings.processing_guarantee != "exactly-once" else 1
         return FeatureStages(topics, artifact.feature_delay_days, restorer, self.metrics,
-                             self.settings.max_record_bytes, self.stop, bounds, end_offsets=restorer.end_offsets)
+                             self.settings.max_record_bytes, self.stop, bounds, end_offsets=restorer.end_offsets,
+                             settle_batches=settle)
 
     def _settle_before_revoke(self) -> None:
         """librdkafka revokes inside ``poll``, on this thread: commit what is in flight while it is ours."""

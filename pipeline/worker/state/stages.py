@@ -24,6 +24,7 @@ from pipeline.streamfeatures import (
     CALENDAR_FEATURES,
     CUSTOMER_FEATURES,
     DAY_MS,
+    EVENT,
     TERMINAL_FEATURES,
     CustomerWindows,
     DuplicateConflict,
@@ -31,6 +32,7 @@ from pipeline.streamfeatures import (
     calendar,
     event_id,
 )
+from pipeline.streamfeatures import LABEL as LABEL_CHANGE
 from pipeline.worker.outputs import Output, processing_error
 from pipeline.worker.records import comes_before_hand_back
 from pipeline.worker.state.eventtime import ADMIT_MS, Mark, Watermarks, is_mark
@@ -69,10 +71,13 @@ class FeatureStages:
     def __init__(self, topics: StateTopics, delay_days: int, restorer: Restorer, metrics: Any,
                  max_record_bytes: int, stop: threading.Event, bounds: Bounds | None = None,
                  wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic,
-                 end_offsets: Callable[[list[TopicPartition]], dict[TopicPartition, int]] | None = None) -> None:
+                 end_offsets: Callable[[list[TopicPartition]], dict[TopicPartition, int]] | None = None,
+                 settle_batches: int = 1) -> None:
         """``end_offsets``: how to ask the broker for end offsets off the group consumer's connections (the
-        restorer's); None: the group consumer's own ``end_offsets``."""
+        restorer's); None: the group consumer's own ``end_offsets``. ``settle_batches``: how many batches after
+        its own a batch's outputs are surely acknowledged (at-least-once: ``max_in_flight``; see ``Store``)."""
         self.topics, self.restorer, self.metrics = topics, restorer, metrics
+        self.settle_batches = settle_batches
         self.delay_ms, self.max_record_bytes, self.stop = delay_days * DAY_MS, max_record_bytes, stop
         self.bounds = bounds or Bounds()
         self.wall, self.clock = wall, clock
@@ -134,7 +139,7 @@ class FeatureStages:
                 if stores is self.terminals:
                     self.terminal_times.pop(partition, None)
             for partition in sorted(owned - stores.keys()):
-                store: Store[Any] = Store(factory, cls.from_bytes, cls.merge)
+                store: Store[Any] = Store(factory, cls.from_bytes, cls.merge, self.settle_batches)
                 started = time.monotonic()
                 count = self.restorer.restore(topic, partition, store, self.stop)
                 seconds = time.monotonic() - started
@@ -332,10 +337,11 @@ class FeatureStages:
         assert isinstance(customer, str) and isinstance(terminal, str) and isinstance(amount, float)
         store = self.customers[record.partition]
         windows = store.entities.get(customer) or store.factory()
-        t = tx.event_time_ms
+        t, eid = tx.event_time_ms, event_id(tx.transaction_id)
         floor = self._hold(TopicPartition(record.topic, record.partition), t)
-        derived = (*calendar(t), *windows.update(event_id(tx.transaction_id), t, amount, floor))
-        store.keep(customer, windows)  # only once the update succeeded
+        derived = (*calendar(t), *windows.update(eid, t, amount, floor))
+        if windows.last_new:  # only once the update succeeded, and only what it kept (a replay changes nothing)
+            store.change(customer, windows, EVENT, eid, t, amount)
         value = encode({**fields, **dict(zip((*CALENDAR_FEATURES, *CUSTOMER_FEATURES), derived, strict=True))})
         return Output(self.topics.repartition, terminal.encode(), value)
 
@@ -349,13 +355,15 @@ class FeatureStages:
         stale = self.bounds.event_time(tx.event_time_ms, None, int(self.wall() * 1000))
         if stale is not None:
             return stale
-        windows = self.terminals[record.partition].get(terminal)
+        store = self.terminals[record.partition]
+        windows = store.entities.get(terminal) or store.factory()
         eid, t = event_id(tx.transaction_id), tx.event_time_ms
         newest = windows.newest
         if (newest is not None and self.delay_ms <= newest - t < self._terminal_horizon_ms - self.delay_ms
                 and bool(fraud) != (eid in windows.frauds) and windows.locate(eid, t) >= 0):
             self._late_label(tx, terminal, newest)  # a window already scored should have known it
         windows.label(eid, t, bool(fraud))
+        store.change(terminal, windows, LABEL_CHANGE, eid, t, float(bool(fraud)))
         return None
 
     def _late_label(self, tx: Transaction, terminal: str, newest: int) -> None:
@@ -377,14 +385,14 @@ class FeatureStages:
             return terminal
         store = self.terminals[record.partition]
         windows = store.entities.get(terminal) or store.factory()
-        t = tx.event_time_ms
+        t, eid = tx.event_time_ms, event_id(tx.transaction_id)
         newest = windows.newest
         try:
-            derived = windows.update(event_id(tx.transaction_id), t,
-                                     self._hold(TopicPartition(record.topic, record.partition), t))
+            derived = windows.update(eid, t, self._hold(TopicPartition(record.topic, record.partition), t))
         except DuplicateConflict as err:
             return RecordError("duplicate_conflict", ID_FIELD, str(err))
-        store.keep(terminal, windows)
+        if windows.last_new:
+            store.change(terminal, windows, EVENT, eid, t, 0.0)
         if newest is not None and newest - t >= self.delay_ms and (windows.last_new or t <= newest -
                                                                    windows.horizon_ms):
             self._late(tx, terminal, newest)

@@ -1,17 +1,18 @@
 """Window state in memory, one store per stage and partition, and its restore from a changelog.
 
-Every key a batch changed is written to the store's compacted changelog in the batch's
-delivery: inside its transaction under exactly-once, acknowledged before the offsets are
-committed under at-least-once. An entity the sweep removed is written as a tombstone. A store
-is restored from its changelog (read_committed, to the end offset) whenever its partition is
-assigned, and after an aborted transaction.
+Each store has a compacted changelog, written in the batch's delivery: inside its transaction
+under exactly-once, acknowledged before the offsets are committed under at-least-once. A batch's
+changes go there as deltas (:mod:`.delta`), and each key's whole state now and then (see
+``Store``); an entity the sweep removed is written as a tombstone. A store is restored from its
+changelog (read_committed, to the end offset) whenever its partition is assigned, and after an
+aborted transaction: the last whole state of each key, then the deltas after it.
 
-A key's record is its whole state while it holds at most ``BIG_ENTRIES`` events and labels
+A key's whole state is one record while it holds at most ``BIG_ENTRIES`` events and labels
 (a customer's 60 events: one record of 1.5 KB). A bigger one (a busy merchant) is written as a
 *head* record under its own key and one record per hour of event time it holds
-(``<key>\x00<hour>/<chunk>``, at most ``CHUNK_EVENTS`` events each), of which a batch rewrites
-only the hours it changed: no record ever nears Kafka's size limit, and a hot key costs its
-changed hours, not its whole history, per batch. The hours that emptied get tombstones.
+(``<key>\x00<hour>/<chunk>``, at most ``CHUNK_EVENTS`` events each), of which a whole-state write
+rewrites only the hours changed since the last: no record ever nears Kafka's size limit. The
+hours that emptied get tombstones.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import math
 import struct
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -31,12 +33,14 @@ from pipeline.errors import FraudPipelineError
 from pipeline.streamfeatures import CustomerWindows, TerminalWindows
 from pipeline.worker.delivery import StopWithoutCommit
 from pipeline.worker.outputs import Output
+from pipeline.worker.state import delta
 
 log = logging.getLogger(__name__)
 
 RESTORE_STALL_S = 60.0  # a restore that makes no progress this long stops the worker
 ASK_TIMEOUT_S = 5.0  # an end-offsets request between batches gives up after this long (asked again next batch)
 BIG_ENTRIES = 4096  # an entity holding more events and labels than this is written in segments
+SNAPSHOT_LAG = 64  # batches a key's changes may stay in deltas only: what a restore replays at most, per store
 W = TypeVar("W", CustomerWindows, TerminalWindows)
 
 
@@ -45,17 +49,36 @@ class RestoreFailed(FraudPipelineError):
 
 
 class Store(Generic[W]):
-    """One stage's state for one partition: entity key -> windows, and the keys changed since the last flush."""
+    """One stage's state for one partition: entity key -> windows, and what its changelog still needs written.
+
+    Each batch's changes go to the changelog as deltas (:mod:`.delta`); whole states are written for
+    the keys a batch marked ``dirty`` (kept without a change: a test, a swept entity's tombstone) and
+    for each key whose oldest change not yet in a whole state is ``lag`` batches old. A
+    delta gets a tombstone once every key it touched has a later whole state, and ``settle``
+    batches after that: by then the batch that wrote those states is acknowledged (at-least-once
+    keeps at most ``max_in_flight`` batches unacknowledged; the caller passes it), so no delta is
+    deleted before what replaces it is on the broker.
+    """
 
     def __init__(self, factory: Callable[[], W], parse: Callable[[bytes], W],
-                 merge: Callable[[bytes, list[bytes]], W] | None = None) -> None:
-        self.factory, self.parse, self.merge = factory, parse, merge
+                 merge: Callable[[bytes, list[bytes]], W] | None = None, settle: int = 1,
+                 lag: int | None = None) -> None:
+        self.factory, self.parse, self.merge, self.settle = factory, parse, merge, settle
+        self.lag = SNAPSHOT_LAG if lag is None else lag
         self.entities: dict[str, W] = {}
-        self.dirty: set[str] = set()
+        self.dirty: set[str] = set()  # keys whose whole state the next flush writes
+        self.changes: list[delta.Change] = []  # this batch's changes, for its delta
         self.swept_at: int | None = None  # the stream time of the last sweep
         self.segmented: dict[str, dict[int, int]] = {}  # big entity -> segment -> records written for it
+        self.writer = delta.writer_id()
+        self.seq = 0  # batches flushed (restored: deltas read)
+        self.pending: OrderedDict[str, int] = OrderedDict()  # key -> the batch of its oldest change in no whole state
+        self.live: OrderedDict[bytes, int] = OrderedDict()  # delta records written, not yet covered -> their batch
+        self.covered: deque[tuple[bytes, int]] = deque()  # deltas covered, and the batch that covered them
         self._heads: dict[str, bytes] = {}  # while restoring: big entities' head records ...
-        self._parts: dict[str, dict[tuple[int, int], bytes]] = {}  # ... and their segment records
+        self._parts: dict[str, dict[tuple[int, int], bytes]] = {}  # ... and their segment records,
+        self._deltas: OrderedDict[bytes, tuple[int, delta.Delta]] = OrderedDict()  # the deltas read ...
+        self._whole_at: dict[str, int] = {}  # ... and per key, the deltas read before its last whole state
 
     def get(self, key: str) -> W:
         state = self.entities.get(key)
@@ -65,35 +88,50 @@ class Store(Generic[W]):
         return state
 
     def keep(self, key: str, state: W) -> None:
-        """Hold ``state`` for ``key`` (changed: written at the next flush)."""
+        """Hold ``state`` for ``key``, changed in a way no delta says: its whole state is written at the next flush."""
         self.entities[key] = state
         self.dirty.add(key)
 
+    def change(self, key: str, state: W, kind: int, eid: int, t_ms: int, value: float) -> None:
+        """Hold ``state`` for ``key`` after one change (``state.apply`` replays it): written in the next delta."""
+        self.entities[key] = state
+        self.changes.append((key, kind, eid, t_ms, value))
+
     def load(self, key: bytes | None, value: bytes | None) -> None:
-        """Apply one changelog record (a whole state, a head or a segment; an empty value deletes it).
-        ValueError: not a state. Big entities are put together by ``assemble`` once every record is read."""
+        """Apply one changelog record (a whole state, a head, a segment or a delta; an empty value deletes it).
+        ValueError: not a state. Big entities and deltas are applied by ``assemble`` once every record is read."""
         if key is None:
             raise ValueError("a changelog record without a key")
+        if delta.is_delta_key(key):
+            self._deltas.pop(key, None)
+            if value:
+                self._deltas[key] = (self.seq, delta.Delta(value))
+                self.seq += 1
+            return
         if b"\x00" in key:
             entity, _, where = key.partition(b"\x00")
             segment, _, chunk = where.partition(b"/")
             at = (int(segment), int(chunk))
-            parts = self._parts.setdefault(entity.decode("utf-8", "surrogateescape"), {})
+            name = entity.decode("utf-8", "surrogateescape")
+            parts = self._parts.setdefault(name, {})
             if value:
                 parts[at] = value
             else:
                 parts.pop(at, None)
+            self._whole_at[name] = self.seq
             return
         name = key.decode("utf-8", "surrogateescape")
         self._heads.pop(name, None)
         self.entities.pop(name, None)
+        self._whole_at[name] = self.seq
         if value and value[0] == 2:
             self._heads[name] = value
         elif value:
             self.entities[name] = self.parse(value)
 
     def assemble(self) -> list[str]:
-        """After a restore: build each big entity from its head and segments; the keys that could not be."""
+        """After a restore: build each big entity from its head and segments, then replay the deltas after each
+        key's last whole state; the keys that could not be built."""
         failed = []
         for name, head in self._heads.items():
             parts = self._parts.get(name, {})
@@ -112,7 +150,23 @@ class Store(Generic[W]):
             for segment, _chunk in parts:
                 written[segment] = written.get(segment, 0) + 1
             self.segmented[name] = written
-        self._heads, self._parts = {}, {}
+        whole_at, entities, pending = self._whole_at, self.entities, self.pending
+        for key, (seq, record) in self._deltas.items():
+            self.live[key] = seq
+            try:
+                for name, kind, eid, t, value in record.changes():
+                    if whole_at.get(name, -1) > seq:
+                        continue  # a later whole state of it holds this change
+                    state = entities.get(name)
+                    if state is None:
+                        state = entities[name] = self.factory()
+                    state.apply(kind, eid, t, value)  # a big one's ``touched`` says which segments it changed
+                    if name not in pending:
+                        pending[name] = seq
+            except (ValueError, UnicodeDecodeError) as err:  # written by something else than a store
+                log.error("changelog delta %r cannot be replayed (%s); the rest of it is skipped", key, err)
+                failed.append(key.decode("utf-8", "replace"))
+        self._heads, self._parts, self._deltas, self._whole_at = {}, {}, OrderedDict(), {}
         return failed
 
     def sweep(self, cutoff: int) -> int:
@@ -125,10 +179,29 @@ class Store(Generic[W]):
         return len(gone)
 
     def flush(self, topic: str, partition: int) -> list[Output]:
-        """The changelog records of every key changed since the last flush (a tombstone for a key removed)."""
-        entities = self.entities
+        """This batch's changelog records: its delta, the whole states due (a tombstone for a key removed), and
+        tombstones for the deltas whose changes are all in whole states acknowledged by now."""
         outputs = []
-        for key in sorted(self.dirty):
+        seq = self.seq
+        self.seq += 1
+        if self.changes:
+            pending = self.pending
+            for key, *_ in self.changes:
+                if key not in pending:
+                    pending[key] = seq
+            for i, value in enumerate(delta.encode(self.changes)):
+                name = delta.delta_key(self.writer, seq) + (b".%d" % i if i else b"")
+                self.live[name] = seq
+                outputs.append(Output(topic, name, value, partition=partition))
+            self.changes = []
+        due = self.dirty
+        for key, first in self.pending.items():
+            if first > seq - self.lag:
+                break
+            due.add(key)
+        entities = self.entities
+        for key in sorted(due):
+            self.pending.pop(key, None)
             state = entities.get(key)
             name = key.encode("utf-8", "surrogateescape")
             written = self.segmented.get(key)
@@ -142,7 +215,12 @@ class Store(Generic[W]):
                             for segment, count in sorted(written.items()) for i in range(count)]
                 if state is not None:
                     state.touched = None
-        self.dirty.clear()
+        self.dirty = set()
+        floor = next(iter(self.pending.values()), seq + 1)
+        while self.live and next(iter(self.live.values())) < floor:
+            self.covered.append((self.live.popitem(last=False)[0], seq))
+        while self.covered and self.covered[0][1] <= seq - self.settle:
+            outputs.append(Output(topic, self.covered.popleft()[0], b"", partition=partition))
         return outputs
 
     def _segments(self, topic: str, partition: int, key: str, name: bytes, state: Any) -> list[Output]:
