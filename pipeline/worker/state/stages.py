@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_EVERY_MS = DAY_MS  # a store drops its idle entities each time its stream time has moved this far
 LATE_LOG_EVERY_S = 60.0
+_CUSTOMER_STAGE_FEATURES = (*CALENDAR_FEATURES, *CUSTOMER_FEATURES)
 UNCOMMITTED_WARN = 1_000  # batches of one partition staged and not committed: said once, in a WARNING
 
 
@@ -342,7 +343,9 @@ class FeatureStages:
         derived = (*calendar(t), *windows.update(eid, t, amount, floor))
         if windows.last_new:  # only once the update succeeded, and only what it kept (a replay changes nothing)
             store.change(customer, windows, EVENT, eid, t, amount)
-        value = encode({**fields, **dict(zip((*CALENDAR_FEATURES, *CUSTOMER_FEATURES), derived, strict=True))})
+        out = dict(fields)
+        out.update(zip(_CUSTOMER_STAGE_FEATURES, derived, strict=True))
+        value = encode(out)
         return Output(self.topics.repartition, terminal.encode(), value)
 
     def _label(self, record: Any, tx: Transaction) -> RecordError | None:
