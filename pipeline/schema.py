@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -33,6 +33,7 @@ DEFAULT_MAX_BYTES = 64 * 1024
 FLOAT32_MAX = 3.4028234663852886e38
 # Epoch milliseconds outside [1990, 2200) are almost certainly seconds or nanoseconds.
 _MIN_MS, _MAX_MS = 631_152_000_000, 7_258_118_400_000
+_EPOCH, _ONE_MS = datetime(1970, 1, 1, tzinfo=UTC), timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,9 @@ def parse_event_time(value: Any) -> int:
         raise ValueError(f"{value!r} is not RFC 3339") from err
     if parsed.tzinfo is None:
         raise ValueError(f"{value!r} has no UTC offset; RFC 3339 needs 'Z' or '+hh:mm'")
-    ms = int(parsed.timestamp() * 1000)
+    # exact: ``int(parsed.timestamp() * 1000)`` went through a float and read some times after 2038 1 ms
+    # early (0.7 % of the milliseconds of 1990..2200, none sampled before 2037; found 2026-12-07)
+    ms = (parsed - _EPOCH) // _ONE_MS
     if not _MIN_MS <= ms < _MAX_MS:
         raise ValueError(f"{value!r} out of range (1990..2200)")
     return ms
@@ -122,7 +125,7 @@ def format_event_time(epoch_ms: int) -> str:
     >>> format_event_time(1522540831000)
     '2018-04-01T00:00:31.000Z'
     """
-    moment = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    moment = _EPOCH + timedelta(milliseconds=epoch_ms)  # exact, as parse_event_time reads it
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
 
 
