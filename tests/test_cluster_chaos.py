@@ -130,15 +130,26 @@ def committed_now(settings: KafkaSettings, group: str) -> int:
         return -1
 
 
+FAULTS = {"kill": "kill -9 for 15 s the transaction coordinator",
+          "pause": "SIGSTOP for 30 s the transaction coordinator",
+          "pause-group": "SIGSTOP for 30 s the group coordinator",
+          "kill-input-leader": "kill -9 for 15 s the input partition 0 leader",
+          "kill-alerts-leader": "kill -9 for 15 s the alerts partition 0 leader"}
+
+
 @pytest.mark.parametrize(("mode", "fault"), [("at-least-once", "kill"), ("exactly-once", "kill"),
-                                             ("exactly-once", "pause"), ("exactly-once", "pause-group")])
+                                             ("exactly-once", "pause"), ("exactly-once", "pause-group"),
+                                             ("at-least-once", "kill-input-leader"),
+                                             ("exactly-once", "kill-alerts-leader")])
 def test_a_coordinators_node_lost_mid_stream(cluster: LocalCluster, settings: KafkaSettings, model_dir: Path,
                                              stream_frame: pd.DataFrame, tmp_path: Path, mode: str,
                                              fault: str) -> None:
     """The node coordinating the worker's transactions (under at-least-once, which has none, node 2) while
     records flow: killed -9 and back 15 s later, or paused 30 s (SIGSTOP: a zombie that answers nothing
     without dying) then woken; or the node coordinating its group, paused 30 s (the group moves on: batches
-    aborted, their partitions given straight back: 600 records were skipped so before the fix). Before the
+    aborted, their partitions given straight back: 600 records were skipped so before the fix); or the node
+    leading input partition 0 (the fetches move to the new leader) or alerts partition 0 (a batch's outputs
+    in flight there are retried, inside the open transaction under exactly-once), killed -9. Before the
     lost-call fix, the exactly-once worker stalled for good after the kill in both runs that got that far
     (``send_offsets_to_transaction`` or ``commit_transaction`` never returned)."""
     frame, path = stream_file(stream_frame, settings, tmp_path)
@@ -151,11 +162,13 @@ def test_a_coordinators_node_lost_mid_stream(cluster: LocalCluster, settings: Ka
         feeder = feed(settings, path, rate=len(frame) / 40)
         time.sleep(6)
         node = (group_coordinator(settings, group) if fault == "pause-group" else
+                leader_of(settings, settings.input_topic, 0) if fault == "kill-input-leader" else
+                leader_of(settings, settings.alerts_topic, 0) if fault == "kill-alerts-leader" else
                 transaction_coordinator(settings, group) if mode == "exactly-once" else 2)
         assert node is not None, "no open transaction of the worker found"
         before = committed_now(settings, group)
         faulted_at = time.monotonic()
-        if fault == "kill":
+        if fault.startswith("kill"):
             cluster.kill(node)
             time.sleep(15)
             cluster.restart(node)
@@ -173,8 +186,7 @@ def test_a_coordinators_node_lost_mid_stream(cluster: LocalCluster, settings: Ka
         raise
     out = finish(proc, log, settings, group)
     lost = sum("transaction lost:" in line for line in out.splitlines())
-    what = ("kill -9 for 15 s" if fault == "kill" else "SIGSTOP for 30 s") + (
-        " the group coordinator" if fault == "pause-group" else " the transaction coordinator")
+    what = FAULTS[fault]
     print(f"chaos: cluster, {what} (node {node}, {mode}): first commit after the fault {first_commit_s:.1f}s, "
           f"{lost} lost transactional calls")
     check_outcome(settings, model_dir, frame, group, mode, f"cluster: {what} ({mode})")
