@@ -152,6 +152,8 @@ def test_a_slow_acknowledgement_is_logged_once_and_waited_for(monkeypatch: pytes
         assert delivery._wait(futures, []) == []  # both acknowledged within ack_timeout_s (1 s)
     slow = [r.getMessage() for r in caplog.records if "not acknowledged after" in r.getMessage()]
     assert len(slow) == 1, caplog.text
+    # the real bound named: the client's own delivery timeout (kafka-python's 120 s default), per output 1 s
+    assert "delivery timeout (120s)" in slow[0] and "up to 1s" in slow[0], slow
     late = [(Output("alerts", b"k", b"v3"), SlowFuture(5.0))]
     (failed,) = delivery._wait(late, [])  # past ack_timeout_s: failed, retried by the caller
     assert isinstance(failed[1], KafkaTimeoutError)

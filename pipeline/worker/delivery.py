@@ -178,6 +178,16 @@ class Delivery:
         """Publish ``outputs`` and commit ``offsets``; False when the group moved on (nothing committed)."""
         raise NotImplementedError
 
+    @property
+    def delivery_timeout_s(self) -> float:
+        """How long the producer itself retries an output before it fails it: kafka-python's
+        ``delivery_timeout_ms`` (120 s unless set), librdkafka's ``message.timeout.ms`` (300 s unless set).
+        The wait for a batch is bounded by it, not by ``ack_timeout_s`` (which bounds each output's wait:
+        a cluster chaos run held one record 120 s, 2026-12-07)."""
+        if self.client == "confluent":
+            return float(self.producer_options.get("message.timeout.ms", 300_000)) / 1000
+        return float(self.producer_options.get("delivery_timeout_ms", 120_000)) / 1000
+
     def warm(self, topics: list[str]) -> None:
         """Start the producer and fetch the output topics' metadata before the first batch: a first send
         waits for its topic's leaders (150 ms seen, records piling up behind it at 10k tx/s). A broker slow
@@ -238,8 +248,10 @@ class Delivery:
                 except Exception:
                     if not future.is_done:
                         said = True
-                        log.warning("outputs not acknowledged after %.0fs (a broker slow or away?); waiting up "
-                                    "to %.0fs", time.monotonic() - started, self.ack_timeout_s)
+                        log.warning("outputs not acknowledged after %.0fs (a broker slow or away?); the client "
+                                    "retries each until its delivery timeout (%.0fs) fails it, and each is waited "
+                                    "for up to %.0fs", time.monotonic() - started, self.delivery_timeout_s,
+                                    self.ack_timeout_s)
             try:
                 future.get(timeout=max(0.0, deadline - time.monotonic()))
             except Exception as err:
