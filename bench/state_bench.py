@@ -10,8 +10,9 @@ Issue 9's benchmark, in one run, on one simulated bank (``--customers``, ``--ter
 2. ``memory``: memory per customer and per terminal in a ``Store``, with as many events per
    entity as the simulated bank's customers and terminals hold at its last day, measured with
    tracemalloc and as RSS growth in a fresh process, beside the changelog (serialized) size;
-3. ``restore``: a compacted changelog of N customers (one record each, such states) written to
-   a broker, then read back by ``Restorer.restore`` in a fresh process: seconds, records/s, RSS;
+3. ``restore``: a compacted changelog of N customers (such states, in pages of 256 KiB as the
+   stores write them) written to a broker, then read back by ``Restorer.restore`` in a fresh
+   process: seconds, records/s, RSS;
 4. ``worker``: ``python -m pipeline`` on the same streamed rows, once as featured records with a
    featured-input model, once as raw records plus delayed labels with a raw-input model, from
    process start and from partition assignment to the last commit. The raw worker's changelogs
@@ -252,21 +253,45 @@ def _stage_batch(stages: Any, batch: list[Any], counts: dict[str, int]) -> dict[
 # -- 3. restore (a child process reads what this one produced) -------------------------------
 def fill_changelog(bootstrap: str, topic: str, partitions: int, records: Iterator[tuple[bytes, bytes]],
                    ) -> dict[str, Any]:
-    """Produce every record once into a new compacted topic; the records acknowledged and the bytes."""
+    """Produce the states (key, whole state) once into a new compacted topic, in pages as a worker's stores write
+    them (``pipeline.worker.state.pages``), each key's on its partition; the records acknowledged and the bytes."""
     from pipeline.topics import ensure_topics
+    from pipeline.worker.state import pages
+    from pipeline.worker.state.hop import partition_for
 
     settings = KafkaSettings.build(environ={}, overrides={"bootstrap_servers": bootstrap})
     ensure_topics(settings, [topic], partitions, configs={topic: {"cleanup.policy": "compact"}})
-    return produce(settings, ((topic, key, value) for key, value in records))
+
+    def paged() -> Iterator[tuple[str, bytes, bytes, int]]:
+        open_pages: dict[int, list[tuple[str, bytes, bytes]]] = {}
+        sizes: dict[int, int] = {}
+        seq = 0
+        for key, value in records:
+            p = partition_for(key, partitions)
+            open_pages.setdefault(p, []).append((key.decode(), key, value))
+            sizes[p] = sizes.get(p, 0) + len(key) + len(value) + 8
+            if sizes[p] >= pages.PAGE_BYTES:
+                for page, data, _keys in pages.encode(b"statebench00", seq, open_pages.pop(p)):
+                    yield topic, page, data, p
+                sizes[p], seq = 0, seq + 1
+        for p, entries in open_pages.items():
+            for page, data, _keys in pages.encode(b"statebench00", seq, entries):
+                yield topic, page, data, p
+            seq += 1
+
+    return produce(settings, paged())
 
 
-def produce(settings: KafkaSettings, records: Iterable[tuple[str, bytes, bytes]]) -> dict[str, Any]:
-    """Send every (topic, key, value), partitioned by key as the worker's producer does; wait for all acks."""
-    producer = KafkaProducer(**settings.client_options(), acks="all", linger_ms=20, batch_size=512 * 1024)
+def produce(settings: KafkaSettings, records: Iterable[tuple[str, bytes, bytes] | tuple[str, bytes, bytes, int]]
+            ) -> dict[str, Any]:
+    """Send every (topic, key, value[, partition]), partitioned by key (as the worker's producer does) where no
+    partition is given; wait for all acks."""
+    producer = KafkaProducer(**settings.client_options(), acks="all", linger_ms=20, batch_size=512 * 1024,
+                             max_request_size=1024 * 1024)
     n = size = 0
     started = time.perf_counter()
-    for topic, key, value in records:
-        producer.send(topic, key=key, value=value)
+    for topic, key, value, *partition in records:
+        producer.send(topic, key=key, value=value, partition=partition[0] if partition else None)
         n, size = n + 1, size + len(key) + len(value)
     producer.flush(timeout=600)
     seconds = time.perf_counter() - started
@@ -299,8 +324,8 @@ def bench_restore(bootstrap: str, data_dir: Path | None, held: dict[str, list[in
     fill = fill_changelog(bootstrap, topic, partitions, customer_records(counts, held["now_ms"][0], seed))
     ends = end_offsets(KafkaSettings.build(environ={}, overrides={"bootstrap_servers": bootstrap,
                                                                        "input_topic": topic}))
-    if sum(ends.values()) != size:
-        raise SystemExit(f"changelog {topic} holds {sum(ends.values())} records, not {size}")
+    if sum(ends.values()) != fill["records"]:
+        raise SystemExit(f"changelog {topic} holds {sum(ends.values())} records, not {fill['records']}")
     runs = [run_child({"kind": "restore", "bootstrap": bootstrap, "topic": topic, "partitions": partitions}, work)
             for _ in range(repeats)]
     if any(r["entities"] != size for r in runs):

@@ -180,8 +180,8 @@ def test_state_bench_restore_and_worker_raw_vs_featured(kafka_bootstrap: str, tm
                "--restore-customers", "500,1500", "--restore-partitions", "2", "--restore-repeats", "2",
                "--worker-repeats", "1", "--bootstrap-servers", kafka_bootstrap, timeout=420)
     results = json.loads(out.read_text())
-    assert [(r["customers"], r["records"], r["entities"]) for r in results["restore"]] == [
-        (500, 500, 500), (1500, 1500, 1500)]
+    assert [(r["customers"], r["entities"]) for r in results["restore"]] == [(500, 500), (1500, 1500)]
+    assert all(2 <= r["records"] <= r["customers"] / 20 for r in results["restore"])  # pages of many states
     assert all(len(r["per_partition"]) == 2 and r["seconds"] == min(r["all_seconds"]) > 0 and r["peak_rss_mib"] > 0
                and len(r["all_seconds"]) == 2 for r in results["restore"])
     worker = results["worker"]

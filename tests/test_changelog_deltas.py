@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from pipeline.streamfeatures import DAY_MS, EVENT, LABEL, CustomerWindows, TerminalWindows
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.outputs import Output
-from pipeline.worker.state import delta
+from pipeline.worker.state import delta, pages
 from pipeline.worker.state.store import Restorer, Store
 
 T0 = 1_522_540_800_000
@@ -141,11 +141,12 @@ def test_keys_changed_every_batch_are_written_whole_once_per_lag_not_once_per_ba
             state.update(batch * 1000 + k, t)
             store.change(f"t{k}", state, EVENT, batch * 1000 + k, t, 0.0)
         per_batch.append(store.flush("changelog", 0))
-    whole = sum(1 for out in per_batch for o in out if not delta.is_delta_key(o.key))
+    whole = sum(len(pages.decode(o.value)) for out in per_batch for o in out if pages.is_page_key(o.key) and o.value)
     deltas = sum(1 for out in per_batch for o in out if delta.is_delta_key(o.key) and o.value)
     assert deltas == 200  # one delta record per batch (300 changes of ~35 bytes: far below DELTA_BYTES)
     assert whole == 300 * 3  # each key whole at batches 64, 129 and 194 (lag 64: changed since 0, 65, 130)
-    assert sum(len(out) for out in per_batch) < 200 * 300 / 20  # against one whole state per key per batch
+    assert all(pages.is_page_key(o.key) or delta.is_delta_key(o.key) for out in per_batch for o in out)
+    assert sum(len(out) for out in per_batch) < 200 * 3  # deltas, pages, their tombstones: no record per key
 
 
 def test_a_delta_is_deleted_only_settle_batches_after_the_whole_states_that_replace_it() -> None:
@@ -158,14 +159,14 @@ def test_a_delta_is_deleted_only_settle_batches_after_the_whole_states_that_repl
         state.update(batch, t)
         store.change("busy", state, EVENT, batch, t, 0.0)
         for o in store.flush("changelog", 0):
-            if delta.is_delta_key(o.key) and o.value:
+            if o.value:
                 written[o.key] = batch
             elif delta.is_delta_key(o.key):
                 # whole at batch b covers the deltas of b-2 .. b (lag 2: whole every third batch); gone at b + 5
-                assert batch - written[o.key] >= 5, (o.key, written[o.key], batch)
-                assert batch - written[o.key] <= 2 + 5 + 1
-            else:
-                assert o.key == b"busy"
+                assert 5 <= batch - written[o.key] <= 2 + 5, (o.key, written[o.key], batch)
+            else:  # a page, replaced by the next page 3 batches on, gone 5 batches after that
+                assert pages.is_page_key(o.key) and batch - written[o.key] == 3 + 5, (o.key, written[o.key], batch)
+    assert sum(pages.is_page_key(key) for key in written) == 10
 
 
 def test_a_million_events_of_one_key_in_one_batch_fit_in_bounded_delta_records() -> None:
@@ -213,3 +214,56 @@ def test_a_delta_of_the_wrong_kind_is_skipped_at_restore_not_a_crash(caplog: pyt
     store.load(delta.delta_key(b"abcdefabcdef", 1), value)
     assert store.assemble() == [delta.delta_key(b"abcdefabcdef", 1).decode()]
     assert "cannot be replayed" in caplog.text
+
+
+def test_old_pages_kept_alive_by_idle_keys_are_cleaned_so_the_changelog_stays_near_the_live_state() -> None:
+    """Each batch writes one key that never changes again beside 99 that change every batch: every page keeps one
+    live state among 99 dead ones. The store writes the live keys of its oldest pages again while dead entries
+    outnumber live ones, so the pages a restore reads stay within about twice the live state."""
+    store = customer_store(lag=0)
+    outputs: list[Output] = []
+    t = T0
+    for batch in range(300):
+        for key in [f"idle-{batch}", *(f"hot-{j}" for j in range(99))]:
+            state = store.entities.get(key) or store.factory()
+            t += 1000
+            state.update(batch * 1000 + len(outputs), t, 10.0)
+            store.change(key, state, EVENT, batch * 1000 + len(outputs), t, 10.0)
+        outputs += store.flush("changelog", 0)
+        assert store.dead <= len(store.home) + 100, batch
+        assert len(store.home) == min(batch + 1, 300) + 99
+    outputs += store.flush("changelog", 0)  # the pages freed by the last batch get their tombstones
+    tombstoned = {o.key for o in outputs if not o.value}
+    alive = [o for o in outputs if pages.is_page_key(o.key) and o.value and o.key not in tombstoned]
+    entries = sum(len(pages.decode(o.value)) for o in alive)
+    assert entries <= 2 * len(store.home) + 100, (entries, len(store.home))
+    back = restore(compacted(outputs, random.Random(3)), lambda: customer_store(lag=0))
+    assert set(back.entities) == set(store.entities)
+    for key in store.entities:
+        assert probe(back, key, t + 1, True) == probe(store, key, t + 1, True)
+
+
+def test_a_page_that_cannot_be_read_is_skipped_with_an_error_line_and_a_metric(
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.config import KafkaSettings
+    from tests.test_state_hostile import TOPICS, Changelog
+    from tests.worker_helpers import Record
+
+    good = customer_store(lag=0)
+    for name in ("alice", "bob"):
+        state = CustomerWindows()
+        state.update(1, T0, 5.0)
+        good.change(name, state, EVENT, 1, T0, 5.0)
+    first = good.flush(TOPICS.customer_changelog, 0)
+    [page] = [o for o in first if pages.is_page_key(o.key)]
+    records = [Record(o.value, i, TOPICS.customer_changelog, 0, o.key) for i, o in enumerate(first)]
+    records.append(Record(page.value[:-3], len(records), TOPICS.customer_changelog, 0, b"\x00pbadbadbadbad/9"))
+    metrics = WorkerMetrics(CollectorRegistry())
+    restorer = Restorer(KafkaSettings.build(environ={}, overrides={}), "w", {}, metrics)
+    restorer.consumer = Changelog(records)  # type: ignore[assignment]
+    store = customer_store()
+    restorer.restore(TOPICS.customer_changelog, 0, store, threading.Event())
+    assert sorted(store.entities) == ["alice", "bob"]
+    assert metrics.registry.get_sample_value("fraud_state_corrupt_records_total",
+                                             {"topic": TOPICS.customer_changelog}) == 1
+    assert any("is not a window state" in r.getMessage() for r in caplog.records)

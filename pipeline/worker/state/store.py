@@ -33,7 +33,7 @@ from pipeline.errors import FraudPipelineError
 from pipeline.streamfeatures import CustomerWindows, TerminalWindows
 from pipeline.worker.delivery import StopWithoutCommit
 from pipeline.worker.outputs import Output
-from pipeline.worker.state import delta
+from pipeline.worker.state import delta, pages
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ RESTORE_STALL_S = 60.0  # a restore that makes no progress this long stops the w
 ASK_TIMEOUT_S = 5.0  # an end-offsets request between batches gives up after this long (asked again next batch)
 BIG_ENTRIES = 4096  # an entity holding more events and labels than this is written in segments
 SNAPSHOT_LAG = 64  # batches a key's changes may stay in deltas only: what a restore replays at most, per store
+CLEAN_MIN = 1024  # whole states a flush may write again to free old pages, at least (more when it writes more)
 W = TypeVar("W", CustomerWindows, TerminalWindows)
 
 
@@ -75,6 +76,10 @@ class Store(Generic[W]):
         self.pending: OrderedDict[str, int] = OrderedDict()  # key -> the batch of its oldest change in no whole state
         self.live: OrderedDict[bytes, int] = OrderedDict()  # delta records written, not yet covered -> their batch
         self.covered: deque[tuple[bytes, int]] = deque()  # deltas covered, and the batch that covered them
+        self.home: dict[str, bytes] = {}  # key -> the page holding its latest whole state
+        self.pages: OrderedDict[bytes, list[str]] = OrderedDict()  # live pages (oldest first) -> the keys written
+        self.page_live: dict[bytes, int] = {}  # live page -> how many of its keys it is the home of
+        self.dead = 0  # entries of live pages that are no key's home
         self._heads: dict[str, bytes] = {}  # while restoring: big entities' head records ...
         self._parts: dict[str, dict[tuple[int, int], bytes]] = {}  # ... and their segment records,
         self._deltas: OrderedDict[bytes, tuple[int, delta.Delta]] = OrderedDict()  # the deltas read ...
@@ -108,6 +113,9 @@ class Store(Generic[W]):
                 self._deltas[key] = (self.seq, delta.Delta(value))
                 self.seq += 1
             return
+        if pages.is_page_key(key):
+            self._load_page(key, value)
+            return
         if b"\x00" in key:
             entity, _, where = key.partition(b"\x00")
             segment, _, chunk = where.partition(b"/")
@@ -123,16 +131,53 @@ class Store(Generic[W]):
         name = key.decode("utf-8", "surrogateescape")
         self._heads.pop(name, None)
         self.entities.pop(name, None)
+        self.home.pop(name, None)
         self._whole_at[name] = self.seq
         if value and value[0] == 2:
             self._heads[name] = value
         elif value:
             self.entities[name] = self.parse(value)
 
+    def _load_page(self, key: bytes, value: bytes | None) -> None:
+        if not value:  # every key it held was written again or deleted later on
+            for name in self.pages.pop(key, []):
+                if self.home.get(name) == key:  # cannot be, unless records were lost: start that key empty
+                    del self.home[name]
+                    self.entities.pop(name, None)
+            return
+        states = pages.decode(value)
+        names, broken = [], []
+        for name, state in states:  # parsed now: a restore holds states, not the pages' bytes (1.4 GiB a million)
+            self._heads.pop(name, None)
+            self._whole_at[name] = self.seq
+            names.append(name)
+            try:
+                self.entities[name] = self.parse(state)
+            except (ValueError, struct.error) as err:
+                self.entities.pop(name, None)
+                self.home.pop(name, None)
+                broken.append(f"{name!r} ({err})")
+                continue
+            self.home[name] = key
+        self.pages[key] = names
+        if broken:
+            raise ValueError(f"{len(broken)} of its {len(states)} states are not window states, e.g. {broken[0]}; "
+                             "they start from empty windows")
+
     def assemble(self) -> list[str]:
         """After a restore: build each big entity from its head and segments, then replay the deltas after each
         key's last whole state; the keys that could not be built."""
         failed = []
+        live: dict[bytes, int] = {}
+        for page in self.home.values():
+            live[page] = live.get(page, 0) + 1
+        for page, names in list(self.pages.items()):
+            if page in live:
+                self.page_live[page] = live[page]
+                self.dead += len(names) - live[page]
+            else:  # nothing of it is any key's latest: deleted at the next flushes
+                del self.pages[page]
+                self.covered.append((page, self.seq))
         for name, head in self._heads.items():
             parts = self._parts.get(name, {})
             try:
@@ -169,6 +214,30 @@ class Store(Generic[W]):
         self._heads, self._parts, self._deltas, self._whole_at = {}, {}, OrderedDict(), {}
         return failed
 
+    def _unhome(self, key: str, seq: int) -> None:
+        """``key``'s latest whole state is no longer in its page (written again, or deleted)."""
+        page = self.home.pop(key, None)
+        if page is None:
+            return
+        left = self.page_live[page] - 1
+        if left:
+            self.page_live[page] = left
+            self.dead += 1
+            return
+        self.dead -= len(self.pages.pop(page)) - 1
+        del self.page_live[page]
+        self.covered.append((page, seq))  # deleted once this flush is surely acknowledged
+
+    def _to_clean(self, budget: int) -> set[str]:
+        """Live keys of the oldest pages, to be written again (freeing those pages) while dead entries outnumber
+        live ones; at most about ``budget`` of them."""
+        again: set[str] = set()
+        for page, names in self.pages.items():
+            if self.dead - len(again) <= len(self.home) or len(again) >= budget:
+                break
+            again.update(name for name in names if self.home.get(name) == page)
+        return again
+
     def sweep(self, cutoff: int) -> int:
         """Remove the entities with nothing after ``cutoff`` (their windows are empty for any event still to come);
         the number removed. Each is written as a tombstone at the next flush."""
@@ -199,22 +268,36 @@ class Store(Generic[W]):
             if first > seq - self.lag:
                 break
             due.add(key)
+        due |= self._to_clean(max(CLEAN_MIN, 2 * len(due)))
         entities = self.entities
+        paged: list[tuple[str, bytes, bytes]] = []
         for key in sorted(due):
             self.pending.pop(key, None)
             state = entities.get(key)
             name = key.encode("utf-8", "surrogateescape")
             written = self.segmented.get(key)
             if state is not None and state.size > BIG_ENTRIES:
+                self._unhome(key, seq)
                 outputs += self._segments(topic, partition, key, name, state)
                 continue
-            outputs.append(Output(topic, name, state.to_bytes() if state is not None else b"", partition=partition))
+            if state is None:  # deleted: a tombstone under its own key (which an old whole-state record had)
+                self._unhome(key, seq)
+                outputs.append(Output(topic, name, b"", partition=partition))
+            else:
+                paged.append((key, name, state.to_bytes()))
             if written is not None:  # it was big: its segments go
                 del self.segmented[key]
                 outputs += [Output(topic, _segment_key(name, segment, i), b"", partition=partition)
                             for segment, count in sorted(written.items()) for i in range(count)]
                 if state is not None:
                     state.touched = None
+        for page, value, keys in pages.encode(self.writer, seq, paged):
+            outputs.append(Output(topic, page, value, partition=partition))
+            for key in keys:
+                self._unhome(key, seq)
+                self.home[key] = page
+            self.pages[page] = keys
+            self.page_live[page] = len(keys)
         self.dirty = set()
         floor = next(iter(self.pending.values()), seq + 1)
         while self.live and next(iter(self.live.values())) < floor:
