@@ -2,14 +2,15 @@
 
 Each store has a compacted changelog, written in the batch's delivery: inside its transaction
 under exactly-once, acknowledged before the offsets are committed under at-least-once. A batch's
-changes go there as deltas (:mod:`.delta`), and each key's whole state now and then (see
-``Store``); an entity the sweep removed is written as a tombstone. A store is restored from its
-changelog (read_committed, to the end offset) whenever its partition is assigned, and after an
-aborted transaction: the last whole state of each key, then the deltas after it.
+changes go there as deltas (:mod:`.delta`), and each key's whole state now and then, many keys to
+a page record (:mod:`.pages`; see ``Store``); an entity the sweep removed is written as a
+tombstone under its own key. A store is restored from its changelog (read_committed, to the end
+offset) whenever its partition is assigned, and after an aborted transaction: the last whole state
+of each key, then the deltas after it. (Changelogs an earlier version wrote, one whole-state
+record per key, are read as well.)
 
-A key's whole state is one record while it holds at most ``BIG_ENTRIES`` events and labels
-(a customer's 60 events: one record of 1.5 KB). A bigger one (a busy merchant) is written as a
-*head* record under its own key and one record per hour of event time it holds
+A key holding more than ``BIG_ENTRIES`` events and labels (a busy merchant) is not paged: it is
+written as a *head* record under its own key and one record per hour of event time it holds
 (``<key>\x00<hour>/<chunk>``, at most ``CHUNK_EVENTS`` events each), of which a whole-state write
 rewrites only the hours changed since the last: no record ever nears Kafka's size limit. The
 hours that emptied get tombstones.
@@ -52,9 +53,11 @@ class RestoreFailed(FraudPipelineError):
 class Store(Generic[W]):
     """One stage's state for one partition: entity key -> windows, and what its changelog still needs written.
 
-    Each batch's changes go to the changelog as deltas (:mod:`.delta`); whole states are written for
-    the keys a batch marked ``dirty`` (kept without a change: a test, a swept entity's tombstone) and
-    for each key whose oldest change not yet in a whole state is ``lag`` batches old. A
+    Each batch's changes go to the changelog as deltas (:mod:`.delta`); whole states (in pages,
+    :mod:`.pages`) are written for the keys a batch marked ``dirty`` (kept without a change: a test,
+    a swept entity's tombstone), for each key whose oldest change not yet in a whole state is ``lag``
+    batches old, and for the live keys of the oldest pages while dead page entries outnumber live
+    ones. A page, like a delta, gets a tombstone once nothing in it is needed, ``settle`` batches on. A
     delta gets a tombstone once every key it touched has a later whole state, and ``settle``
     batches after that: by then the batch that wrote those states is acknowledged (at-least-once
     keeps at most ``max_in_flight`` batches unacknowledged; the caller passes it), so no delta is
