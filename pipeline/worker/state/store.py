@@ -88,13 +88,6 @@ class Store(Generic[W]):
         self._deltas: OrderedDict[bytes, tuple[int, delta.Delta]] = OrderedDict()  # the deltas read ...
         self._whole_at: dict[str, int] = {}  # ... and per key, the deltas read before its last whole state
 
-    def get(self, key: str) -> W:
-        state = self.entities.get(key)
-        if state is None:
-            state = self.entities[key] = self.factory()
-        self.dirty.add(key)
-        return state
-
     def keep(self, key: str, state: W) -> None:
         """Hold ``state`` for ``key``, changed in a way no delta says: its whole state is written at the next flush."""
         self.entities[key] = state
