@@ -9,6 +9,7 @@ that ``settle`` batches have had to be acknowledged.
 
 from __future__ import annotations
 
+import itertools
 import random
 import threading
 from typing import Any
@@ -267,3 +268,13 @@ def test_a_page_that_cannot_be_read_is_skipped_with_an_error_line_and_a_metric(
     assert metrics.registry.get_sample_value("fraud_state_corrupt_records_total",
                                              {"topic": TOPICS.customer_changelog}) == 1
     assert any("is not a window state" in r.getMessage() for r in caplog.records)
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), max_size=50), limit=st.integers(1, 400))
+def test_records_are_cut_into_consecutive_runs_within_the_size_limit(sizes: list[int], limit: int) -> None:
+    """The one cutting rule of deltas and pages: every item once, in order, a run over the limit only alone."""
+    cut = list(delta.runs(sizes, limit))
+    assert [i for start, end in cut for i in range(start, end)] == list(range(len(sizes)))
+    assert all(end - start == 1 or sum(sizes[start:end]) <= limit for start, end in cut)
+    assert all(sum(sizes[a:b]) + sizes[b] > limit for (a, b), _ in itertools.pairwise(cut))  # none cut early

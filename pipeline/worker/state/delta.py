@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import struct
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 DELTA_PREFIX = b"\x00d"
 DELTA_BYTES = 256 * 1024  # a delta record is closed past this (a tenth of a 4,096-transaction batch's changes fit)
@@ -35,8 +35,26 @@ def writer_id() -> bytes:
     return os.urandom(6).hex().encode()
 
 
-def delta_key(writer: bytes, seq: int) -> bytes:
-    return b"%s%s/%d" % (DELTA_PREFIX, writer, seq)
+def record_key(prefix: bytes, writer: bytes, seq: int, n: int = 0) -> bytes:
+    """A delta's or page's key: unique per writer, batch and record of the batch (``n``)."""
+    return b"%s%s/%d" % (prefix, writer, seq) + (b".%d" % n if n else b"")
+
+
+def delta_key(writer: bytes, seq: int, n: int = 0) -> bytes:
+    return record_key(DELTA_PREFIX, writer, seq, n)
+
+
+def runs(sizes: Iterable[int], limit: int) -> Iterator[tuple[int, int]]:
+    """Consecutive (start, end) runs of items whose ``sizes`` add up to at most ``limit`` (an item bigger than
+    ``limit`` alone in its run)."""
+    start, size, end = 0, 0, 0
+    for end, n in enumerate(sizes, 1):
+        size += n
+        if size > limit and end - 1 > start:
+            yield start, end - 1
+            start, size = end - 1, n
+    if end > start:
+        yield start, end
 
 
 def is_delta_key(key: bytes) -> bool:
@@ -48,16 +66,9 @@ Change = tuple[str, int, int, int, float]  # key, kind, id, time, value
 
 def encode(changes: list[Change]) -> list[bytes]:
     """The delta records of ``changes`` (in order), each below ``DELTA_BYTES`` unless one change alone is not."""
-    records, start, size = [], 0, 0
     names = [c[0].encode("utf-8", "surrogateescape") for c in changes]
-    for i, name in enumerate(names):
-        size += _ENTRY_BYTES + len(name)
-        if size > DELTA_BYTES and i > start:
-            records.append(_record(changes[start:i], names[start:i]))
-            start, size = i, _ENTRY_BYTES + len(name)
-    if start < len(changes):
-        records.append(_record(changes[start:], names[start:]))
-    return records
+    return [_record(changes[start:end], names[start:end])
+            for start, end in runs((_ENTRY_BYTES + len(name) for name in names), DELTA_BYTES)]
 
 
 def _record(changes: list[Change], names: list[bytes]) -> bytes:

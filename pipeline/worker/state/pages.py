@@ -20,6 +20,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 
+from pipeline.worker.state.delta import record_key, runs
+
 PAGE_PREFIX = b"\x00p"
 PAGE_BYTES = 256 * 1024  # a page is closed past this
 _FORMAT = 1
@@ -34,18 +36,12 @@ def is_page_key(key: bytes) -> bool:
 def encode(writer: bytes, seq: int, entries: list[tuple[str, bytes, bytes]]
            ) -> Iterator[tuple[bytes, bytes, list[str]]]:
     """Pages of ``entries`` (key, key bytes, state bytes): (record key, record value, the keys in it)."""
-    start, size, n = 0, 0, 0
-    for i, (_key, name, state) in enumerate(entries):
-        size += _ENTRY.size + len(name) + len(state)
-        if size > PAGE_BYTES and i > start:
-            yield _page(writer, seq, n, entries[start:i])
-            start, size, n = i, _ENTRY.size + len(name) + len(state), n + 1
-    if start < len(entries):
-        yield _page(writer, seq, n, entries[start:])
+    sizes = (_ENTRY.size + len(name) + len(state) for _key, name, state in entries)
+    for n, (start, end) in enumerate(runs(sizes, PAGE_BYTES)):
+        yield _page(record_key(PAGE_PREFIX, writer, seq, n), entries[start:end])
 
 
-def _page(writer: bytes, seq: int, n: int, entries: list[tuple[str, bytes, bytes]]) -> tuple[bytes, bytes, list[str]]:
-    key = b"%s%s/%d" % (PAGE_PREFIX, writer, seq) + (b".%d" % n if n else b"")
+def _page(key: bytes, entries: list[tuple[str, bytes, bytes]]) -> tuple[bytes, bytes, list[str]]:
     parts = [_HEAD.pack(b"\x00S", _FORMAT, len(entries))]
     for _key, name, state in entries:
         parts += (_ENTRY.pack(len(name), len(state)), name, state)

@@ -255,7 +255,7 @@ class Store(Generic[W]):
                 if key not in pending:
                     pending[key] = seq
             for i, value in enumerate(delta.encode(self.changes)):
-                name = delta.delta_key(self.writer, seq) + (b".%d" % i if i else b"")
+                name = delta.delta_key(self.writer, seq, i)
                 self.live[name] = seq
                 outputs.append(Output(topic, name, value, partition=partition))
             self.changes = []
