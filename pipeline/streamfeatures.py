@@ -303,8 +303,7 @@ class CustomerWindows(_Events):
                     self._sums.drop_front(held - len(times))
                     if len(times) <= HOT_EVENTS // 2:
                         self._sums = None
-            end = self._insert(eid, t_ms, (amounts, amount))
-            self._sum_inserted(end - 1)
+            end = self._place(eid, t_ms, amount)
             late = t_ms <= cutoff  # too late to keep: its features from what is kept, then dropped
             self.last_new = not late
         counts, means = [], []
@@ -325,7 +324,13 @@ class CustomerWindows(_Events):
         if kind != EVENT:
             raise ValueError(f"a customer delta holds events only, not change kind {kind}")
         if self.locate(eid, t_ms) < 0:
-            self._sum_inserted(self._insert(eid, t_ms, (self.amounts, value)) - 1)
+            self._place(eid, t_ms, value)
+
+    def _place(self, eid: int, t_ms: int, amount: float) -> int:
+        """Insert a new event, its running sums too; the position after it."""
+        end = self._insert(eid, t_ms, (self.amounts, amount))
+        self._sum_inserted(end - 1)
+        return end
 
     def _sum_inserted(self, at: int) -> None:
         sums = self._sums
@@ -415,10 +420,8 @@ class TerminalWindows(_Events):
             if times and times[0] <= cutoff:
                 self._evict_to(cutoff)
             if t_ms > cutoff:
-                self._insert(eid, t_ms)
+                self._place(eid, t_ms)
                 self.last_new = True
-                if eid in self.frauds:
-                    self._add_fraud_time(t_ms)
         top = t_ms - self.delay_ms
         hi = bisect_right(times, top)
         fraud_times = self._fraud_times
@@ -440,9 +443,13 @@ class TerminalWindows(_Events):
         elif kind != EVENT:
             raise ValueError(f"unknown change kind {kind} in a terminal delta")
         elif self.locate(eid, t_ms) < 0:
-            self._insert(eid, t_ms)
-            if eid in self.frauds:
-                self._add_fraud_time(t_ms)
+            self._place(eid, t_ms)
+
+    def _place(self, eid: int, t_ms: int) -> None:
+        """Insert a new event, and its time among the labelled ones if its label came first."""
+        self._insert(eid, t_ms)
+        if eid in self.frauds:
+            self._add_fraud_time(t_ms)
 
     def label(self, eid: int, t_ms: int, fraud: bool = True) -> None:
         """A label for the transaction ``eid`` (at ``t_ms``): fraud, or not (a label withdrawn)."""

@@ -181,11 +181,12 @@ class Delivery:
     @property
     def delivery_timeout_s(self) -> float:
         """How long the producer itself retries an output before it fails it: kafka-python's
-        ``delivery_timeout_ms`` (120 s unless set), librdkafka's ``message.timeout.ms`` (300 s unless set).
-        The wait for a batch is bounded by it, not by ``ack_timeout_s`` (which bounds each output's wait:
-        a cluster chaos run held one record 120 s, 2026-12-07)."""
+        ``delivery_timeout_ms`` (120 s unless set), librdkafka's ``message.timeout.ms`` (its 300-s default:
+        the confluent driver maps no option onto it). The wait for a batch is bounded by it, not by
+        ``ack_timeout_s`` (which bounds each output's wait: a cluster chaos run held one record 120 s,
+        2026-12-07)."""
         if self.client == "confluent":
-            return float(self.producer_options.get("message.timeout.ms", 300_000)) / 1000
+            return 300.0
         return float(self.producer_options.get("delivery_timeout_ms", 120_000)) / 1000
 
     def warm(self, topics: list[str]) -> None:
