@@ -12,6 +12,7 @@ import numpy as np
 import orjson
 import pytest
 from kafka import TopicPartition
+from kafka import errors as kafka_errors
 from kafka.errors import (
     KafkaConnectionError,
     KafkaTimeoutError,
@@ -448,10 +449,65 @@ def test_a_producer_state_error_gets_a_new_producer_and_the_same_output(monkeypa
 
 
 def test_classification_of_producer_state_errors() -> None:
-    from pipeline.worker.delivery import classify, classify_in_transaction
+    from pipeline.worker.delivery import classify
 
     for err in (OutOfOrderSequenceNumberError(), UnknownProducerIdError()):
-        assert classify(err) == classify_in_transaction(err) == "renew"
+        assert classify(err) == "renew"
+
+
+@pytest.mark.parametrize(("err", "kind"), [
+    (kafka_errors.MessageSizeTooLargeError(), "shrink"),
+    (kafka_errors.InvalidRecordError("bad record"), "shrink"),
+    (kafka_errors.InvalidTimestampError(), "shrink"),
+    (TypeError("key must be bytes"), "shrink"),  # refused by the client before sending
+    (kafka_errors.KafkaTimeoutError(), "retry"),
+    (kafka_errors.NotLeaderForPartitionError(), "retry"),
+    # not retriable in kafka-python's sense, and nothing to do with the message: retried, never dropped
+    (kafka_errors.BrokerNotAvailableError(), "retry"),
+    (kafka_errors.UnknownError(), "retry"),
+    (kafka_errors.KafkaError("Failed to append record because it was part of a batch which had one more more "
+                             "invalid records"), "retry"),
+    (kafka_errors.TopicAuthorizationFailedError(), "fatal"),
+])
+def test_only_an_error_about_the_message_itself_shrinks_or_drops_it(err: BaseException, kind: str) -> None:
+    from pipeline.worker.delivery import classify
+
+    assert classify(err) == kind
+
+
+class FailsOnceProducer:
+    """Its first send's acknowledgement fails with ``err``; every later one is acknowledged."""
+
+    def __init__(self, err: BaseException) -> None:
+        self.err, self.sent = err, []
+
+    def send(self, topic, key=None, value=None, headers=None, partition=None):
+        err, self.err = self.err, None
+        self.sent.append(value)
+        return _Failed(err) if err is not None else _Done()
+
+
+class _Failed:
+    is_done = True
+
+    def __init__(self, err: BaseException) -> None:
+        self.err = err
+
+    def get(self, timeout=None):
+        raise self.err
+
+
+def test_a_features_record_failed_by_a_broker_error_is_sent_again_not_dropped() -> None:
+    """A features record has no smaller form: classified as message-specific, it was dropped (an ERROR line,
+    ``output_dropped``) for an error that said nothing about it."""
+    delivery = at_least_once(FailsOnceProducer(kafka_errors.BrokerNotAvailableError()))
+    delivery._publish([Output("features", b"k", b"f1")])
+    assert delivery.producer.sent == [b"f1", b"f1"]  # type: ignore[union-attr]
+    assert delivery.metrics.registry.get_sample_value("fraud_errors_total", {"kind": "output_dropped"}) == 0
+    invalid = at_least_once(FailsOnceProducer(kafka_errors.InvalidRecordError("refused")))
+    invalid._publish([Output("features", b"k", b"f1")])  # refused for itself, and no smaller form: dropped, counted
+    assert invalid.producer.sent == [b"f1"]  # type: ignore[union-attr]
+    assert invalid.metrics.registry.get_sample_value("fraud_errors_total", {"kind": "output_dropped"}) == 1
 
 
 @pytest.mark.parametrize(("fail_in", "group_committed", "done"), [

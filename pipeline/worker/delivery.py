@@ -15,9 +15,11 @@ Errors are classified, never retried blindly:
 - retriable (kafka-python's ``retriable``: timeouts, leader moves, broker away): retried with
   capped exponential backoff, counted in ``fraud_errors_total`` and logged (first failure,
   then every 30 s), until it works or the worker is asked to stop;
-- too large or refused for one message: the output is replaced by its smaller form (see
-  ``outputs``); one with no smaller form left is dropped, logged and counted, so the
-  partition moves on;
+- too large or refused for that message alone (an invalid record or timestamp, a value the
+  client cannot send): the output is replaced by its smaller form (see ``outputs``); one with
+  no smaller form left is dropped, logged and counted, so the partition moves on. Any other
+  error, retriable or not, is retried: an output is never dropped for what the broker or the
+  producer went through;
 - the group moved on (the partitions belong to another member now): nothing is committed,
   the new owner scores the batch again;
 - fatal for the worker (authorization, an invalid topic, unsupported broker): raised as
@@ -38,11 +40,14 @@ from kafka import TopicPartition
 from kafka.errors import (
     AuthorizationError,
     CommitFailedError,
+    CorruptRecordError,
     DuplicateSequenceNumberError,
     FencedInstanceIdError,
     IllegalGenerationError,
     IllegalStateError,
     InvalidProducerEpochError,
+    InvalidRecordError,
+    InvalidTimestampError,
     InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
@@ -52,6 +57,7 @@ from kafka.errors import (
     RecordListTooLargeError,
     UnknownMemberIdError,
     UnknownProducerIdError,
+    UnsupportedForMessageFormatError,
     UnsupportedVersionError,
 )
 from kafka.structs import OffsetAndMetadata
@@ -68,6 +74,8 @@ REBALANCED = (CommitFailedError, IllegalGenerationError, UnknownMemberIdError, R
 FENCED = (ProducerFencedError, InvalidProducerEpochError)
 FATAL = (AuthorizationError, InvalidTopicError, UnsupportedVersionError, IllegalStateError)
 TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
+# the broker refuses this message, and would refuse it again as it is
+MESSAGE_REFUSED = (InvalidRecordError, InvalidTimestampError, CorruptRecordError, UnsupportedForMessageFormatError)
 # the producer's idempotence state is broken, not the message: a new producer sends it again (seen on a three-node
 # cluster with two nodes down: OutOfOrderSequenceNumber on the alerts topic, once sent as a smaller alert instead)
 PRODUCER_STATE = (OutOfOrderSequenceNumberError, UnknownProducerIdError, DuplicateSequenceNumberError)
@@ -85,27 +93,19 @@ class DeliveryError(FraudPipelineError):
 
 
 def classify(err: BaseException) -> str:
-    """``retry``, ``renew`` (retry with a new producer), ``shrink`` (too large, or refused for this message
-    alone) or ``fatal``."""
+    """What to do with an output that failed: ``retry``, ``renew`` (retry with a new producer), ``shrink``
+    (too large, or refused for this message alone) or ``fatal``.
+
+    Only an error about the message itself shrinks it. Every other error is retried, retriable in
+    kafka-python's sense or not: a features record (which has no smaller form) failed with a
+    non-retriable error that says nothing about it (``BrokerNotAvailableError``, ``UnknownError``, the
+    bare ``KafkaError`` kafka-python gives the sound neighbours of an invalid record) was dropped before.
+    Inside a transaction one failed send fails its neighbours too, so the same rule holds there."""
     if isinstance(err, FATAL):
         return "fatal"
     if isinstance(err, PRODUCER_STATE):
         return "renew"
-    if isinstance(err, TOO_LARGE):
-        return "shrink"
-    if getattr(err, "retriable", False):
-        return "retry"
-    return "shrink"
-
-
-def classify_in_transaction(err: BaseException) -> str:
-    """As :func:`classify`, but inside a transaction one failed send fails its neighbours too
-    (the transaction becomes abortable): only a message-specific error shrinks its message."""
-    if isinstance(err, FATAL):
-        return "fatal"
-    if isinstance(err, PRODUCER_STATE):
-        return "renew"
-    if isinstance(err, TOO_LARGE) or not isinstance(err, KafkaError):
+    if isinstance(err, TOO_LARGE + MESSAGE_REFUSED) or not isinstance(err, KafkaError):
         return "shrink"
     return "retry"
 

@@ -54,6 +54,7 @@ from kafka.errors import KafkaError
 from pipeline.errors import FraudPipelineError
 from pipeline.worker.clients import Call
 from pipeline.worker.delivery import (
+    FATAL,
     FENCED,
     REBALANCED,
     REPORT_EVERY_S,
@@ -61,7 +62,6 @@ from pipeline.worker.delivery import (
     DeliveryError,
     StopWithoutCommit,
     classify,
-    classify_in_transaction,
     to_commit,
 )
 from pipeline.worker.outputs import Output
@@ -102,7 +102,7 @@ class ExactlyOnce(Delivery):
                 failed = self._send(pending)
                 if failed:
                     self._abort()
-                    pending, retriable = self._next_try(pending, failed, classify_in_transaction, resend_all=True)
+                    pending, retriable = self._next_try(pending, failed, classify, resend_all=True)
                     if retriable is not None:
                         backoff.wait(retriable)
                     continue
@@ -128,13 +128,12 @@ class ExactlyOnce(Delivery):
                 log.warning("producer fenced (%s); starting a new one and retrying the batch", type(err).__name__)
                 self.close(timeout_s=0)
             except KafkaError as err:
-                kind = classify(err)
-                if kind == "fatal":
+                if isinstance(err, FATAL):
                     self.close(timeout_s=0)
                     raise DeliveryError(f"transaction failed: {type(err).__name__}: {err}") from err
                 if stage == "commit_transaction":  # committed or not: read it, never guess (a retry could double)
                     return self._lost(stage, f"{type(err).__name__}: {err}", meta)
-                if kind != "retry":
+                if not getattr(err, "retriable", False):
                     # what kafka-python cannot name ("Could not execute transactional request for unknown
                     # reasons: RequestTimedOutError", the coordinator's node paused 30 s): uncommitted, so the
                     # batch again, from a new producer (this one's transactional state is unknown)
@@ -159,7 +158,7 @@ class ExactlyOnce(Delivery):
                 self.producer = producer
             except KafkaError as err:
                 producer.close(timeout=0)
-                if classify(err) == "fatal":
+                if isinstance(err, FATAL):
                     raise DeliveryError(f"cannot start transactions: {type(err).__name__}: {err}") from err
                 backoff.wait(err)
         return self.producer
