@@ -1,4 +1,4 @@
-"""The confluent-kafka adapter (``pipeline.worker.confluent``): options, errors, records, refusals,
+"""The confluent-kafka driver (``pipeline.worker.kafkaclient.confluent``): options, errors, records, refusals,
 and, against the session broker, partitioning and the replacement of a wedged consumer."""
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from kafka import errors as kerr
 from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.errors import ConfigError
 from pipeline.topics import ensure_topics
-from pipeline.worker import clients
+from pipeline.worker import kafkaclient
 from pipeline.worker.delivery import REBALANCED, classify
+from pipeline.worker.kafkaclient.calls import Call
+from pipeline.worker.kafkaclient.kafka_python import KafkaPythonConsumer
 from tests.kafka_helpers import run_cli
 
 ck = pytest.importorskip("confluent_kafka", reason="confluent-kafka is not installed (make test installs it)")
-confluent = pytest.importorskip("pipeline.worker.confluent")
+confluent = pytest.importorskip("pipeline.worker.kafkaclient.confluent")
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -147,12 +149,12 @@ def test_the_cli_refuses_the_combination_in_one_line_before_any_io() -> None:
 
 # -- helpers -----------------------------------------------------------------------------------
 def test_call_returns_raises_or_gives_up_waiting() -> None:
-    assert clients.Call(lambda: 7, "t").within(5, lambda: AssertionError("late")) == 7
+    assert Call(lambda: 7, "t").within(5, lambda: AssertionError("late")) == 7
     with pytest.raises(ZeroDivisionError):
-        clients.Call(lambda: 1 / 0, "t").within(5, lambda: AssertionError("late"))
+        Call(lambda: 1 / 0, "t").within(5, lambda: AssertionError("late"))
     gate = threading.Event()
     with pytest.raises(TimeoutError):
-        clients.Call(gate.wait, "t").within(0.1, lambda: TimeoutError("stuck"))
+        Call(gate.wait, "t").within(0.1, lambda: TimeoutError("stuck"))
     gate.set()
 
 
@@ -222,7 +224,7 @@ def _poll_until(consumer: Any, condition: Any, timeout_s: float = 60) -> None:
 def test_a_wedged_consumer_is_replaced_and_its_partitions_count_as_lost(kafka_settings: KafkaSettings) -> None:
     topic = kafka_settings.input_topic
     ensure_topics(kafka_settings, [topic], 2)
-    consumer = clients.consumer("confluent", **{**kafka_settings.client_options(), "request_timeout_ms": 1000},
+    consumer = kafkaclient.consumer("confluent", **{**kafka_settings.client_options(), "request_timeout_ms": 1000},
                                 group_id=f"gw-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
                                 auto_offset_reset="earliest")
     listener = Listener()
@@ -250,8 +252,8 @@ def test_a_wedged_consumer_is_replaced_and_its_partitions_count_as_lost(kafka_se
 # -- kafka-python's side of the interface ------------------------------------------------------------
 def test_kafka_python_awaits_a_join_under_way() -> None:
     """kafka-python 3.0.12 re-awaits a join only while need_rejoin() holds; it must hold until the join's
-    result is applied (``rejoining``), or the assignment is dropped (clients.KafkaPythonConsumer)."""
-    consumer = clients.KafkaPythonConsumer(bootstrap_servers="127.0.0.1:1", group_id="g", api_version=(3, 0),
+    result is applied (``rejoining``), or the assignment is dropped (KafkaPythonConsumer)."""
+    consumer = KafkaPythonConsumer(bootstrap_servers="127.0.0.1:1", group_id="g", api_version=(3, 0),
                                            enable_auto_commit=False)
     try:
         coordinator = consumer._coordinator

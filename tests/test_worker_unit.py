@@ -434,10 +434,10 @@ class BrokenIdempotence:
 def test_a_producer_state_error_gets_a_new_producer_and_the_same_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """OutOfOrderSequenceNumber is the producer's state, not the message's: the alert goes out whole from a new
     producer, never in its smaller form (without ``fields``) as a message-specific refusal would."""
-    from pipeline.worker import clients
+    from pipeline.worker import kafkaclient
 
     BrokenIdempotence.made = []
-    monkeypatch.setattr(clients, "producer", lambda client, **options: BrokenIdempotence(**options))
+    monkeypatch.setattr(kafkaclient, "producer", lambda client, **options: BrokenIdempotence(**options))
     delivery = at_least_once(None)
     delivery.producer = None
     alert = Output("alerts", b"k", b'{"transaction_id": "t1", "fields": {"a": 1}}')
@@ -555,7 +555,8 @@ def test_the_range_assignor_is_pinned_for_both_clients(worker: Worker, monkeypat
     it on as librdkafka's "range" (not a default list that would allow round-robin)."""
     from kafka.coordinator.assignors.range import RangePartitionAssignor
 
-    from pipeline.worker import clients, confluent
+    from pipeline.worker import kafkaclient as clients
+    from pipeline.worker.kafkaclient import confluent
 
     seen: dict = {}
 
@@ -578,7 +579,7 @@ def test_only_the_checkpoint_and_the_delivery_modes_commit() -> None:
     import re
     from pathlib import Path
 
-    owners = {"checkpoint.py", "delivery.py", "transactions.py", "confluent.py", "clients.py"}
+    owners = {"checkpoint.py", "delivery.py", "transactions.py", "confluent.py", "kafka_python.py"}
     calls = re.compile(r"(?<!checkpoint)\.(deliver|submit|commit|commit_transaction|send_offsets_to_transaction)\(")
     root = Path(__file__).resolve().parent.parent
     found = [f"{path.relative_to(root)}:{n}" for folder in ("pipeline", "producer", "trainer")
@@ -626,3 +627,16 @@ def test_the_checkpoint_counts_a_committed_batch_and_rewinds_an_aborted_one(ok: 
         assert ledger.calls == []
         assert stages.calls == [("discard", records)]
         assert consumer.calls == [("seek", tp, 5)] and listener.calls == [("rewind_on_assignment", {tp: 5})]
+
+
+def test_an_unreadable_record_standing_for_a_whole_batch_moves_its_partition_past_the_batch() -> None:
+    """kafka-python's driver returns a batch it cannot read (a CRC failure) as one unreadable record at the batch's
+    first offset with ``skip_to`` past its last: the commit goes past the batch, not into it."""
+    from pipeline.worker.app import offsets_past
+    from pipeline.worker.records import Record as Consumed
+
+    good = Consumed("in", 0, 4, -1, b"k", b"v", [])
+    batch = Consumed("in", 0, 5, -1, None, None, [], "kafka-python cannot parse it: CRC", skip_to=12)
+    other = Consumed("in", 1, 7, -1, b"k", b"v", [])
+    assert offsets_past([good, batch, other]) == {TopicPartition("in", 0): 12, TopicPartition("in", 1): 8}
+    assert offsets_past([good, other]) == {TopicPartition("in", 0): 5, TopicPartition("in", 1): 8}

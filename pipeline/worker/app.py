@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +26,7 @@ from pipeline.errors import FraudPipelineError
 from pipeline.schema import RecordError
 from pipeline.scores import BatchScorer
 from pipeline.streamfeatures import DAY_MS
-from pipeline.worker import clients, corrupt
+from pipeline.worker import kafkaclient
 from pipeline.worker.checkpoint import Checkpoint
 from pipeline.worker.delivery import (
     AtLeastOnce,
@@ -81,7 +80,7 @@ class Worker:
         self.listener: ReleaseOnRevoke | None = None
         self.joined = threading.Event()  # holds a settled assignment: not joining, not between revoke and assign
         self.failure: BaseException | None = None
-        self.consumer: Any = None  # clients.consumer: kafka-python's or the confluent adapter
+        self.consumer: kafkaclient.Consumer | None = None  # kafka-python's driver or confluent's
         self.checkpoint: Checkpoint | None = None  # owns every commit (made with the delivery, see ``delivery``)
         self.stages: FeatureStages | None = None  # raw input only
         self._use(scorer)
@@ -114,7 +113,7 @@ class Worker:
 
     def _connect(self) -> None:
         common = {**self.kafka.client_options(), **RECONNECT}
-        self.consumer = clients.consumer(
+        self.consumer = kafkaclient.consumer(
             self.settings.kafka_client, **common, client_id=self.worker_id, group_id=self.settings.consumer_group,
             enable_auto_commit=False, auto_offset_reset=self.settings.auto_offset_reset,
             isolation_level="read_committed",  # never score what an upstream transaction aborted
@@ -268,9 +267,9 @@ class Worker:
             asked = time.monotonic()
             try:
                 polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max_batch - len(self.pending))
-            except CorruptRecordError as err:
-                self._skip_corrupt(err)
-                break
+            except CorruptRecordError as err:  # the driver returns unreadable records; this one it cannot place
+                raise WorkerFailed(f"Kafka returned a record that cannot be parsed, at an unknown position: {err}"
+                                   ) from err
             for tp, records in polled.items():
                 self.pending.extend(records)
                 got += len(records) if self.stages is None else self.stages.activity(tp, records)
@@ -286,23 +285,6 @@ class Worker:
                 break
         return got
 
-    def _skip_corrupt(self, err: CorruptRecordError) -> None:
-        """Dead-letter a record kafka-python cannot parse and resume after it (see ``corrupt``)."""
-        assert self.consumer is not None and self.checkpoint is not None
-        found = corrupt.locate(err)
-        if found is None:
-            raise WorkerFailed(f"Kafka returned a record that cannot be parsed, at an unknown position: {err}") \
-                from err
-        self._process_pending()  # the records before it first, so the commit below covers only finished work
-        error = RecordError("corrupt_record", None, f"kafka-python cannot parse it: {err}")
-        letter = self.processor.dead_letter(found, error)
-        log.warning("%s[%d]@%d cannot be parsed (%s); dead-lettered, resuming at offset %d", found.topic,
-                    found.partition, found.offset, err, found.next_offset)
-        offsets = {found.topic_partition: found.next_offset}
-        outcome = BatchOutcome(outputs=[letter], dead_letters=Counter(corrupt_record=1))
-        if self.checkpoint.commit_now([letter], offsets, 1, outcome):
-            self.consumer.seek(found.topic_partition, found.next_offset)
-
     def _settle(self) -> None:
         """Wait for every batch in flight and commit them (nothing left to overlap with)."""
         if self.checkpoint is not None:
@@ -316,8 +298,8 @@ class Worker:
     def process(self, records: Sequence[Any]) -> None:
         """Score one batch and hand it to the checkpoint with its offsets."""
         assert self.checkpoint is not None
-        offsets = offsets_after(records)  # the unreadable ones' too: their dead letters go with the batch
-        unreadable = [r for r in records if getattr(r, "unreadable", None)]  # confluent adapter only
+        offsets = offsets_past(records)  # the unreadable ones' too: their dead letters go with the batch
+        unreadable = [r for r in records if getattr(r, "unreadable", None)]  # either driver (``kafkaclient``)
         if unreadable:
             records = [r for r in records if not getattr(r, "unreadable", None)]
         awaiting_commit = False
@@ -326,7 +308,8 @@ class Worker:
         else:
             outcome, consumed, handed_back, awaiting_commit = self._process_raw(self.stages, records)
             if handed_back:  # read again from there: commit only what came before
-                offsets = offsets_after(before_hand_back([*records, *unreadable], handed_back))
+                offsets = offsets_past(before_hand_back([*records, *unreadable], handed_back))
+                unreadable = before_hand_back(unreadable, handed_back)  # the others are read (and dead-lettered) again
                 for tp, offset in handed_back.items():
                     self.consumer.seek(tp, offset)
             self.stages.staged(offsets)  # until committed, its events may be read again: their windows stay
@@ -408,3 +391,15 @@ class Worker:
             self.checkpoint.delivery.close()
         if self.stages is not None:
             self.stages.restorer.close()
+
+
+def offsets_past(records: Sequence[Any]) -> dict[TopicPartition, int]:
+    """``offsets_after``, where an unreadable record standing for a whole unreadable batch (``skip_to``) moves
+    its partition past all of it."""
+    offsets = offsets_after(records)
+    for record in records:
+        skip_to = getattr(record, "skip_to", None)
+        if skip_to is not None:
+            tp = TopicPartition(record.topic, record.partition)
+            offsets[tp] = max(offsets[tp], skip_to)
+    return offsets

@@ -63,7 +63,7 @@ from kafka.errors import (
 from kafka.structs import OffsetAndMetadata
 
 from pipeline.errors import FraudPipelineError
-from pipeline.worker import clients
+from pipeline.worker import kafkaclient
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.outputs import Output
 
@@ -168,7 +168,7 @@ class Delivery:
     def __init__(self, producer_options: dict[str, Any], consumer: Any, metrics: WorkerMetrics,
                  stop: threading.Event, max_backoff_s: float, ack_timeout_s: float, client: str = "kafka-python"
                  ) -> None:
-        """``consumer`` and ``client``: see :mod:`~pipeline.worker.clients`."""
+        """``consumer`` and ``client``: see :mod:`~pipeline.worker.kafkaclient`."""
         self.producer_options, self.consumer, self.metrics = producer_options, consumer, metrics
         self.stop, self.max_backoff_s, self.ack_timeout_s = stop, max_backoff_s, ack_timeout_s
         self.client = client
@@ -381,7 +381,7 @@ class AtLeastOnce(Delivery):
 
     def _producer(self) -> None:
         if self.producer is None:
-            self.producer = clients.producer(self.client, **self.producer_options)
+            self.producer = kafkaclient.producer(self.client, **self.producer_options)
 
     def _started_producer(self) -> Any:
         self._producer()

@@ -1,5 +1,6 @@
 """The consumed record the worker reads, whichever client read it (kafka-python's ``ConsumerRecord`` has
-the same fields; the confluent driver and the repartition hop's unpacking make these)."""
+the same fields; the drivers' unreadable records, the confluent driver and the repartition hop's unpacking
+make these)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class Record:
     value: bytes | None
     headers: list[tuple[str, bytes | None]]
     unreadable: str | None = None  # why it cannot be read (the worker dead-letters it)
+    skip_to: int | None = None  # an unreadable record standing for a whole unreadable batch: the offset after it
 
 
 def comes_before_hand_back(record: Any, handed_back: dict[TopicPartition, int]) -> bool:

@@ -52,7 +52,6 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from pipeline.errors import FraudPipelineError
-from pipeline.worker.clients import Call
 from pipeline.worker.delivery import (
     FATAL,
     FENCED,
@@ -64,6 +63,7 @@ from pipeline.worker.delivery import (
     classify,
     to_commit,
 )
+from pipeline.worker.kafkaclient.calls import Call
 from pipeline.worker.outputs import Output
 
 log = logging.getLogger(__name__)

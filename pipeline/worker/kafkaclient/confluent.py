@@ -1,4 +1,5 @@
-"""confluent-kafka (librdkafka) in the shape of the worker's client interface (see ``clients``).
+"""The confluent driver: confluent-kafka (librdkafka, checked on confluent-kafka 2.16) in the shape of the
+worker's client interface (see the package).
 
 What librdkafka does differently, and what this module does about it:
 
@@ -47,7 +48,7 @@ import confluent_kafka as ck
 from kafka import TopicPartition
 from kafka import errors as kerr
 
-from pipeline.worker.clients import Call
+from pipeline.worker.kafkaclient.calls import Call
 from pipeline.worker.records import Record
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def to_record(msg: Any) -> Record:
 
 
 class ConfluentConsumer:
-    """A confluent-kafka group consumer with the worker's interface (see ``clients``)."""
+    """A confluent-kafka group consumer with the worker's interface (see the package)."""
 
     def __init__(self, **options: Any) -> None:
         self._conf = config(options, role="consumer")
@@ -465,7 +466,7 @@ class Delivered:
 
 
 class ConfluentProducer:
-    """A confluent-kafka producer with the worker's interface (see ``clients``)."""
+    """A confluent-kafka producer with the worker's interface (see the package)."""
 
     def __init__(self, **options: Any) -> None:
         if "transactional_id" in options:
