@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,23 +44,11 @@ from bench.devicekit import (
 )
 from pipeline.config import WorkerSettings
 from pipeline.worker.processing import BatchProcessor, Topics
+from pipeline.worker.records import Record
 
 BATCHES = (4096, 16384, 65536)
 TOPIC, PARTITIONS = "transactions", 3
 WORKER = WorkerSettings()  # the worker's defaults: max_record_bytes, top_features
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumedRecord:
-    """What the worker reads of kafka-python's ConsumerRecord (``pipeline.worker.batch.KafkaRecord``)."""
-
-    topic: str
-    partition: int
-    offset: int
-    timestamp: int
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def consumed_records(n: int) -> list[ConsumedRecord]:
+def consumed_records(n: int) -> list[Record]:
     """``n`` records of the simulated stream, encoded by the producer's code, spread over partitions
     (the stream repeats when it is shorter than ``n``)."""
     from producer.tables import iter_records, resolve_spec
@@ -84,14 +71,14 @@ def consumed_records(n: int) -> list[ConsumedRecord]:
     _, stream = simulate_bank(stream_days_for(n))
     wire = list(iter_records(stream, resolve_spec(stream, "handbook"), drop_label=True))
     now_ms = int(time.time() * 1000)
-    return [ConsumedRecord(TOPIC, i % PARTITIONS, i // PARTITIONS, now_ms, *wire[i % len(wire)]) for i in range(n)]
+    return [Record(TOPIC, i % PARTITIONS, i // PARTITIONS, now_ms, *wire[i % len(wire)], []) for i in range(n)]
 
 
-def batches_of(records: list[ConsumedRecord], size: int) -> list[list[ConsumedRecord]]:
+def batches_of(records: list[Record], size: int) -> list[list[Record]]:
     return [records[i : i + size] for i in range(0, len(records), size)]
 
 
-def run_path(processor: BatchProcessor, records: list[ConsumedRecord], size: int, device: str) -> dict[str, Any]:
+def run_path(processor: BatchProcessor, records: list[Record], size: int, device: str) -> dict[str, Any]:
     """One pass of the whole path over ``records`` in micro-batches of ``size``, after one warm-up batch."""
     batches = batches_of(records, size)
     processor.process(batches[0])
@@ -110,7 +97,7 @@ def run_path(processor: BatchProcessor, records: list[ConsumedRecord], size: int
             "torch_threads": torch.get_num_threads()}
 
 
-def bench_model(score: str, model_dir: Path, records: list[ConsumedRecord], sizes: list[int]
+def bench_model(score: str, model_dir: Path, records: list[Record], sizes: list[int]
                 ) -> list[dict[str, Any]]:
     """A run per device and batch size of one model version, as the worker would use it."""
     results = []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from pipeline.scoring import Scorer, score_frame
 from pipeline.topics import ensure_topics
 from pipeline.worker.app import Worker
 from pipeline.worker.metrics import WorkerMetrics
+from pipeline.worker.records import Record as Consumed
 from producer.send import make_producer, send_records
 from producer.tables import iter_records, resolve_spec
 
@@ -35,23 +35,15 @@ BAD_RECORDS: list[tuple[bytes, str]] = [
 ]
 
 
-@dataclass
-class Record:
-    """A consumed record as the worker reads it (kafka-python's ConsumerRecord), for tests without Kafka."""
-
-    value: bytes | None
-    offset: int = 0
-    topic: str = "tx"
-    partition: int = 0
-    key: bytes | None = b"k"
-    headers: list = field(default_factory=list)
-    timestamp: int = -1
+def Record(value: bytes | None, offset: int = 0, topic: str = "tx", partition: int = 0,
+           key: bytes | None = b"k", headers: list | None = None, timestamp: int = -1) -> Consumed:
+    """A consumed record (the project's one record type), for tests without Kafka: only the value is needed."""
+    return Consumed(topic, partition, offset, timestamp, key, value, headers if headers is not None else [])
 
 
 def hop_records(outputs: list, offset: int = 0) -> list:
     """The transactions of the customer stage's packed repartition outputs, as the terminal stage reads them
     (records at ``offset`` of the packed record's partition)."""
-    from pipeline.worker.records import Record as Consumed
     from pipeline.worker.state.hop import unpack
 
     return [t for o in outputs for t in unpack(Consumed(o.topic, o.partition or 0, offset, -1, o.key, o.value, []))]

@@ -11,23 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from pipeline.schema import RecordError, Transaction, decode, feature_error
 from pipeline.worker.outputs import processing_error
-
-
-class KafkaRecord(Protocol):
-    """The parts of kafka-python's ConsumerRecord the worker reads."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]] | None
+from pipeline.worker.records import ConsumedRecord
 
 
 @dataclass
@@ -35,8 +25,8 @@ class DecodedBatch:
     """Records that can be scored (rows of ``matrix``, same order) and those that cannot."""
 
     matrix: np.ndarray  # (n_good, n_features) float32, raw units
-    good: list[tuple[KafkaRecord, Transaction]]
-    bad: list[tuple[KafkaRecord, RecordError]]
+    good: list[tuple[ConsumedRecord, Transaction]]
+    bad: list[tuple[ConsumedRecord, RecordError]]
 
     @property
     def event_times_ms(self) -> np.ndarray:

@@ -1,13 +1,29 @@
-"""The consumed record the worker reads, whichever client read it (kafka-python's ``ConsumerRecord`` has
-the same fields; the drivers' unreadable records, the confluent driver and the repartition hop's unpacking
-make these)."""
+"""The consumed record the worker reads, whichever client read it: one type.
+
+:class:`ConsumedRecord` is what the worker reads of a record (kafka-python's ``ConsumerRecord``
+has these fields); :class:`Record` is the one concrete record the project makes (the drivers'
+unreadable records, the confluent driver, the repartition hop's unpacking, tests and benchmarks).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from kafka import TopicPartition
+
+
+class ConsumedRecord(Protocol):
+    """The parts of a consumed record the worker reads."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes | None]] | None
 
 
 @dataclass(slots=True)
