@@ -553,6 +553,8 @@ def test_a_transactional_error_the_client_cannot_name_neither_stops_the_worker_n
 def test_the_range_assignor_is_pinned_for_both_clients(worker: Worker, monkeypatch: pytest.MonkeyPatch) -> None:
     """Raw input's co-partitioning needs the range assignor: the worker names it, and the confluent driver passes
     it on as librdkafka's "range" (not a default list that would allow round-robin)."""
+    from dataclasses import asdict
+
     from kafka.coordinator.assignors.range import RangePartitionAssignor
 
     from pipeline.worker import kafkaclient as clients
@@ -568,6 +570,9 @@ def test_the_range_assignor_is_pinned_for_both_clients(worker: Worker, monkeypat
     with pytest.raises(RuntimeError, match="captured"):
         worker._connect()
     assert seen["partition_assignment_strategy"] == (RangePartitionAssignor,)
+    # what correctness needs is set whatever the tuning; the tuning comes from its one object
+    assert (seen["enable_auto_commit"], seen["isolation_level"]) == (False, "read_committed")
+    assert {k: seen[k] for k in asdict(clients.ConsumerTuning())} == asdict(clients.ConsumerTuning())
     conf = confluent.config({"partition_assignment_strategy": seen["partition_assignment_strategy"]}, role="consumer")
     assert conf["partition.assignment.strategy"] == "range"
 

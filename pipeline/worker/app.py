@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kafka import KafkaAdminClient, TopicPartition
-from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.errors import CorruptRecordError, KafkaError
 
 from pipeline.config import KafkaSettings, WorkerSettings
@@ -47,7 +46,7 @@ from pipeline.worker.transactions import ExactlyOnce
 log = logging.getLogger(__name__)
 
 # Clients reconnect within a second once a broker is back (kafka-python's default backs off up to 30 s).
-RECONNECT = {"reconnect_backoff_ms": 50, "reconnect_backoff_max_ms": 1000}
+RECONNECT = kafkaclient.Reconnect().options()
 
 
 class WorkerFailed(FraudPipelineError):
@@ -112,35 +111,24 @@ class Worker:
         log.info("serving model %s (threshold %.4g) on %s", artifact.version, artifact.threshold, scorer.where)
 
     def _connect(self) -> None:
-        common = {**self.kafka.client_options(), **RECONNECT}
         self.consumer = kafkaclient.consumer(
-            self.settings.kafka_client, **common, client_id=self.worker_id, group_id=self.settings.consumer_group,
-            enable_auto_commit=False, auto_offset_reset=self.settings.auto_offset_reset,
-            isolation_level="read_committed",  # never score what an upstream transaction aborted
-            max_poll_records=self.settings.max_batch, max_partition_fetch_bytes=4 * 1024 * 1024,
-            fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=10_000, heartbeat_interval_ms=3000,
-            metadata_max_age_ms=15_000,  # notice new partitions of the input topic within seconds
-            # Raw input's stages need partition p of the input, repartition and labels topics on one member
-            # (co-partitioning): the range assignor gives that, round-robin does not. Pinned, not left to each
-            # client's default list.
-            partition_assignment_strategy=(RangePartitionAssignor,),
-        )
+            self.settings.kafka_client, **self.kafka.client_options(), **kafkaclient.ConsumerTuning().options(),
+            client_id=self.worker_id, group_id=self.settings.consumer_group,
+            auto_offset_reset=self.settings.auto_offset_reset, max_poll_records=self.settings.max_batch)
         self.consumer.before_revoke = self._settle_before_revoke
         self.listener = ReleaseOnRevoke(self.pending, lambda: self.consumer, self._fail, self._forget, self.joined)
         topics = self.stages.topics.consumed if self.stages is not None else [self.kafka.input_topic]
         self.consumer.subscribe(topics, listener=self.listener)
         self.ledger.assigned = set()
         if self.checkpoint is None:
-            self.delivery = self._make_delivery(common)
+            self.delivery = self._make_delivery()
         else:
             self.checkpoint.delivery.consumer = self.consumer
 
-    def _make_delivery(self, common: dict[str, Any]) -> Delivery:
+    def _make_delivery(self) -> Delivery:
         assert self.consumer is not None
-        # batches of up to 512 KiB: with 16 KiB (the default) raw input's changelog records filled a batch every
-        # dozen records, and each full batch woke the sender thread (4,351 -> 6,414 tx/s, bench/state_bench.py)
-        options = {**common, "client_id": f"{self.worker_id}-out", "acks": "all", "linger_ms": 5,
-                   "batch_size": 512 * 1024, "max_block_ms": 10_000, "retry_backoff_ms": 100}
+        options = {**self.kafka.client_options(), **kafkaclient.ProducerTuning().options(),
+                   "client_id": f"{self.worker_id}-out"}
         args = (self.consumer, self.metrics, self.stop, self.settings.max_retry_backoff_s,
                 self.kafka.request_timeout_ms / 1000 + 30)
         if self.settings.processing_guarantee == "exactly-once":
