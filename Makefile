@@ -54,7 +54,8 @@ containers: $(STAMP) tools
 	FRAUD_CONTAINER_IMAGES=prebuilt $(BIN)/python -m deploy.containers run -- \
 	  $(BIN)/python -m pytest -m docker -s -p no:cacheprovider -o faulthandler_timeout=1500
 
-# No broker, no Java, no Go: the tests that need the Go-built tools run in `make test`. One pytest
+# tests/unit and the doctests: no broker, no Java, no Go (the tests that need the Go-built tools run in
+# `make test`; tests/conftest.py marks each test by its folder). One pytest
 # process per core (pytest-xdist): 1:30 on two cores, 2:34 in one process (2026-12-07).
 unit: $(STAMP)
 	$(BIN)/python -m pytest -n auto -m "not integration and not chaos and not docker and not tools"

@@ -4,7 +4,7 @@
 # and device-only) and bench/gpu_worker_path.py (the worker's decode -> score -> explain -> encode
 # path without Kafka, CPU vs CUDA). Writes under $OUT: device_check.log, gpu_scoring.json,
 # gpu_worker_path.json, nvidia-smi.txt, gpu_samples.csv (GPU use every 0.5 s). Where the trainer's
-# dependencies are present it also runs tests/test_scoring.py (CUDA against CPU included).
+# dependencies are present it also runs tests/unit/test_scoring.py (CUDA against CPU included).
 #
 #   OUT=/tmp/out bench/device_check.sh        # GPU machine: about 3 minutes (16 cores, H100/H200)
 #   SMOKE=1 OUT=/tmp/out bench/device_check.sh   # anywhere, CPU only: tiny sizes, about a minute
@@ -63,8 +63,8 @@ echo "== worker path without Kafka"
 timeout 150 "$PY" bench/gpu_worker_path.py --models "$MODELS" "${worker[@]}" --json "$OUT/gpu_worker_path.json" \
   || { echo "gpu_worker_path.py failed ($?)"; status=1; }
 if "$PY" -c "import pytest, sklearn, matplotlib, tqdm" 2>/dev/null; then  # the trainer can run: the CUDA tests too
-  echo "== tests/test_scoring.py"
-  timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/test_scoring.py || status=1
+  echo "== tests/unit/test_scoring.py"
+  timeout 60 "$PY" -m pytest -q -p no:cacheprovider tests/unit/test_scoring.py || status=1
 fi
 echo "== done $(date -u +%FT%TZ), status $status"
 exit $status

@@ -6,7 +6,7 @@ matrix products score as fast. So the worker serves a version on the CPU with ``
 wherever it can (``serve``): reconstruction and hybrid versions of every model type, with the
 ReLU, ELU or tanh activations. PyTorch, imported only then, serves CUDA, versions with a fraud
 classifier (their explanations are integrated gradients) and GELU (NumPy has no erf).
-``tests/test_npscorer.py`` holds both engines to the same scores on hostile inputs.
+``tests/unit/test_npscorer.py`` holds both engines to the same scores on hostile inputs.
 """
 
 from __future__ import annotations

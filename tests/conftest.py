@@ -28,6 +28,27 @@ logging.getLogger("kafka").setLevel(logging.ERROR)
 LOCAL_BROKER_PID: int | None = None  # set when the session broker is the project's local process
 
 
+# The folder says what a test needs, and marks it so (``make unit`` / ``test`` / ``chaos`` / ``containers`` select by
+# marker): tests/unit needs nothing running, tests/integration a broker, tests/chaos brokers it kills, tests/containers
+# a container engine.
+FOLDER_MARKS = {"integration": ("integration",), "chaos": ("chaos", "integration"), "containers": ("docker",)}
+BROKER_FIXTURES = {"kafka_bootstrap", "kafka_settings", "kafka_env", "broker_pid"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            parts = Path(str(item.fspath)).resolve().relative_to(tests).parts
+        except ValueError:  # the doctests of the packages
+            continue
+        folder = parts[0] if len(parts) > 1 else ""
+        for mark in FOLDER_MARKS.get(folder, ()):
+            item.add_marker(mark)
+        if folder == "unit" and BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            raise pytest.UsageError(f"{item.nodeid} uses the session broker: it belongs in tests/integration")
+
+
 def docker_available() -> str | None:
     """None when a Docker engine answers, else the reason it does not."""
     try:

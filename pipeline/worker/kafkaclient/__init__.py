@@ -26,7 +26,7 @@ kafka-python's API the worker uses, and no more, plus what the two clients need 
   thread: the worker commits there).
 
 Each driver is the only place its client's workarounds and private reach-ins live, each named
-with the client version it was written for. ``tests/test_kafka_drivers.py`` is the contract: one
+with the client version it was written for. ``tests/integration/test_kafka_drivers.py`` is the contract: one
 suite, run against both drivers on a real broker.
 
 Group-less helpers off the hot path (state restore, the start-up peek, the stall watchdog's

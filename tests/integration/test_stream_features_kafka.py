@@ -30,7 +30,7 @@ from tests.worker_helpers import read_topic, start_worker, state_drained, wait_f
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import yaml
 
 from deploy.prometheus.tools import compose_prometheus_version, find_promtool, tool_version
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = REPO / "deploy" / "prometheus"
 RULES = PROMETHEUS / "rules.yml"
 RULES_TEST = PROMETHEUS / "rules_test.yml"

@@ -214,7 +214,7 @@ def test_every_exception_the_project_defines_is_in_the_one_tree() -> None:
 
     # a record's verdict, raised and caught within one record's processing (dead-lettered as duplicate_conflict)
     outside = {"DuplicateConflict"}
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parents[2]
     bases: dict[str, list[str]] = {}
     for package in ("pipeline", "producer", "trainer"):
         for path in (repo / package).rglob("*.py"):

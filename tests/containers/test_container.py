@@ -9,7 +9,7 @@ and the worker's metrics count them.
 
 Needs a Docker engine; skipped with the reason where none answers. ``make containers`` runs it with the
 images it built (and Podman as the engine where Docker is absent); with Docker,
-``.venv/bin/python -m pytest -m docker tests/test_container.py`` builds them here (the first build downloads
+``.venv/bin/python -m pytest -m docker tests/containers/test_container.py`` builds them here (the first build downloads
 PyTorch's CPU wheels: several minutes).
 """
 
@@ -30,7 +30,7 @@ from pipeline.config import KafkaSettings
 from tests.container_helpers import PREBUILT, apache_kafka, container_marks
 from tests.worker_helpers import read_topic
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = container_marks("container test")
 
 IMAGE_TAG = "fraud-pipeline:container-test"

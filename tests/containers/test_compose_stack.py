@@ -13,7 +13,7 @@ and prom/prometheus) and leaves Grafana out. A small simulated bank streams raw 
 4. ``down`` then ``up -d``: Kafka's volume kept the topics and the group's offsets, the model volume the model,
    and the producer does not send its raw stream again.
 
-tests/test_compose_cluster.py runs the same stack with the three-node overlay.
+tests/containers/test_compose_cluster.py runs the same stack with the three-node overlay.
 
 Run it with ``make containers``.
 """
@@ -41,7 +41,7 @@ from tests.container_helpers import (
     wait_until,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = container_marks("compose stack", compose=True)
 
 

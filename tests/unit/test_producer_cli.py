@@ -19,7 +19,7 @@ from producer import jobs
 from producer.cli import parse, run
 from producer.options import ReplayJob, SimulateJob
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--customers", "50", "--terminals", "100", "--days", "10"]
 
 MISUSES = {

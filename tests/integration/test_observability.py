@@ -35,7 +35,7 @@ from tests.worker_helpers import produce_bad, produce_frame
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
 # What Grafana would put in place of its built-in variables, for a 1 s scrape interval.
 GRAFANA_BUILTINS = {"$__rate_interval": "5s", "$__interval": "2s", "$__range": "1m"}

@@ -33,7 +33,7 @@ from pipeline.npscorer import NumpyScorer, gpu_driver_present, numpy_refusal, se
 from pipeline.preprocess import Preprocessing
 from pipeline.scoring import Scorer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_layout_names_every_tensor_of_the_torch_modules() -> None:

@@ -17,7 +17,7 @@ import pytest
 from pipeline.config import KafkaSettings
 from pipeline.features import HANDBOOK_FEATURES
 from tests.kafka_helpers import REPO, kcat_read, run_cli
-from tests.test_producer_tables import creditcard_frame, handbook_frame
+from tests.unit.test_producer_tables import creditcard_frame, handbook_frame
 
 pytestmark = pytest.mark.integration
 

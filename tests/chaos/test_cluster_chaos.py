@@ -31,8 +31,8 @@ from producer.send import SendReport, make_producer, send_records
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
 from tests.chaos_helpers import Workers, assigned, check_outcome, committed_total, feed, stream_file
+from tests.integration.test_stream_features_kafka import assert_equal_to_offline, streamed_features
 from tests.kafka_helpers import with_shared_jars
-from tests.test_stream_features_kafka import assert_equal_to_offline, streamed_features
 from tests.worker_helpers import committed_to_end, produce_frame, state_drained, wait_for
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.timeout(1200)]

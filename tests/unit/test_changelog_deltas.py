@@ -187,7 +187,7 @@ def test_a_delta_that_cannot_be_read_is_skipped_with_an_error_line_and_a_metric(
                                                                                 caplog: pytest.LogCaptureFixture
                                                                                 ) -> None:
     from pipeline.config import KafkaSettings
-    from tests.test_state_hostile import TOPICS, Changelog
+    from tests.unit.test_state_hostile import TOPICS, Changelog
     from tests.worker_helpers import Record
 
     good = customer_store()
@@ -247,7 +247,7 @@ def test_old_pages_kept_alive_by_idle_keys_are_cleaned_so_the_changelog_stays_ne
 def test_a_page_that_cannot_be_read_is_skipped_with_an_error_line_and_a_metric(
         caplog: pytest.LogCaptureFixture) -> None:
     from pipeline.config import KafkaSettings
-    from tests.test_state_hostile import TOPICS, Changelog
+    from tests.unit.test_state_hostile import TOPICS, Changelog
     from tests.worker_helpers import Record
 
     good = customer_store(lag=0)

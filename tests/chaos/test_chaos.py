@@ -308,7 +308,7 @@ def test_raw_features_survive_kill_and_rebalance(settings: KafkaSettings, raw_mo
     late events the workers counted; a mismatch with neither would be lost state."""
     from producer.send import make_producer, send_records
     from producer.simulator import SimulatorConfig, simulate
-    from tests.test_stream_features_kafka import (
+    from tests.integration.test_stream_features_kafka import (
         assert_equal_to_offline,
         scored_before_their_window,
         split_messages,
@@ -385,7 +385,7 @@ def test_raw_backlog_replayed_unpaced_with_three_kills(settings: KafkaSettings, 
     exactly-once each transaction's features appear once."""
     from producer.send import make_producer, send_records
     from producer.simulator import SimulatorConfig, simulate
-    from tests.test_stream_features_kafka import assert_equal_to_offline, split_messages, streamed_features
+    from tests.integration.test_stream_features_kafka import assert_equal_to_offline, split_messages, streamed_features
 
     frame = simulate(SimulatorConfig(n_customers=400, n_terminals=800, n_days=62, seed=9,
                                      terminals_compromised_per_day=0.5))

@@ -13,7 +13,7 @@ from kafka.partitioner.default import DefaultPartitioner
 
 from pipeline.worker.records import Record
 from pipeline.worker.state.hop import PACK_BYTES, PACKED_KEY, pack, packed_count, partition_for, unpack
-from tests.test_stream_features import TOPICS, stages
+from tests.unit.test_stream_features import TOPICS, stages
 
 KEYS = st.binary(min_size=1, max_size=40)
 

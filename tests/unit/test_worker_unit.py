@@ -586,7 +586,7 @@ def test_only_the_checkpoint_and_the_delivery_modes_commit() -> None:
 
     owners = {"checkpoint.py", "delivery.py", "transactions.py", "confluent.py", "kafka_python.py"}
     calls = re.compile(r"(?<!checkpoint)\.(deliver|submit|commit|commit_transaction|send_offsets_to_transaction)\(")
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     found = [f"{path.relative_to(root)}:{n}" for folder in ("pipeline", "producer", "trainer")
              for path in (root / folder).rglob("*.py") if path.name not in owners
              for n, line in enumerate(path.read_text().splitlines(), 1) if calls.search(line)]

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from deploy.prometheus.render import JOB
 from pipeline.worker.metrics import WorkerMetrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = REPO / "docker-compose.yml"
 DOCKERFILE = DEPLOY / "Dockerfile"
