@@ -39,7 +39,7 @@ demo: $(STAMP) system-tools
 	$(BIN)/python -m deploy.demo
 
 test: $(STAMP) tools
-	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
+	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench quality tools
 	$(BIN)/python -m pytest -m "not chaos and not docker"
 
 # Workers and the broker killed mid-stream, rebalances, 100,000 hostile records (about 15 minutes).
@@ -61,7 +61,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -n auto -m "not integration and not chaos and not docker and not tools"
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench
+	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench quality tools
 
 # The alerting rules: check them and run their unit tests (deploy/prometheus/rules_test.yml).
 rules: go-tools

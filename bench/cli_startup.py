@@ -25,8 +25,8 @@ HEAVY = ("torch", "sklearn", "scipy", "matplotlib", "pandas", "pyarrow", "numpy"
 BAD_FLAG = "--no-such-flag"
 SUBCOMMANDS = {"fraud-train": ("fit", "evaluate", "score"), "fraud-produce": ("simulate", "replay")}
 MODULES = ("deploy.kafka", "deploy.demo", "deploy.prometheus.render")
-BENCH_SCRIPTS = ("worker_bench.py", "gpu_scoring.py", "adbench.py", "quality.py", "compare_simulator.py",
-                 "cli_startup.py")
+SCRIPTS = ("bench/worker_bench.py", "bench/gpu_scoring.py", "quality/adbench.py", "quality/quality.py",
+           "quality/compare_simulator.py", "bench/cli_startup.py")
 
 
 def console_scripts() -> dict[str, str]:
@@ -44,7 +44,7 @@ def commands() -> dict[str, list[str]]:
         for sub in SUBCOMMANDS.get(name, ()):
             out[f"{name} {sub}"] = ["-c", wrapper, sub]
     out.update({f"python -m {m}": ["-m", m] for m in MODULES})
-    out.update({f"python bench/{s}": [f"bench/{s}"] for s in BENCH_SCRIPTS})
+    out.update({f"python {s}": [s] for s in SCRIPTS})
     return out
 
 

@@ -62,7 +62,7 @@ def prepare_models(root: Path | None, scores: tuple[str, ...] = SCORES) -> dict[
             from trainer.train import TrainConfig
         except ImportError as err:
             raise SystemExit(f"no model of each score under {root} and the trainer cannot run here ({err}): "
-                             "run `bench/device_check.sh --prepare` where it can, and carry the folder") from err
+                             "run `tools/device/device_check.sh --prepare` where it can, and carry the folder") from err
         history, _ = simulate_bank(stream_days=0)
         for score in (s for s, path in found.items() if path is None):
             options = FitOptions(output=root / score, train=TrainConfig(epochs=2, progress=False),

@@ -22,7 +22,7 @@ from tests.bench_helpers import STATE_BANK, run_script
 def test_quality_baselines_on_simulated_april_to_july(tmp_path: Path) -> None:
     data = tmp_path / "tx.parquet"
     simulate(SimulatorConfig(n_customers=300, n_terminals=600, n_days=122, seed=2)).to_parquet(data)
-    out = run_script("bench/quality.py", "--baselines-only", "--data", data)
+    out = run_script("quality/quality.py", "--baselines-only", "--data", data)
     results = json.loads(out.strip().splitlines()[-1])
     assert set(results) == {"isolation_forest", "pca"}
     for metrics in results.values():
@@ -39,7 +39,7 @@ def test_adbench_protocol_on_two_generated_sets(tmp_path: Path) -> None:
                  y=np.r_[np.zeros(300), np.ones(30)])
     doc = tmp_path / "quality.md"
     doc.write_text("# Model quality\n\nkept\n")
-    out = run_script("bench/adbench.py", "--data-dir", tmp_path, "--out", doc, "--epochs", "3")
+    out = run_script("quality/adbench.py", "--data-dir", tmp_path, "--out", doc, "--epochs", "3")
     results = json.loads((tmp_path / "adbench.json").read_text())
     assert list(results) == ["blobs", "shifted"]
     for entry in results.values():
@@ -47,7 +47,7 @@ def test_adbench_protocol_on_two_generated_sets(tmp_path: Path) -> None:
         assert entry["knn5"]["roc_auc"] > 0.95 and 0 <= entry["ours"]["average_precision"] <= 1
         assert entry["scoring"] == "hybrid"  # auto without labelled validation rows
     text = doc.read_text()
-    assert "kept" in text and "| **mean** |" in text and "bench/adbench.py" in text and "| blobs | 4 |" in out
+    assert "kept" in text and "| **mean** |" in text and "quality/adbench.py" in text and "| blobs | 4 |" in out
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_gpu_worker_path_streams_every_record_through_each_run(tmp_path: Path, d
 
 
 def test_compare_simulator_prints_the_statistics_table() -> None:
-    out = run_script("bench/compare_simulator.py", "--days", "10", "--seed", "1")
+    out = run_script("quality/compare_simulator.py", "--days", "10", "--seed", "1")
     assert "Simulated " in out and "| fraud rate overall (%) |" in out
     assert "| TERMINAL_ID_RISK_30DAY_WINDOW max |" in out  # every feature is summarised
 

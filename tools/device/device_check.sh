@@ -6,16 +6,16 @@
 # gpu_worker_path.json, nvidia-smi.txt, gpu_samples.csv (GPU use every 0.5 s). Where the trainer's
 # dependencies are present it also runs tests/unit/test_scoring.py (CUDA against CPU included).
 #
-#   OUT=/tmp/out bench/device_check.sh        # GPU machine: about 3 minutes (16 cores, H100/H200)
-#   SMOKE=1 OUT=/tmp/out bench/device_check.sh   # anywhere, CPU only: tiny sizes, about a minute
+#   OUT=/tmp/out tools/device/device_check.sh        # GPU machine: about 3 minutes (16 cores, H100/H200)
+#   SMOKE=1 OUT=/tmp/out tools/device/device_check.sh   # anywhere, CPU only: tiny sizes, about a minute
 #
 # Models: $MODELS (default runs/device-check/models), trained first where missing, which needs the
 # trainer's dependencies (matplotlib, tqdm, scikit-learn): prepare the folder on a development
-# machine (`bench/device_check.sh --prepare`) and carry it. orjson and safetensors, when the
+# machine (`tools/device/device_check.sh --prepare`) and carry it. orjson and safetensors, when the
 # machine's Python lacks them, are installed offline from wheels in .whl/ into a private folder.
 # Python: $PYTHON, else python3.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python3}
 MODELS=${MODELS:-runs/device-check/models}
 
@@ -36,8 +36,8 @@ else
   worker=(--records 200000 --batches 4096,16384,65536)
 fi
 
-# shellcheck source=bench/devicelib.sh
-source bench/devicelib.sh
+# shellcheck source=tools/device/devicelib.sh
+source tools/device/devicelib.sh
 machine_report "$OUT" "$PY"
 [ -n "$sampler" ] && trap 'kill "$sampler"' EXIT
 

@@ -1,6 +1,6 @@
 """Compare the simulator with the handbook's published data; print markdown tables.
 
-    python bench/compare_simulator.py [--seed 0] [--days 122]
+    python quality/compare_simulator.py [--seed 0] [--days 122]
 
 Simulates April–July 2018 (122 days) at the handbook's size and, when
 ``../shared/data/fdh-transactions-2018-04-to-07.parquet`` is present, sets it beside the

@@ -8,7 +8,7 @@ and threshold) with its default settings, one setting for every set, and scores 
 through the ``Scorer`` the worker uses. Writes a markdown block into docs/model-quality.md and
 the raw figures to docs/adbench.json.
 
-    .venv/bin/python bench/adbench.py        # needs ../shared/data; about 10 minutes on 2 shared cores
+    .venv/bin/python quality/adbench.py        # needs ../shared/data; about 10 minutes on 2 shared cores
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.docblock import replace_block  # noqa: E402
+from quality.docblock import replace_block  # noqa: E402
 
 VAL_SHARE = 0.15  # of the training rows, the last ones: the trainer's validation rows
 DETECTORS = ("ours", "knn5", "iforest", "pca")
@@ -166,7 +166,7 @@ def markdown(results: dict[str, dict], args: argparse.Namespace) -> str:
         "ROC-AUC / average precision on the test rows of each set (protocol above); ours: `fraud-train`'s "
         "defaults (autoencoder, automatic schedule and bottleneck, `auto` scoring, which is the hybrid here: "
         "no labelled validation rows), seed 0, CPU, one thread; `(cap)`: training ended at the epoch cap.", "",
-        table(results), "", "Reproduce:", "", "```", f".venv/bin/python bench/adbench.py{flags}", "```",
+        table(results), "", "Reproduce:", "", "```", f".venv/bin/python quality/adbench.py{flags}", "```",
     ])
 
 
