@@ -40,7 +40,6 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +49,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
-from kafka.errors import KafkaError  # noqa: E402
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
+from bench.brokerkit import broker, group_offsets  # noqa: E402
 from bench.statekit import (  # noqa: E402
     TERMINAL_HORIZON_MS,
     customer_records,
@@ -384,16 +383,6 @@ def fill_raw(settings: KafkaSettings, stream: pd.DataFrame) -> dict[str, Any]:
             "bytes": sum(len(m[2]) for m in messages if m[0] == settings.input_topic)}
 
 
-def group_offsets(bootstrap: str, group: str) -> dict[TopicPartition, int]:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="state-bench-offsets")
-    try:
-        return {tp: meta.offset for tp, meta in admin.list_group_offsets(group).get(group, {}).items()}
-    except KafkaError:
-        return {}
-    finally:
-        admin.close()
-
-
 def wait_done(bootstrap: str, group: str, ends: dict[TopicPartition, int], repartition: str | None, total: int,
               alive: Callable[[], bool], timeout_s: float = 900) -> float:
     """perf_counter time at which the group has committed ``ends`` and, on raw input, scored every
@@ -401,7 +390,7 @@ def wait_done(bootstrap: str, group: str, ends: dict[TopicPartition, int], repar
     ``total`` records, so it is read, not counted)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and alive():
-        offsets = group_offsets(bootstrap, group)
+        offsets = group_offsets(bootstrap, group, "state-bench-offsets")
         if all(offsets.get(tp, -1) >= end for tp, end in ends.items()) and (
                 repartition is None or scored_to_end(bootstrap, repartition, offsets)):
             return time.perf_counter()
@@ -539,26 +528,6 @@ def bench_workers(bootstrap: str, data_dir: Path | None, frame: pd.DataFrame, ar
         runs["raw"].append(step(f"worker-raw-{i + 1}", lambda group=group: bench_worker(
             raw, Path(models["raw"]), len(stream), args, group, True, data_dir)))
     return {"stream_rows": len(stream), "fill": fills, "runs": runs}
-
-
-# -- broker ----------------------------------------------------------------------------------
-@contextmanager
-def broker(args: argparse.Namespace) -> Iterator[tuple[str, Path | None]]:
-    """Bootstrap servers and data folder (None if not started here) of the broker used."""
-    if args.bootstrap_servers:
-        yield args.bootstrap_servers, None
-        return
-    from deploy.kafka.local import DEFAULT_HOME, LocalKafka
-
-    libs = args.kafka_libs or DEFAULT_HOME / "libs"
-    if not (args.kafka_home / "libs").exists() and libs.exists():
-        shutil.copytree(libs, args.kafka_home / "libs", symlinks=True)
-    local = LocalKafka(args.kafka_home, heap="1g")
-    state = local.start()
-    try:
-        yield state.bootstrap_servers, Path(state.data_dir)
-    finally:
-        local.stop()
 
 
 # -- report ----------------------------------------------------------------------------------

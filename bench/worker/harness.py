@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench.brokerkit import broker
 from bench.worker.ceiling import bench_ceiling, bench_ceiling_confluent
 from bench.worker.data import feature_matrix, simulate_and_train, wire_records
 from bench.worker.latency import bench_latency
@@ -29,7 +30,7 @@ from bench.worker.profiling import profile_worker
 from bench.worker.report import table
 from bench.worker.scoring import bench_scoring
 from bench.worker.throughput import bench_worker
-from bench.worker.topic import broker, fill_topic, topics_for
+from bench.worker.topic import fill_topic, topics_for
 from bench.worker.transport import bench_transport
 
 KP = "kafka-python"
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     log(f"{results['data']}")
     records = wire_records(stream)
     matrix = feature_matrix(stream, model_dir)
-    with broker(args) as bootstrap:
+    with broker(args) as (bootstrap, _data_dir):
         settings = topics_for(bootstrap, uuid.uuid4().hex[:8])
         results["fill"] = fill_topic(settings, records)
         log(f"filled: {results['fill']}")

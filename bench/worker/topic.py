@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
-import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
+from kafka import KafkaConsumer, TopicPartition
 
+from bench.brokerkit import group_offsets
 from pipeline.config import KafkaSettings
 from pipeline.topics import ensure_topics
+from pipeline.worker.kafkaclient import ConsumerTuning
 
-# The worker's own fetch settings (pipeline/worker/app.py), so the ceiling fetches the same way.
-FETCH = {"max_partition_fetch_bytes": 4 * 1024 * 1024, "fetch_max_bytes": 64 * 1024 * 1024}
+# The worker's own fetch settings (its one tuning object), so the ceiling fetches the same way.
+FETCH = {"max_partition_fetch_bytes": ConsumerTuning().max_partition_fetch_bytes,
+         "fetch_max_bytes": ConsumerTuning().fetch_max_bytes}
 PARTITIONS = 3
-
-
-@contextmanager
-def broker(args: argparse.Namespace) -> Iterator[str]:
-    """Bootstrap servers of the given broker, or of a local one started (and stopped) here."""
-    if args.bootstrap_servers:
-        yield args.bootstrap_servers
-        return
-    from deploy.kafka.local import DEFAULT_HOME, LocalKafka
-
-    home = args.kafka_home
-    if not (home / "libs").exists() and (DEFAULT_HOME / "libs").exists():
-        shutil.copytree(DEFAULT_HOME / "libs", home / "libs", symlinks=True)
-    local = LocalKafka(home, heap="1g")
-    state = local.start()
-    try:
-        yield state.bootstrap_servers
-    finally:
-        local.stop()
 
 
 def topics_for(bootstrap: str, tag: str) -> KafkaSettings:
@@ -82,20 +62,13 @@ def wait_committed(bootstrap: str, group: str, ends: dict[TopicPartition, int], 
                    tail: Callable[[], str] = lambda: "") -> float:
     """perf_counter time at which the group's committed offsets first equal ``ends`` (polled, and looked
     at once more after the consumers have exited); ``tail`` adds their last log lines to a failure."""
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="bench-offsets")
     deadline = time.monotonic() + timeout_s
-    try:
-        while time.monotonic() < deadline:
-            running = alive()  # before the look: offsets committed just before an exit still count
-            try:
-                offsets = admin.list_group_offsets(group).get(group, {})
-            except KafkaError:
-                offsets = {}
-            if all(tp in offsets and offsets[tp].offset >= end for tp, end in ends.items()):
-                return time.perf_counter()
-            if not running:
-                break
-            time.sleep(every_s)
-    finally:
-        admin.close()
+    while time.monotonic() < deadline:
+        running = alive()  # before the look: offsets committed just before an exit still count
+        offsets = group_offsets(bootstrap, group)
+        if all(offsets.get(tp, -1) >= end for tp, end in ends.items()):
+            return time.perf_counter()
+        if not running:
+            break
+        time.sleep(every_s)
     raise SystemExit(f"group {group} did not commit up to the end offsets\n{tail()}")
