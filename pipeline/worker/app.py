@@ -308,7 +308,8 @@ class Worker:
                 record, RecordError("corrupt_record", None, record.unreadable)))
             outcome.dead_letters["corrupt_record"] += 1
         consumed += len(unreadable)
-        self.checkpoint.commit(outcome.outputs, offsets, records, consumed, outcome)
+        # the unreadable ones too: an aborted transaction reads them again (the driver has moved past them)
+        self.checkpoint.commit(outcome.outputs, offsets, [*records, *unreadable], consumed, outcome)
         if awaiting_commit:  # records wait for the batches in flight: commit them
             self.checkpoint.settle()
 

@@ -76,15 +76,6 @@ class Checkpoint:
                 stages.discard(records)  # the aborted batch's state changes are gone with it
             self._rewind(records)
 
-    def commit_now(self, outputs: list[Output], offsets: dict[TopicPartition, int], consumed: int,
-                   outcome: BatchOutcome) -> bool:
-        """One batch committed before anything else is read (a record the client cannot parse, dead-lettered
-        alone): False when the group moved on."""
-        if not self.delivery.deliver(outputs, offsets):
-            return False
-        self._committed(consumed, outcome, offsets)
-        return True
-
     def publish(self, outputs: list[Output]) -> None:
         """Outputs that go with no offsets (raw input's watermark marks between batches), after what is in
         flight."""

@@ -645,3 +645,19 @@ def test_an_unreadable_record_standing_for_a_whole_batch_moves_its_partition_pas
     other = Consumed("in", 1, 7, -1, b"k", b"v", [])
     assert offsets_past([good, batch, other]) == {TopicPartition("in", 0): 12, TopicPartition("in", 1): 8}
     assert offsets_past([good, other]) == {TopicPartition("in", 0): 5, TopicPartition("in", 1): 8}
+
+
+def test_an_aborted_transaction_reads_an_unreadable_record_again(worker: Worker) -> None:
+    """The driver has moved its partition past an unreadable record; when the transaction holding its dead letter
+    aborts, the batch is read again from its first record, the unreadable one included (else its dead letter is
+    lost and the next commit passes it)."""
+    from pipeline.worker.checkpoint import Checkpoint
+    from pipeline.worker.records import Record as Consumed
+
+    consumer, listener, delivery = _Recorder(), _Recorder(), _Delivery(False)
+    worker.checkpoint = Checkpoint(delivery, worker.ledger, lambda: consumer, lambda: None,  # type: ignore[arg-type]
+                                   lambda: listener, exactly_once=True)
+    worker.process([Consumed("tx", 0, 3, -1, b"k", b"poison", [], "kafka-python cannot parse it")])
+    ((outputs, offsets),) = delivery.delivered
+    assert [o.topic for o in outputs] == [worker.kafka.dead_letter_topic] and offsets == {TopicPartition("tx", 0): 4}
+    assert consumer.calls == [("seek", TopicPartition("tx", 0), 3)]
