@@ -34,6 +34,7 @@ from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.outputs import TRUNCATED_VALUE_BYTES, Output, dead_letter
 from pipeline.worker.processing import BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
+from tests.fakes import Acked, RecordingConsumer
 from tests.worker_helpers import Record
 
 EVENT_MS = 1_600_000_000_000
@@ -65,24 +66,11 @@ class StrictProducer:
         if len(value) + sum(len(k) + len(v) for k, v in headers or []) > self.max_bytes:
             raise MessageSizeTooLargeError(f"{len(value)} bytes")
         self.sent.append(out)
-        return _Acked()
-
-
-class _Acked:
-    def get(self, timeout=None):
-        return None
-
-
-class CommittingConsumer:
-    def __init__(self) -> None:
-        self.commits: list[dict] = []
-
-    def commit(self, offsets):
-        self.commits.append(offsets)
+        return Acked()
 
 
 def delivery(producer: StrictProducer, consumer: Any = None) -> AtLeastOnce:
-    d = AtLeastOnce({}, consumer or CommittingConsumer(), WorkerMetrics(CollectorRegistry()), threading.Event(),
+    d = AtLeastOnce({}, consumer or RecordingConsumer(), WorkerMetrics(CollectorRegistry()), threading.Event(),
                     max_backoff_s=0.01, ack_timeout_s=1)
     d.producer = producer  # type: ignore[assignment]
     return d
@@ -98,7 +86,7 @@ def worker(scorer: Scorer) -> Worker:
     kafka = KafkaSettings.build(environ={})
     settings = WorkerSettings.build(environ={}, overrides={"device": "cpu", "max_retry_backoff_s": 0.01})
     w = Worker(kafka, settings, scorer, WorkerMetrics(CollectorRegistry()))
-    w.consumer = CommittingConsumer()  # type: ignore[assignment]
+    w.consumer = RecordingConsumer()  # type: ignore[assignment]
     w.delivery = delivery(StrictProducer(), w.consumer)
     return w
 
@@ -279,16 +267,8 @@ def test_every_hostile_record_ends_scored_or_dead_lettered(scorer: Scorer, data:
 
 
 # -- rebalance and liveness ------------------------------------------------------------------
-class SeekingConsumer:
-    def __init__(self) -> None:
-        self.seeks: dict[TopicPartition, int] = {}
-
-    def seek(self, tp: TopicPartition, offset: int) -> None:
-        self.seeks[tp] = offset
-
-
 def test_revoked_records_are_released_and_their_partition_rewound_if_it_comes_back() -> None:
-    pending, consumer, failures = PendingRecords(), SeekingConsumer(), []
+    pending, consumer, failures = PendingRecords(), RecordingConsumer(), []
     pending.extend([Record(b"x", o, partition=p) for p, o in [(0, 7), (1, 3), (0, 8), (1, 4)]])
     listener = ReleaseOnRevoke(pending, lambda: consumer, failures.append, lambda _tps: None)
     asyncio.run(listener.on_partitions_revoked({TopicPartition("tx", 0)}))
@@ -299,7 +279,7 @@ def test_revoked_records_are_released_and_their_partition_rewound_if_it_comes_ba
 
 def test_the_assignment_counts_as_settled_from_assign_to_the_next_revoke() -> None:
     """The worker's idle clock runs only while ``joined`` is set: a slow or lost join is not idleness."""
-    listener = ReleaseOnRevoke(PendingRecords(), SeekingConsumer, lambda _err: None, lambda _tps: None)
+    listener = ReleaseOnRevoke(PendingRecords(), RecordingConsumer, lambda _err: None, lambda _tps: None)
     assert not listener.joined.is_set()
     asyncio.run(listener.on_partitions_assigned(set()))
     assert listener.joined.is_set()  # an empty assignment is settled too (more members than partitions)
@@ -315,7 +295,7 @@ def test_a_listener_failure_is_kept_for_the_main_loop() -> None:
     def broken(_tps: set) -> None:
         raise RuntimeError("metrics broke")
 
-    listener = ReleaseOnRevoke(PendingRecords(), SeekingConsumer, failures.append, broken)
+    listener = ReleaseOnRevoke(PendingRecords(), RecordingConsumer, failures.append, broken)
     asyncio.run(listener.on_partitions_revoked({TopicPartition("tx", 0)}))
     assert [str(f) for f in failures] == ["metrics broke"]
 
@@ -366,7 +346,7 @@ def test_an_aborted_batch_is_read_again_if_its_partition_comes_back_before_a_com
     aborted transaction were refused (the group had taken the partitions), kafka-python kept its position past
     them when it gave them straight back, and 600 records were committed unread. The aborted batch's first
     offsets now wait in the listener until the partition is assigned again or committed."""
-    consumer, failures = SeekingConsumer(), []
+    consumer, failures = RecordingConsumer(), []
     listener = ReleaseOnRevoke(PendingRecords(), lambda: consumer, failures.append, lambda _tps: None)
     tp0, tp1 = TopicPartition("tx", 0), TopicPartition("tx", 1)
     listener.rewind_on_assignment({tp0: 120, tp1: 40})

@@ -31,6 +31,7 @@ from pipeline.worker.batch import decode_batch
 from pipeline.worker.delivery import AtLeastOnce, StopWithoutCommit
 from pipeline.worker.metrics import WorkerMetrics, observe_many
 from pipeline.worker.outputs import Output, alert_value, dead_letter
+from tests.fakes import Acked, Fail, Raise, ScriptedProducer, SlowFuture
 from tests.worker_helpers import Record
 
 
@@ -84,25 +85,6 @@ def test_dead_letter_headers_name_error_and_source() -> None:
     assert b"must be a number" in headers["dlq.error.message"]
 
 
-class FlakyProducer:
-    """Fails the first ``failures`` sends, then acknowledges everything."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures, self.sent = failures, []
-
-    def send(self, topic, key=None, value=None, headers=None, partition=None):
-        if self.failures > 0:
-            self.failures -= 1
-            raise KafkaTimeoutError("broker away")
-        self.sent.append((topic, key, value))
-        return _Done()
-
-
-class _Done:
-    def get(self, timeout=None):
-        return None
-
-
 @pytest.fixture
 def worker(model_dir: Path) -> Worker:
     kafka = KafkaSettings.build(environ={})
@@ -119,29 +101,13 @@ def at_least_once(producer: object, consumer: object = None, stop: threading.Eve
 
 
 def test_publish_retries_until_acknowledged() -> None:
-    delivery = at_least_once(FlakyProducer(failures=3))
+    delivery = at_least_once(ScriptedProducer(*[Raise(KafkaTimeoutError("broker away"))] * 3))
     outputs = [Output("alerts", b"k", b"v1"), Output("alerts", b"k", b"v2")]
     delivery._publish(outputs)
     assert sorted(v for _, _, v in delivery.producer.sent) == [b"v1", b"v2"]  # type: ignore[union-attr]
     assert delivery.metrics.registry.get_sample_value("fraud_errors_total", {"kind": "publish_failed"}) == 2
     # named by the client's error class
     assert delivery.metrics.registry.get_sample_value("fraud_kafka_errors_total", {"error": "KafkaTimeoutError"}) == 2
-
-
-class SlowFuture:
-    """Acknowledged ``after_s`` after it was made; ``get`` raises KafkaTimeoutError before that."""
-
-    def __init__(self, after_s: float) -> None:
-        self.at = time.monotonic() + after_s
-
-    @property
-    def is_done(self) -> bool:
-        return time.monotonic() >= self.at
-
-    def get(self, timeout=None):
-        time.sleep(max(0.0, min(timeout, self.at - time.monotonic())))
-        if not self.is_done:
-            raise KafkaTimeoutError("not yet")
 
 
 def test_a_slow_acknowledgement_is_logged_once_and_waited_for(monkeypatch: pytest.MonkeyPatch,
@@ -187,7 +153,7 @@ def test_warm_fetches_every_output_topic_and_never_stops_start_up(caplog: pytest
 def test_stop_during_outage_leaves_without_commit() -> None:
     stop = threading.Event()
     stop.set()
-    delivery = at_least_once(FlakyProducer(failures=10**9), stop=stop)
+    delivery = at_least_once(ScriptedProducer(then=Raise(KafkaTimeoutError("broker away"))), stop=stop)
     with pytest.raises(StopWithoutCommit):
         delivery._publish([Output("alerts", b"k", b"v")])
 
@@ -195,7 +161,7 @@ def test_stop_during_outage_leaves_without_commit() -> None:
 def test_process_commits_only_after_publishing(worker: Worker) -> None:
     events: list[str] = []
 
-    class Producer(FlakyProducer):
+    class Producer(ScriptedProducer):
         def send(self, *a, **k):
             events.append("send")
             return super().send(*a, **k)
@@ -206,7 +172,7 @@ def test_process_commits_only_after_publishing(worker: Worker) -> None:
             self.offsets = offsets
 
     worker.consumer = Consumer()  # type: ignore[assignment]
-    worker.delivery = at_least_once(Producer(0), worker.consumer)
+    worker.delivery = at_least_once(Producer(), worker.consumer)
     names = worker.scorer.artifact.feature_names
     bad = Record(b"not json", offset=7)
     huge = {"transaction_id": "x", "event_time": 1_600_000_000_000, **{n: 1e30 for n in names}}
@@ -247,7 +213,7 @@ class HeldProducer:
     def send(self, topic, key=None, value=None, headers=None, partition=None):
         self.sent.append(value)
         if value in self.futures:
-            return _Done()
+            return Acked()
         self.futures[value] = future = PendingFuture(self.log, value.decode())
         return future
 
@@ -351,7 +317,7 @@ class HangingTransactions:
 
     def send(self, topic, key=None, value=None, headers=None, partition=None):
         self.sent.append(value)
-        return _Done()
+        return Acked()
 
     def send_offsets_to_transaction(self, offsets, group_metadata) -> None:
         if self.hang_in == "send_offsets_to_transaction":
@@ -425,7 +391,7 @@ class BrokenIdempotence:
         if len(BrokenIdempotence.made) == 1:  # the first producer's state is broken
             raise OutOfOrderSequenceNumberError("sequence 7, expected 5")
         self.sent.append(value)
-        return _Done()
+        return Acked()
 
     def close(self, timeout=None) -> None:
         self.closed = True
@@ -475,38 +441,16 @@ def test_only_an_error_about_the_message_itself_shrinks_or_drops_it(err: BaseExc
     assert classify(err) == kind
 
 
-class FailsOnceProducer:
-    """Its first send's acknowledgement fails with ``err``; every later one is acknowledged."""
-
-    def __init__(self, err: BaseException) -> None:
-        self.err, self.sent = err, []
-
-    def send(self, topic, key=None, value=None, headers=None, partition=None):
-        err, self.err = self.err, None
-        self.sent.append(value)
-        return _Failed(err) if err is not None else _Done()
-
-
-class _Failed:
-    is_done = True
-
-    def __init__(self, err: BaseException) -> None:
-        self.err = err
-
-    def get(self, timeout=None):
-        raise self.err
-
-
 def test_a_features_record_failed_by_a_broker_error_is_sent_again_not_dropped() -> None:
     """A features record has no smaller form: classified as message-specific, it was dropped (an ERROR line,
     ``output_dropped``) for an error that said nothing about it."""
-    delivery = at_least_once(FailsOnceProducer(kafka_errors.BrokerNotAvailableError()))
+    delivery = at_least_once(ScriptedProducer(Fail(kafka_errors.BrokerNotAvailableError())))
     delivery._publish([Output("features", b"k", b"f1")])
-    assert delivery.producer.sent == [b"f1", b"f1"]  # type: ignore[union-attr]
+    assert delivery.producer.values == [b"f1", b"f1"]  # type: ignore[union-attr]
     assert delivery.metrics.registry.get_sample_value("fraud_errors_total", {"kind": "output_dropped"}) == 0
-    invalid = at_least_once(FailsOnceProducer(kafka_errors.InvalidRecordError("refused")))
+    invalid = at_least_once(ScriptedProducer(Fail(kafka_errors.InvalidRecordError("refused"))))
     invalid._publish([Output("features", b"k", b"f1")])  # refused for itself, and no smaller form: dropped, counted
-    assert invalid.producer.sent == [b"f1"]  # type: ignore[union-attr]
+    assert invalid.producer.values == [b"f1"]  # type: ignore[union-attr]
     assert invalid.metrics.registry.get_sample_value("fraud_errors_total", {"kind": "output_dropped"}) == 1
 
 
