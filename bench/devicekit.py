@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bench.bank import fit_model, windows
 from pipeline.scores import BatchScorer
 from pipeline.scoring import Scorer, available_cpus
 
@@ -36,10 +37,7 @@ def simulate_bank(stream_days: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     from producer.simulator import SimulatorConfig, simulate
 
     frame = simulate(SimulatorConfig(**BANK, n_days=WARMUP_DAYS + TRAIN_DAYS + stream_days))
-    days = frame["TX_TIME_DAYS"]
-    start = WARMUP_DAYS + TRAIN_DAYS
-    history = frame[(days >= WARMUP_DAYS) & (days < start)].reset_index(drop=True)
-    return history, frame[days >= start].reset_index(drop=True)
+    return windows(frame, WARMUP_DAYS, TRAIN_DAYS)
 
 
 def stream_days_for(rows: int) -> int:
@@ -56,19 +54,13 @@ def prepare_models(root: Path | None, scores: tuple[str, ...] = SCORES) -> dict[
     found = {score: _version_in(root / score) for score in scores}
     if not all(found.values()):
         try:
-            from pipeline.features import HANDBOOK
-            from trainer.fit import FitOptions, run_fit
-            from trainer.split import SplitSpec
-            from trainer.train import TrainConfig
+            import trainer.fit  # noqa: F401
         except ImportError as err:
             raise SystemExit(f"no model of each score under {root} and the trainer cannot run here ({err}): "
                              "run `tools/device/device_check.sh --prepare` where it can, and carry the folder") from err
         history, _ = simulate_bank(stream_days=0)
         for score in (s for s, path in found.items() if path is None):
-            options = FitOptions(output=root / score, train=TrainConfig(epochs=2, progress=False),
-                                 split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
-                                 baselines=False, publish=False, score=score)
-            found[score] = run_fit(history, HANDBOOK, options).version_dir
+            found[score] = fit_model(history, root / score, epochs=2, score=score)
     return {score: path for score, path in found.items() if path is not None}
 
 

@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
+from bench.bank import fit_model, windows  # noqa: E402
 from bench.brokerkit import broker, group_offsets  # noqa: E402
 from bench.statekit import (  # noqa: E402
     TERMINAL_HORIZON_MS,
@@ -338,20 +339,8 @@ def bench_restore(bootstrap: str, data_dir: Path | None, held: dict[str, list[in
 # -- 4. worker, featured and raw input -------------------------------------------------------
 def train_models(frame: pd.DataFrame, args: argparse.Namespace, root: Path) -> dict[str, Path]:
     """A featured-input and a raw-input model of the same network, trained on the same window."""
-    from pipeline.features import HANDBOOK
-    from trainer.fit import FitOptions, run_fit
-    from trainer.split import SplitSpec
-    from trainer.train import TrainConfig
-
-    days = frame["TX_TIME_DAYS"]
-    history = frame[(days >= args.warmup_days) & (days < args.warmup_days + args.train_days)]
-    models = {}
-    for form in ("features", "raw"):
-        options = FitOptions(output=root / form, train=TrainConfig(epochs=args.epochs, seed=0, progress=False),
-                             split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
-                             baselines=False, publish=False, score="reconstruction", input_form=form)
-        models[form] = run_fit(history.reset_index(drop=True), HANDBOOK, options).version_dir
-    return models
+    history, _ = windows(frame, args.warmup_days, args.train_days)
+    return {form: fit_model(history, root / form, args.epochs, input_form=form) for form in ("features", "raw")}
 
 
 def settings_for(bootstrap: str, tag: str) -> KafkaSettings:

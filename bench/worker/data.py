@@ -10,28 +10,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench.bank import fit_model, windows
+
 
 def simulate_and_train(args: argparse.Namespace, root: Path) -> tuple[pd.DataFrame, Path, dict[str, Any]]:
     """The stream (rows after the training window) and a model version trained on the window."""
-    from pipeline.features import HANDBOOK
     from producer.simulator import SimulatorConfig, simulate
-    from trainer.fit import FitOptions, run_fit
-    from trainer.split import SplitSpec
-    from trainer.train import TrainConfig
 
-    start_train, start_stream = args.warmup_days, args.warmup_days + args.train_days
     t0 = time.perf_counter()
     frame = simulate(SimulatorConfig(n_customers=args.customers, n_terminals=args.terminals,
-                                     n_days=start_stream + args.stream_days, seed=7))
+                                     n_days=args.warmup_days + args.train_days + args.stream_days, seed=7))
     sim_s = time.perf_counter() - t0
-    days = frame["TX_TIME_DAYS"]
-    history = frame[(days >= start_train) & (days < start_stream)].reset_index(drop=True)
-    stream = frame[days >= start_stream].reset_index(drop=True)
-    options = FitOptions(output=root, train=TrainConfig(epochs=args.epochs, seed=0, progress=False),
-                         split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
-                         baselines=False, publish=False, score=args.score)
+    history, stream = windows(frame, args.warmup_days, args.train_days)
     t0 = time.perf_counter()
-    version = run_fit(history, HANDBOOK, options).version_dir
+    version = fit_model(history, root, args.epochs, score=args.score)
     info = {"simulated_rows": len(frame), "simulate_s": sim_s, "train_rows": len(history),
             "train_s": time.perf_counter() - t0, "stream_rows": len(stream), "epochs": args.epochs,
             "score": args.score}
