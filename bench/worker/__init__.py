@@ -4,8 +4,8 @@
 - :mod:`bench.worker.data`: the simulated bank, the model, the records on the wire;
 - :mod:`bench.worker.topic`: the broker, the input topic, committed offsets;
 - :mod:`bench.worker.process`: a worker as a child process, watched from outside;
-- measurements: :mod:`~bench.worker.ceiling`, :mod:`~bench.worker.throughput`, :mod:`~bench.worker.naive`,
-  :mod:`~bench.worker.latency`, :mod:`~bench.worker.scoring`, :mod:`~bench.worker.processes`,
+- measurements: :mod:`~bench.worker.ceiling`, :mod:`~bench.worker.throughput` (one worker, and N processes),
+  :mod:`~bench.worker.naive`, :mod:`~bench.worker.latency`, :mod:`~bench.worker.scoring`,
   :mod:`~bench.worker.profiling`;
 - :mod:`bench.worker.report`: the markdown tables.
 

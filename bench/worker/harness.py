@@ -25,11 +25,10 @@ from bench.worker.ceiling import bench_ceiling, bench_ceiling_confluent
 from bench.worker.data import feature_matrix, simulate_and_train, wire_records
 from bench.worker.latency import bench_latency
 from bench.worker.naive import bench_naive
-from bench.worker.processes import bench_processes
 from bench.worker.profiling import profile_worker
 from bench.worker.report import table
 from bench.worker.scoring import bench_scoring
-from bench.worker.throughput import bench_worker
+from bench.worker.throughput import bench_processes, bench_worker
 from bench.worker.topic import fill_topic, topics_for
 from bench.worker.transport import bench_transport
 
