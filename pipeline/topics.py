@@ -7,7 +7,8 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
@@ -18,6 +19,7 @@ from pipeline.errors import BrokerError, ConfigError
 from pipeline.security import check_access
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threading.Event | None = None) -> None:
@@ -52,36 +54,60 @@ def wait_for_kafka(settings: KafkaSettings, every_s: float = 2.0, stop: threadin
 
 
 def _admin(settings: KafkaSettings) -> KafkaAdminClient:
-    try:
-        return KafkaAdminClient(**settings.client_options(), client_id=f"{settings.client_id}-admin")
-    except KafkaError as err:
-        raise BrokerError(f"cannot reach Kafka at {settings.bootstrap_servers}: {err}") from err
+    return KafkaAdminClient(**settings.client_options(), client_id=f"{settings.client_id}-admin")
+
+
+def _with_admin(settings: KafkaSettings, what: str, call: Callable[[KafkaAdminClient], T], retry_s: float | None = None
+                ) -> T:
+    """``call`` on a fresh admin client, again on a new one while Kafka answers with a retriable error (a node of
+    the cluster dying under the request, a coordinator or controller being elected) for up to ``retry_s``
+    (default ``connect_timeout_s``); then, or at once for any other error, BrokerError naming ``what``.
+
+    One node of three killed while a worker started made it exit (``cannot list topics: KafkaConnectionError``,
+    cluster chaos run of 2026-12-07): the admin client had been talking to that node."""
+    deadline = time.monotonic() + (settings.connect_timeout_s if retry_s is None else retry_s)
+    said = False
+    while True:
+        admin = None
+        try:
+            admin = _admin(settings)
+            return call(admin)
+        except KafkaError as err:
+            if not getattr(err, "retriable", False) or time.monotonic() >= deadline:
+                raise BrokerError(f"{what}: {err}") from err
+            if not said:
+                log.warning("%s: %s: %s; trying again with a new client for up to %.0fs", what, type(err).__name__,
+                            err, deadline - time.monotonic())
+                said = True
+        finally:
+            if admin is not None:
+                admin.close()
+        time.sleep(0.5)
 
 
 def partition_counts(settings: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
     """The partition count of each topic (0 for a topic that does not exist)."""
-    admin = _admin(settings)
-    try:
-        wanted = list(dict.fromkeys(topics))
+    wanted = list(dict.fromkeys(topics))
+
+    def count(admin: KafkaAdminClient) -> dict[str, int]:
         existing = set(admin.list_topics())
         described = admin.describe_topics([t for t in wanted if t in existing]) if existing & set(wanted) else []
         counts = {d["name"]: len(d["partitions"]) for d in described}
         return {t: counts.get(t, 0) for t in wanted}
-    except KafkaError as err:
-        raise BrokerError(f"cannot describe topics {wanted}: {err}") from err
-    finally:
-        admin.close()
+
+    return _with_admin(settings, f"cannot describe topics {wanted}", count)
 
 
 def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: int = 3,
                   configs: dict[str, dict[str, str]] | None = None) -> None:
     """Create each missing topic with ``partitions`` partitions (and ``configs[topic]``, e.g. compaction);
-    existing ones are left alone."""
-    admin = _admin(settings)
+    existing ones are left alone. Retried whole: what an earlier try created exists by then."""
+    wanted = list(dict.fromkeys(topics))
     configs = configs or {}
-    try:
+
+    def create(admin: KafkaAdminClient) -> None:
         existing = set(admin.list_topics())
-        missing = [t for t in dict.fromkeys(topics) if t not in existing]
+        missing = [t for t in wanted if t not in existing]
         if not missing:
             return
         new = [NewTopic(t, num_partitions=partitions, replication_factor=settings.replication_factor or -1,
@@ -91,22 +117,15 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: in
             log.info("created topics %s with %d partitions", missing, partitions)
         except TopicAlreadyExistsError:
             pass  # created by someone else in the meantime
-    except KafkaError as err:
-        raise BrokerError(f"cannot create topics {list(topics)}: {err}") from err
-    finally:
-        admin.close()
+
+    _with_admin(settings, f"cannot create topics {wanted}", create)
 
 
 def warn_if_absent(settings: KafkaSettings, topic: str) -> bool:
     """Say (WARNING) that ``topic`` does not exist yet, naming the existing topics its name is close to (a typo
     in a topic setting otherwise creates an empty topic the worker idles on); whether it was absent."""
-    admin = _admin(settings)
-    try:
-        existing = [t for t in admin.list_topics() if not t.startswith("__")]
-    except KafkaError as err:
-        raise BrokerError(f"cannot list topics: {err}") from err
-    finally:
-        admin.close()
+    existing = _with_admin(settings, "cannot list topics",
+                           lambda admin: [t for t in admin.list_topics() if not t.startswith("__")])
     if topic in existing:
         return False
     close = difflib.get_close_matches(topic, existing, n=3, cutoff=0.75)
@@ -123,15 +142,14 @@ def check_replication(settings: KafkaSettings, topics: Iterable[str]) -> None:
     wanted = settings.replication_factor
     if wanted <= 0:
         return
-    admin = _admin(settings)
-    try:
+    wanted_topics = list(dict.fromkeys(topics))
+
+    def describe(admin: KafkaAdminClient) -> list:
         existing = set(admin.list_topics())
-        names = [t for t in dict.fromkeys(topics) if t in existing]
-        described = admin.describe_topics(names) if names else []
-    except KafkaError as err:
-        raise BrokerError(f"cannot describe topics {list(topics)}: {err}") from err
-    finally:
-        admin.close()
+        names = [t for t in wanted_topics if t in existing]
+        return admin.describe_topics(names) if names else []
+
+    described = _with_admin(settings, f"cannot describe topics {wanted_topics}", describe)
     short = {d["name"]: min((len(p["replica_nodes"]) for p in d["partitions"]), default=0) for d in described}
     short = {name: n for name, n in short.items() if n < wanted}
     if short:
@@ -142,18 +160,11 @@ def check_replication(settings: KafkaSettings, topics: Iterable[str]) -> None:
 
 def committed_topics(settings: KafkaSettings, group: str, wait_s: float = 15.0) -> set[str]:
     """The topics on which consumer group ``group`` has committed offsets (empty for a new group)."""
-    admin = _admin(settings)
-    deadline = time.monotonic() + wait_s
-    try:
-        while True:
-            try:
-                if "__consumer_offsets" not in set(admin.list_topics()):
-                    return set()  # no group has committed anything on this cluster yet
-                offsets = admin.list_group_offsets(group).get(group, {})
-                return {tp.topic for tp, meta in offsets.items() if meta.offset >= 0}
-            except KafkaError as err:
-                if not getattr(err, "retriable", False) or time.monotonic() > deadline:
-                    raise BrokerError(f"cannot read the committed offsets of group '{group}': {err}") from err
-                time.sleep(0.5)  # the group coordinator is being elected
-    finally:
-        admin.close()
+    def read(admin: KafkaAdminClient) -> set[str]:
+        if "__consumer_offsets" not in set(admin.list_topics()):
+            return set()  # no group has committed anything on this cluster yet
+        offsets = admin.list_group_offsets(group).get(group, {})
+        return {tp.topic for tp, meta in offsets.items() if meta.offset >= 0}
+
+    # retriable while the group coordinator is being elected
+    return _with_admin(settings, f"cannot read the committed offsets of group '{group}'", read, retry_s=wait_s)
