@@ -286,8 +286,8 @@ class Worker:
     def process(self, records: Sequence[Any]) -> None:
         """Score one batch and hand it to the checkpoint with its offsets."""
         assert self.checkpoint is not None
-        offsets = offsets_past(records)  # the unreadable ones' too: their dead letters go with the batch
         unreadable = [r for r in records if getattr(r, "unreadable", None)]  # either driver (``kafkaclient``)
+        offsets = offsets_past(records, unreadable)  # the unreadable ones' too: their dead letters go with the batch
         if unreadable:
             records = [r for r in records if not getattr(r, "unreadable", None)]
         awaiting_commit = False
@@ -296,7 +296,8 @@ class Worker:
         else:
             outcome, consumed, handed_back, awaiting_commit = self._process_raw(self.stages, records)
             if handed_back:  # read again from there: commit only what came before
-                offsets = offsets_past(before_hand_back([*records, *unreadable], handed_back))
+                offsets = offsets_past(before_hand_back([*records, *unreadable], handed_back),
+                                       before_hand_back(unreadable, handed_back))
                 unreadable = before_hand_back(unreadable, handed_back)  # the others are read (and dead-lettered) again
                 for tp, offset in handed_back.items():
                     self.consumer.seek(tp, offset)
@@ -382,13 +383,12 @@ class Worker:
             self.stages.restorer.close()
 
 
-def offsets_past(records: Sequence[Any]) -> dict[TopicPartition, int]:
-    """``offsets_after``, where an unreadable record standing for a whole unreadable batch (``skip_to``) moves
-    its partition past all of it."""
+def offsets_past(records: Sequence[Any], unreadable: Sequence[Any] = ()) -> dict[TopicPartition, int]:
+    """``offsets_after`` of ``records``, where an unreadable one among them standing for a whole unreadable batch
+    (``skip_to``) moves its partition past all of it (only ``unreadable`` is looked at for that)."""
     offsets = offsets_after(records)
-    for record in records:
-        skip_to = getattr(record, "skip_to", None)
-        if skip_to is not None:
-            tp = TopicPartition(record.topic, record.partition)
-            offsets[tp] = max(offsets[tp], skip_to)
+    for record in unreadable:
+        tp = TopicPartition(record.topic, record.partition)
+        if record.skip_to is not None and tp in offsets:
+            offsets[tp] = max(offsets[tp], record.skip_to)
     return offsets
