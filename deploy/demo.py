@@ -205,6 +205,50 @@ def bucket_quantile(samples: dict[str, float], name: str, q: float) -> str:
     return "?"
 
 
+def print_quality(metrics: dict[str, float], streamed: list[Path], alerted: set[str]) -> None:
+    """Online quality as the worker counted it from the labels topic (``fraud_quality_*``), beside the simulator's
+    truth for the same transactions: those whose label came due (event time up to what each repartition
+    partition resolved)."""
+    import re
+
+    import pandas as pd
+
+    from pipeline.worker.state.decisions import bucket_average_precision
+    from pipeline.worker.state.hop import partition_for
+
+    counts = {(label, alerted_): 0.0 for label in ("fraud", "genuine") for alerted_ in ("true", "false")}
+    buckets: dict[str, dict[float, float]] = {"fraud": {}, "genuine": {}}
+    until: dict[int, float] = {}
+    for key, value in metrics.items():
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', key))
+        if key.startswith("fraud_quality_resolved_total{"):
+            counts[(labels["label"], labels["alerted"])] += value
+        elif key.startswith("fraud_quality_score_ratio_bucket{"):
+            le = float(labels["le"])
+            buckets[labels["label"]][le] = buckets[labels["label"]].get(le, 0.0) + value
+        elif key.startswith("fraud_quality_resolved_until_timestamp_seconds{"):
+            until[int(labels["partition"])] = value
+    resolved = sum(counts.values())
+    if not resolved or not until:
+        print("  realised quality          none yet: no transaction's label came due (the label delay plus a "
+              "day of stream time)")
+        return
+    tp, fp, fn = counts[("fraud", "true")], counts[("genuine", "true")], counts[("fraud", "false")]
+    ap = bucket_average_precision(*([v for _le, v in sorted(buckets[label].items())] for label in ("fraud", "genuine")))
+    print(f"  realised quality          precision {tp / max(1, tp + fp):.1%}, recall {tp / max(1, tp + fn):.1%}, "
+          f"AP {ap:.3f}  (the stream's own counters: {resolved:,.0f} transactions whose label came due)")
+    frame = pd.concat([pd.read_parquet(path, columns=["TRANSACTION_ID", "TERMINAL_ID", "TX_DATETIME", "TX_FRAUD"])
+                       for path in streamed])
+    seconds = frame["TX_DATETIME"].to_numpy().astype("datetime64[ms]").astype("int64") / 1000
+    limit = [until.get(partition_for(str(t).encode(), len(until)), -1.0) for t in frame["TERMINAL_ID"]]
+    due = frame[seconds <= limit]
+    fraud = due["TX_FRAUD"].to_numpy() == 1
+    flagged = due["TRANSACTION_ID"].astype(str).isin(alerted).to_numpy()
+    t_tp = int((fraud & flagged).sum())
+    print(f"  simulator's truth         precision {t_tp / max(1, flagged.sum()):.1%}, recall "
+          f"{t_tp / max(1, fraud.sum()):.1%}  (the same {len(due):,} transactions, labels as simulated)")
+
+
 def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapsed: float, port: int,
               warmed: int) -> None:
     """What happened to the live days (the warm-up of raw input, ``warmed`` transactions, aside)."""
@@ -248,6 +292,8 @@ def summarize(live: Path, env: dict[str, str], metrics: dict[str, float], elapse
               "they arrived: each is due exactly at the label delay)")
         print(f"  records handed back       {back:>10,.0f}  (read again later: their partition ran ahead in event "
               "time during the unpaced warm-up)")
+    if raw:
+        print_quality(metrics, [RUNS / "warm-up.parquet", live], {a["transaction_id"] for a in every_alert})
     print(f"  stream start to last commit {elapsed:>8.1f}s  (input paced; the worker kept up at "
           f"{len(truth) / elapsed:,.0f} tx/s" + (", after the warm-up backlog)" if raw else ")"))
     if raw:

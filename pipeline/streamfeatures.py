@@ -56,7 +56,7 @@ _WINDOWS_MS = tuple(w * DAY_MS for w in WINDOWS)
 _ID = struct.Struct("=q")  # an id as ``array("q")`` holds it
 EVENT, LABEL = 0, 1  # the kinds of change a changelog delta holds (``apply``)
 _FORMAT = 1  # first byte of every serialized state; bump when the layout changes
-_SEGMENTED = 2  # first byte of a big entity's head record (its state lives in segment records)
+SEGMENTED = 2  # first byte of a big entity's head record (its state lives in segment records)
 
 
 class DuplicateConflict(ValueError):
@@ -83,7 +83,7 @@ def _discard(index: array, eid: int) -> None:
         del index[i]
 
 
-class _Events:
+class Events:
     """An entity's events sorted by time (arrival order for ties), with their ids.
 
     Finding an id costs O(log n) once the entity holds more than ``HOT_EVENTS`` (a busy
@@ -262,7 +262,7 @@ def _dd_add(hi: float, lo: float, x: float) -> tuple[float, float]:
     return total, err - (total - s)
 
 
-class CustomerWindows(_Events):
+class CustomerWindows(Events):
     """One customer's recent events: time (ms), amount, id; sorted by time, arrival order for ties.
 
     Past ``HOT_EVENTS`` events (a busy corporate card) the amounts also keep running sums, so a
@@ -351,7 +351,7 @@ class CustomerWindows(_Events):
 
     def head(self) -> bytes:
         """The changelog record under a big customer's own key: its state is in segment records."""
-        return bytes([_SEGMENTED, ord("C")])
+        return bytes([SEGMENTED, ord("C")])
 
     def segment_records(self, segment: int) -> list[bytes]:
         """The events of one segment, in records of at most CHUNK_EVENTS events (none: the segment is empty)."""
@@ -361,14 +361,14 @@ class CustomerWindows(_Events):
     @classmethod
     def merge(cls, head: bytes, parts: list[bytes]) -> CustomerWindows:
         """A big customer from its head and segment records (in segment order)."""
-        if head != bytes([_SEGMENTED, ord("C")]):
+        if head != bytes([SEGMENTED, ord("C")]):
             raise ValueError(f"not a customer head record ({len(head)} bytes)")
         state = cls()
         for part in map(cls.from_bytes, parts):
             state.times.extend(part.times)
             state.amounts.extend(part.amounts)
             state.ids.extend(part.ids)
-        _check_order(state.times)
+        check_order(state.times)
         state._derive()
         return state
 
@@ -379,7 +379,7 @@ class CustomerWindows(_Events):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> CustomerWindows:
-        n = _header(data, 5, 24, exact=True)
+        n = read_header(data, 5, 24, exact=True)
         state = cls()
         state.times.frombytes(data[5: 5 + 8 * n])
         state.amounts.frombytes(data[5 + 8 * n: 5 + 16 * n])
@@ -388,7 +388,7 @@ class CustomerWindows(_Events):
         return state
 
 
-class TerminalWindows(_Events):
+class TerminalWindows(Events):
     """One terminal's events (time, id; sorted by time) and the fraud labels known for it (id -> time).
 
     Events up to the label delay out of event-time order are placed exactly (the store keeps
@@ -496,7 +496,7 @@ class TerminalWindows(_Events):
 
     def head(self) -> bytes:
         """The changelog record under a big terminal's own key: its state is in segment records."""
-        return bytes([_SEGMENTED, ord("T")]) + struct.pack("<q", self.delay_ms)
+        return bytes([SEGMENTED, ord("T")]) + struct.pack("<q", self.delay_ms)
 
     def segment_records(self, segment: int) -> list[bytes]:
         """The events and labels of one segment, in records of at most CHUNK_EVENTS events (labels in the first)."""
@@ -509,14 +509,14 @@ class TerminalWindows(_Events):
     @classmethod
     def merge(cls, head: bytes, parts: list[bytes]) -> TerminalWindows:
         """A big terminal from its head and segment records (in segment order)."""
-        if len(head) != 10 or head[:2] != bytes([_SEGMENTED, ord("T")]):
+        if len(head) != 10 or head[:2] != bytes([SEGMENTED, ord("T")]):
             raise ValueError(f"not a terminal head record ({len(head)} bytes)")
         state = cls(struct.unpack_from("<q", head, 2)[0])
         for part in map(cls.from_bytes, parts):
             state.times.extend(part.times)
             state.ids.extend(part.ids)
             state.frauds.update(part.frauds)
-        _check_order(state.times)
+        check_order(state.times)
         state._derive()
         return state
 
@@ -536,7 +536,7 @@ class TerminalWindows(_Events):
 
     @classmethod
     def from_bytes(cls, data: bytes) -> TerminalWindows:
-        n = _header(data, 17, 16, exact=False)
+        n = read_header(data, 17, 16, exact=False)
         (m, delay_ms) = struct.unpack_from("<Iq", data, 5)
         if len(data) != 17 + 16 * n + 16 * m or delay_ms <= 0:
             raise ValueError(f"not a feature state of format {_FORMAT} ({len(data)} bytes)")
@@ -551,7 +551,7 @@ class TerminalWindows(_Events):
         return state
 
 
-def _header(data: bytes, head: int, per_event: int, *, exact: bool) -> int:
+def read_header(data: bytes, head: int, per_event: int, *, exact: bool) -> int:
     """The event count of a serialized state, checked against its length (``exact``: nothing follows the
     events; else a caller checks what does)."""
     if len(data) < head or data[0] != _FORMAT:
@@ -562,7 +562,7 @@ def _header(data: bytes, head: int, per_event: int, *, exact: bool) -> int:
     return n
 
 
-def _check_order(times: array) -> None:
+def check_order(times: array) -> None:
     if any(a > b for a, b in itertools.pairwise(times)):
         raise ValueError("segments out of time order")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -20,6 +21,7 @@ from pipeline.topics import ensure_topics
 from pipeline.worker.app import Worker
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.records import Record as Consumed
+from pipeline.worker.state import Store
 from producer.send import make_producer, send_records
 from producer.tables import iter_records, resolve_spec
 
@@ -47,6 +49,19 @@ def hop_records(outputs: list, offset: int = 0) -> list:
     from pipeline.worker.state.hop import unpack
 
     return [t for o in outputs for t in unpack(Consumed(o.topic, o.partition or 0, offset, -1, o.key, o.value, []))]
+
+
+def restored(outputs: list, factory: Any, cls: Any) -> Any:
+    """A fresh store loaded from changelog records as a compacted topic keeps them (the last per key)."""
+    latest: dict[bytes, bytes] = {}
+    for out in outputs:
+        latest.pop(out.key, None)
+        latest[out.key] = out.value
+    store: Store = Store(factory, cls.from_bytes, cls.merge)
+    for key, value in latest.items():
+        store.load(key, value)
+    assert store.assemble() == []
+    return store
 
 
 class PausingConsumer:

@@ -328,7 +328,10 @@ class Worker:
         featured, broken, waiting = stages.gate.admit(self.consumer, featured, broken)  # labels first
         staged.handed_back.update(waiting)
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed + broken)
+        stages.decide(outcome.decided, outcome.decided_ratios, outcome.decided_alerted,
+                      self.processor.scorer.artifact.version)
         outcome.outputs += staged.outputs + stages.changelog()
+        outcome.resolved = stages.take_resolved()
         return (outcome, len(before_hand_back(raw, staged.handed_back)), staged.handed_back,
                 staged.awaiting_commit)
 

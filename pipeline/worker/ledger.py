@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
@@ -36,6 +37,7 @@ class WorkerStats:
     alerts: int = 0
     batches: int = 0
     committed: dict[TopicPartition, int] = field(default_factory=dict)
+    quality: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (version, label, alerted) -> resolved
 
 
 class Ledger:
@@ -83,11 +85,29 @@ class Ledger:
             observe_many(m.scores, out.scores)
             observe_many(m.score_ratio, out.scores / self.scorer.artifact.threshold)
             m.drift.set(self.drift.update(out.scores))
+        if out.resolved:
+            self._count_resolved(out)
         s.consumed += n_records
         s.scored += out.scored
         s.invalid += out.invalid
         s.alerts += out.alerts
         s.batches += 1
+
+    def _count_resolved(self, out: BatchOutcome) -> None:
+        """Decisions whose labels came due (``state.decisions``): the quality counters and score histograms."""
+        m, quality = self.metrics, self.stats.quality
+        for part in out.resolved:
+            fraud = np.asarray(part.fraud, bool)
+            alerted = np.frombuffer(part.alerted, np.uint8).astype(bool) if len(part.alerted) else fraud
+            ratios = np.frombuffer(part.ratios, np.float64)
+            for label, rows in (("fraud", fraud), ("genuine", ~fraud)):
+                observe_many(m.quality_score_ratio.labels(part.version, label), ratios[rows])
+                for flag, name in ((True, "true"), (False, "false")):
+                    n = int((rows & (alerted == flag)).sum())
+                    if n:
+                        m.quality_resolved.labels(part.version, label, name).inc(n)
+                        key = (part.version, label, name)
+                        quality[key] = quality.get(key, 0) + n
 
     def _report_missing_features(self, out: BatchOutcome, n_records: int) -> None:
         """Said at once, then at most once a minute: usually a model for another table, or the wrong topic."""

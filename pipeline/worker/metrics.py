@@ -8,6 +8,9 @@ Series (all prefixed ``fraud_``), as the dashboards and alerting rules in
   ``model_reloads_total{result="ok|refused"}``
 - histograms ``batch_size``, ``scoring_seconds``, ``end_to_end_latency_seconds``
   (event time to outputs acknowledged), ``anomaly_score``, ``score_ratio`` (score / threshold)
+- raw input, online quality from delayed labels: ``quality_resolved_total{version,label,alerted}``,
+  histogram ``quality_score_ratio{version,label}``, gauge
+  ``quality_resolved_until_timestamp_seconds{partition}`` (see ``state.decisions``)
 - ``out_of_range_total``: scored transactions whose score is not finite (alerted, marked)
 - gauges ``consumer_lag{topic,partition}`` (from the broker's committed offsets, set from the
   moment a partition is assigned), ``assigned_partitions``, ``model_threshold``,
@@ -49,6 +52,9 @@ DEAD_LETTER_REASONS = ("empty", "oversized", "not_json", "not_object", "missing_
 ERROR_KINDS = ("publish_failed", "commit_retry", "commit_failed", "transaction_retry", "producer_fenced",
                "output_shrunk", "output_dropped", "stalled", "model_watch", "transaction_lost",
                "producer_renewed")
+# score / threshold of resolved decisions: 16 a decade from 1e-3 to 1e3, fine enough for average precision from
+# the buckets (docs/quality-online.md measures how close); the alert threshold (1.0) is a bound
+QUALITY_BUCKETS = tuple(float(f"{10 ** (k / 16):.6g}") for k in range(-48, 49))
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0, 100.0)
 
 
@@ -132,6 +138,17 @@ class WorkerMetrics:
         self.state_restore_seconds = Counter("state_restore_seconds", "Raw input: time spent restoring window "
                                              "stores from their changelogs", ["store"], namespace=ns,
                                              registry=registry)
+        self.quality_resolved = Counter(
+            "quality_resolved", "Raw input: scored transactions whose label came due (the label delay plus a day "
+            "after their event time, in stream time), by model version, label (fraud: a fraud label arrived; "
+            "genuine: none did) and whether they alerted", ["version", "label", "alerted"], namespace=ns,
+            registry=registry)
+        self.quality_score_ratio = Histogram(
+            "quality_score_ratio", "Raw input: score / threshold of the transactions whose label came due, by model "
+            "version and label", ["version", "label"], buckets=QUALITY_BUCKETS, namespace=ns, registry=registry)
+        self.quality_resolved_until = Gauge(
+            "quality_resolved_until_timestamp_seconds", "Raw input: event time up to which decisions are resolved, "
+            "per repartition partition this worker owns", ["partition"], namespace=ns, registry=registry)
         for outcome in ("scored", "invalid"):
             self.transactions.labels(outcome)
         for result in ("ok", "refused"):

@@ -47,6 +47,12 @@ class BatchOutcome:
     decode_seconds: float = 0.0
     scoring_seconds: float = 0.0
     missing_features: Counter[str] = field(default_factory=Counter)  # feature -> records that lacked it
+    # raw input only: what was decided for each record scored (record, transaction), its score / threshold (+inf
+    # where the score is not finite) and whether it alerted; then the decisions whose labels came due
+    decided: list[tuple[Any, Any]] = field(default_factory=list)
+    decided_ratios: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    decided_alerted: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    resolved: list[Any] = field(default_factory=list)
 
     @property
     def scored(self) -> int:
@@ -104,6 +110,12 @@ class BatchProcessor:
                     ok[i] = False
                     failed.append((record, processing_error("alert", err)))
             out.alerts = len(out.outputs)
+            if enrich is not None:
+                kept = np.flatnonzero(ok)
+                out.decided = [decoded.good[i] for i in kept]
+                ratios = result.scores[kept].astype(np.float64) / threshold
+                out.decided_ratios = np.where(np.isfinite(ratios), ratios, np.inf)
+                out.decided_alerted = ~(result.scores[kept] <= threshold)
             if self.topics.features:
                 out.outputs += [self._featured(decoded.good[i][1], float(result.scores[i]))
                                 for i in np.flatnonzero(ok)]

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -147,6 +149,57 @@ def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings
     assert worker.stats.consumed == len(transactions)
     assert worker.metrics.registry.get_sample_value("fraud_late_events_total") == 0  # aligned in event time
     assert_equal_to_offline(raw_history, streamed_features(settings, len(transactions)))
+    assert_quality_counted_exactly(settings, worker, raw_history, raw_model_dir)
+
+
+def assert_quality_counted_exactly(settings: KafkaSettings, worker: Any, frame: pd.DataFrame, model_dir: Path
+                                   ) -> None:
+    """Online quality (``state.decisions``): the worker's resolved counts equal the truth of the transactions its
+    decisions were resolved for (each partition's event time resolved up to), exactly; the AP from its score
+    histograms is within 0.01 of the exact AP of the same transactions' scores."""
+    from sklearn.metrics import average_precision_score
+
+    from pipeline.artifact import load_artifact
+    from pipeline.worker.state.decisions import bucket_average_precision
+    from pipeline.worker.state.hop import partition_for
+
+    assert settings.features_topic
+    artifact = load_artifact(model_dir)
+    registry, version = worker.metrics.registry, artifact.version
+    until = {p: registry.get_sample_value("fraud_quality_resolved_until_timestamp_seconds", {"partition": str(p)})
+             for p in range(3)}
+    assert all(u is not None for u in until.values()), until
+    fraud = dict(zip(frame["TRANSACTION_ID"].astype(str), frame["TX_FRAUD"].astype(bool), strict=True))
+    truth: dict[tuple[str, str], int] = {}
+    scores, labels, seen = [], [], set()
+    for record in read_topic(settings, settings.features_topic, timeout_s=60, isolation_level="read_committed",
+                             to_end=True):
+        value = orjson.loads(record.value)
+        tx_id = value["transaction_id"]
+        t_s = pd.Timestamp(value["event_time"]).timestamp()
+        if tx_id in seen or t_s > until[partition_for(str(value["TERMINAL_ID"]).encode(), 3)]:
+            continue
+        seen.add(tx_id)
+        score = value["score"] if value["score"] is not None else math.inf
+        key = ("fraud" if fraud[tx_id] else "genuine", "true" if not score <= artifact.threshold else "false")
+        truth[key] = truth.get(key, 0) + 1
+        scores.append(min(score, 1e30))
+        labels.append(fraud[tx_id])
+    assert truth.get(("fraud", "true"), 0) > 0 and sum(truth.values()) > 5000, truth
+    got = {(label, alerted): registry.get_sample_value(
+        "fraud_quality_resolved_total", {"version": version, "label": label, "alerted": alerted}) or 0
+        for label in ("fraud", "genuine") for alerted in ("true", "false")}
+    assert got == {key: float(truth.get(key, 0)) for key in got}
+
+    def buckets(label: str) -> list[float]:
+        samples = [(float(s.labels["le"]), s.value) for metric in registry.collect()
+                   if metric.name == "fraud_quality_score_ratio" for s in metric.samples
+                   if s.name.endswith("_bucket") and s.labels["label"] == label and s.labels["version"] == version]
+        return [v for _le, v in sorted(samples)]
+
+    exact = average_precision_score(labels, scores)
+    estimate = bucket_average_precision(buckets("fraud"), buckets("genuine"))
+    assert abs(estimate - exact) < 0.01, (estimate, exact)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from pipeline.schema import RecordError, decode
 from pipeline.streamfeatures import DAY_MS, HOT_EVENTS, CustomerWindows, TerminalWindows
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.state import FeatureStages, Restorer, StateTopics, Store
-from tests.worker_helpers import Record, hop_records
+from tests.worker_helpers import Record, hop_records, restored
 
 TOPICS = StateTopics("raw", "labels", "g-by-terminal-repartition", "g-customer-windows-changelog",
                      "g-terminal-windows-changelog", 1)
@@ -233,19 +233,6 @@ def test_a_busy_customer_means_as_an_exact_sum_does(seed: int) -> None:
             assert windows.update(j, *events[j]) == first[j]  # a replay: its first features, nothing counted twice
         if rng.random() < 0.02:
             windows = CustomerWindows.from_bytes(windows.to_bytes())
-
-
-def restored(outputs: list, factory: Any, cls: Any) -> Store:
-    """A fresh store loaded from changelog records as a compacted topic keeps them (the last per key)."""
-    latest: dict[bytes, bytes] = {}
-    for out in outputs:
-        latest.pop(out.key, None)
-        latest[out.key] = out.value
-    store: Store = Store(factory, cls.from_bytes, cls.merge)
-    for key, value in latest.items():
-        store.load(key, value)
-    assert store.assemble() == []
-    return store
 
 
 def test_a_terminal_of_a_million_events_fits_kafka_and_comes_back_whole() -> None:

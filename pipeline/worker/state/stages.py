@@ -9,9 +9,11 @@ hop is kept in order by :mod:`~pipeline.worker.state.eventtime`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +37,16 @@ from pipeline.streamfeatures import (
 from pipeline.streamfeatures import LABEL as LABEL_CHANGE
 from pipeline.worker.outputs import Output, processing_error
 from pipeline.worker.records import comes_before_hand_back
+from pipeline.worker.state.decisions import (
+    ALERTED,
+    DECIDED,
+    GRACE_MS,
+    RESOLVE_EVERY_MS,
+    RESOLVED,
+    Decisions,
+    decision_key,
+    split_key,
+)
 from pipeline.worker.state.eventtime import ADMIT_MS, Mark, Watermarks, is_mark
 from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key
 from pipeline.worker.state.hop import is_packed, pack, packed_count, unpack
@@ -59,6 +71,16 @@ class Staged:
     failed: list[tuple[Any, RecordError]]
     handed_back: dict[TopicPartition, int] = field(default_factory=dict)
     awaiting_commit: bool = False  # some were handed back until earlier batches of their partition are committed
+
+
+@dataclass
+class Resolved:
+    """Decisions of one model version whose labels are due: fraud or genuine, with their score ratios."""
+
+    version: str
+    ratios: array
+    alerted: array
+    fraud: list[bool]
 
 
 def before_hand_back(records: Iterable[Any], handed_back: dict[TopicPartition, int]) -> list[Any]:
@@ -87,6 +109,9 @@ class FeatureStages:
         self._end_offsets = end_offsets
         self.customers: dict[int, Store[CustomerWindows]] = {}
         self.terminals: dict[int, Store[TerminalWindows]] = {}
+        self.decisions: dict[int, Store[Decisions]] = {}  # the terminal stage's, awaiting their labels
+        self.resolved: list[Resolved] = []  # decisions resolved since the last ``take_resolved``
+        self.resolved_until: dict[int, int] = {}  # repartition partition -> event time resolved up to
         self.terminal_times: dict[int, int] = {}  # repartition partition -> newest event time enriched there
         self._terminal_horizon_ms = TerminalWindows(self.delay_ms).horizon_ms
         self._lock = threading.Lock()
@@ -127,25 +152,32 @@ class FeatureStages:
         customer_parts = {tp.partition for tp in assigned if tp.topic == self.topics.input}
         terminal_parts = {tp.partition for tp in assigned if tp.topic in (self.topics.repartition,
                                                                           self.topics.labels)}
-        for stores, owned, topic, name, factory, cls in (
+        kinds: list[tuple[dict[int, Store[Any]], set[int], str, str, Callable[[], Any], Any]] = [
             (self.customers, customer_parts, self.topics.customer_changelog, "customer", CustomerWindows,
              CustomerWindows),
             (self.terminals, terminal_parts, self.topics.terminal_changelog, "terminal",
-             lambda: TerminalWindows(self.delay_ms), TerminalWindows),
-        ):
+             lambda: TerminalWindows(self.delay_ms), TerminalWindows)]
+        if self.topics.decisions_changelog:
+            kinds.append((self.decisions, terminal_parts, self.topics.decisions_changelog, "decisions", Decisions,
+                          Decisions))
+        for stores, owned, topic, name, factory, cls in kinds:
             for partition in [p for p in stores if p not in owned or p in stale]:
                 del stores[partition]
-                self._release(TopicPartition(self.topics.input if stores is self.customers else
-                                             self.topics.repartition, partition))
-                if stores is self.terminals:
+                if name == "customer":
+                    self._release(TopicPartition(self.topics.input, partition))
+                elif name == "terminal":
+                    self._release(TopicPartition(self.topics.repartition, partition))
                     self.terminal_times.pop(partition, None)
+                elif self.resolved_until.pop(partition, None) is not None:
+                    with contextlib.suppress(KeyError):
+                        self.metrics.quality_resolved_until.remove(str(partition))
             for partition in sorted(owned - stores.keys()):
                 store: Store[Any] = Store(factory, cls.from_bytes, cls.merge, self.settle_batches)
                 started = time.monotonic()
                 count = self.restorer.restore(topic, partition, store, self.stop)
                 seconds = time.monotonic() - started
                 stores[partition] = store
-                if stores is self.customers:  # the stream time the bounds check against, until records move it
+                if name == "customer":  # the stream time the bounds check against, until records move it
                     newest = max((n for w in store.entities.values() if (n := w.newest) is not None), default=None)
                     if newest is not None:
                         self.watermarks.stream.setdefault(partition, newest)
@@ -435,12 +467,69 @@ class FeatureStages:
         """The changelog records of every key the batch changed (tombstones for idle entities swept away), to each
         store's own partition, and the watermark marks due."""
         self._sweep()
+        self._resolve()
         outputs = []
         for stores, topic in ((self.customers, self.topics.customer_changelog),
-                              (self.terminals, self.topics.terminal_changelog)):
+                              (self.terminals, self.topics.terminal_changelog),
+                              (self.decisions, self.topics.decisions_changelog)):
             for partition, store in stores.items():
                 outputs += store.flush(topic, partition)
         return outputs + self.watermarks.marks_due()
+
+    # -- online quality ------------------------------------------------------------------
+    def decide(self, scored: Sequence[tuple[Any, Any]], ratios: Sequence[float], alerted: Sequence[bool],
+               version: str) -> None:
+        """The terminal stage's records just scored (record, transaction), their score ratios and alerts: kept
+        until their labels are due (``decisions``)."""
+        if not self.decisions:
+            return
+        prefix = decision_key(version, "")
+        repartition, stores, change = self.topics.repartition, self.decisions, Store.change
+        for (record, tx), ratio, alert in zip(scored, list(ratios), list(alerted), strict=True):
+            store = stores.get(record.partition) if record.topic == repartition else None
+            terminal = tx.fields.get(TERMINAL) if store is not None else None
+            if terminal is None:
+                continue
+            key = prefix + str(terminal)
+            held = store.entities.get(key) or Decisions()
+            eid, t = event_id(tx.transaction_id), tx.event_time_ms
+            if held.decide(eid, t, ratio, alert):
+                change(store, key, held, ALERTED if alert else DECIDED, eid, t, ratio)
+
+    def _resolve(self) -> None:
+        """Resolve the decisions whose labels are due (their event time the label delay plus ``GRACE_MS`` behind
+        the partition's stream time, and never one that may be read again): fraud when a fraud label reached the
+        terminal's windows, genuine otherwise. Each partition once per ``RESOLVE_EVERY_MS`` of its stream time."""
+        for partition, store in self.decisions.items():
+            now = self.terminal_times.get(partition)
+            if now is None or (store.swept_at is not None and now - store.swept_at < RESOLVE_EVERY_MS):
+                continue
+            store.swept_at = now
+            oldest = self._oldest.get(TopicPartition(self.topics.repartition, partition))
+            cutoff = min(now, oldest if oldest is not None else now) - self.delay_ms - GRACE_MS
+            if cutoff <= self.resolved_until.get(partition, cutoff - 1):
+                continue
+            windows = self.terminals[partition].entities
+            for key, held in list(store.entities.items()):
+                if not held.times or held.times[0] > cutoff:
+                    continue
+                eids, ratios, alerted = held.resolve(cutoff)
+                version, terminal = split_key(key)
+                frauds = state.frauds if (state := windows.get(terminal)) is not None else {}
+                self.resolved.append(Resolved(version, ratios, alerted, [eid in frauds for eid in eids]))
+                if held.times:
+                    store.change(key, held, RESOLVED, 0, cutoff, 0.0)
+                else:
+                    del store.entities[key]
+                    store.dirty.add(key)
+            self.resolved_until[partition] = cutoff
+            self.metrics.quality_resolved_until.labels(str(partition)).set(cutoff / 1000)
+            self.metrics.state_entities.labels("decisions").set(sum(len(s.entities) for s in self.decisions.values()))
+
+    def take_resolved(self) -> list[Resolved]:
+        """The decisions resolved since the last call (counted once their batch is committed)."""
+        resolved, self.resolved = self.resolved, []
+        return resolved
 
     def _sweep(self) -> None:
         for name, stores, times, horizon, topic in (

@@ -35,6 +35,7 @@ from pipeline.streamfeatures import CustomerWindows, TerminalWindows
 from pipeline.worker.delivery import StopWithoutCommit
 from pipeline.worker.outputs import Output
 from pipeline.worker.state import delta, pages
+from pipeline.worker.state.decisions import Decisions
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ ASK_TIMEOUT_S = 5.0  # an end-offsets request between batches gives up after thi
 BIG_ENTRIES = 4096  # an entity holding more events and labels than this is written in segments
 SNAPSHOT_LAG = 64  # batches a key's changes may stay in deltas only: what a restore replays at most, per store
 CLEAN_MIN = 1024  # whole states a flush may write again to free old pages, at least (more when it writes more)
-W = TypeVar("W", CustomerWindows, TerminalWindows)
+W = TypeVar("W", CustomerWindows, TerminalWindows, Decisions)
 
 
 class RestoreFailed(FraudPipelineError):

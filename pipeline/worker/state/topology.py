@@ -32,25 +32,31 @@ class StateTopics:
     customer_changelog: str
     terminal_changelog: str
     partitions: int = 0  # of every one of them (0: not known, as in tests without a broker)
+    decisions_changelog: str = ""  # the terminal stage's decisions awaiting their labels (``decisions``)
 
     @classmethod
     def for_group(cls, kafka: KafkaSettings, group: str, partitions: int = 0) -> StateTopics:
         return cls(kafka.input_topic, kafka.labels_topic, f"{group}-by-terminal-repartition",
-                   f"{group}-customer-windows-changelog", f"{group}-terminal-windows-changelog", partitions)
+                   f"{group}-customer-windows-changelog", f"{group}-terminal-windows-changelog", partitions,
+                   f"{group}-decisions-changelog")
 
     @property
     def consumed(self) -> list[str]:
         return [self.input, self.repartition, self.labels]
 
     @property
-    def changelogs(self) -> list[str]:
+    def windows_changelogs(self) -> list[str]:
         return [self.customer_changelog, self.terminal_changelog]
+
+    @property
+    def changelogs(self) -> list[str]:
+        return [*self.windows_changelogs, *([self.decisions_changelog] if self.decisions_changelog else [])]
 
 
 def check_partitioning(counts: dict[str, int], topics: StateTopics) -> None:
     """Every topic of the topology needs the input topic's partition count (co-partitioning)."""
     expected = counts[topics.input]
-    for topic in (topics.labels, topics.repartition, topics.customer_changelog, topics.terminal_changelog):
+    for topic in (topics.labels, topics.repartition, *topics.changelogs):
         if counts[topic] != expected:
             raise ConfigError(
                 f"topic '{topic}' has {counts[topic]} partitions but the input topic '{topics.input}' has "
@@ -71,7 +77,7 @@ def prepare_topics(kafka: KafkaSettings, group: str) -> StateTopics:
     partitions = counts[topics.input]
     if partitions < 1:
         raise ConfigError(f"input topic '{topics.input}' does not exist; create it before starting the worker")
-    missing = [t for t in topics.changelogs if not counts[t]]
+    missing = [t for t in topics.windows_changelogs if not counts[t]]  # decisions lost: quality counts only
     if missing and topics.input in committed_topics(kafka, group):
         raise ConfigError(
             f"changelog topic(s) {', '.join(missing)} missing, but group '{group}' has committed offsets on "
@@ -80,7 +86,7 @@ def prepare_topics(kafka: KafkaSettings, group: str) -> StateTopics:
             "or start with a new FRAUD_CONSUMER_GROUP")
     compacted = {"cleanup.policy": "compact"}
     ensure_topics(kafka, [topics.labels, topics.repartition, *topics.changelogs], partitions,
-                  configs={topics.customer_changelog: compacted, topics.terminal_changelog: compacted})
+                  configs=dict.fromkeys(topics.changelogs, compacted))
     check_partitioning(partition_counts(kafka, [topics.input, *topics.consumed, *topics.changelogs]), topics)
     check_replication(kafka, [topics.labels, topics.repartition, *topics.changelogs])
     return StateTopics.for_group(kafka, group, partitions)
