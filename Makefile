@@ -63,10 +63,10 @@ unit: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/python -m ruff check pipeline producer trainer deploy tests bench quality tools
 
-# The alerting rules: check them and run their unit tests (deploy/prometheus/rules_test.yml).
+# The alerting rules: check them and run their unit tests (deploy/prometheus/rules_test*.yml).
 rules: go-tools
 	cd deploy/prometheus && ../../.cache/tools/bin/promtool check rules rules.yml
-	cd deploy/prometheus && ../../.cache/tools/bin/promtool test rules rules_test.yml
+	cd deploy/prometheus && ../../.cache/tools/bin/promtool test rules rules_test.yml rules_test_weekly.yml
 
 kafka-start: $(STAMP)
 	$(BIN)/python -m deploy.kafka start

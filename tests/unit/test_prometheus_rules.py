@@ -18,7 +18,7 @@ from deploy.prometheus.tools import compose_prometheus_version, find_promtool, t
 REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = REPO / "deploy" / "prometheus"
 RULES = PROMETHEUS / "rules.yml"
-RULES_TEST = PROMETHEUS / "rules_test.yml"
+RULES_TESTS = (PROMETHEUS / "rules_test.yml", PROMETHEUS / "rules_test_weekly.yml")  # 15 s and 10 min steps
 RUNBOOK = REPO / "docs" / "deploy.md"
 
 
@@ -57,19 +57,18 @@ def test_promtool_accepts_rules_and_compose_config(promtool: Path) -> None:
 
 @pytest.mark.tools
 def test_rule_unit_tests_pass(promtool: Path) -> None:
-    done = subprocess.run([str(promtool), "test", "rules", str(RULES_TEST)], capture_output=True, text=True,
+    done = subprocess.run([str(promtool), "test", "rules", *map(str, RULES_TESTS)], capture_output=True, text=True,
                           timeout=120, cwd=PROMETHEUS)
     assert done.returncode == 0, f"promtool test rules:\n{done.stdout}{done.stderr}"
     assert "SUCCESS" in done.stdout + done.stderr
 
 
 def test_every_alert_has_a_unit_test_that_makes_it_fire() -> None:
-    tests = yaml.safe_load(RULES_TEST.read_text())
-    assert tests["rule_files"] == ["rules.yml"]
-    firing = {case["alertname"] for group in tests["tests"] for case in group.get("alert_rule_test", [])
-              if case.get("exp_alerts")}
-    quiet = {case["alertname"] for group in tests["tests"] for case in group.get("alert_rule_test", [])
-             if not case.get("exp_alerts")}
+    files = [yaml.safe_load(path.read_text()) for path in RULES_TESTS]
+    assert all(tests["rule_files"] == ["rules.yml"] for tests in files)
+    cases = [case for tests in files for group in tests["tests"] for case in group.get("alert_rule_test", [])]
+    firing = {case["alertname"] for case in cases if case.get("exp_alerts")}
+    quiet = {case["alertname"] for case in cases if not case.get("exp_alerts")}
     names = {r["alert"] for r in alerting_rules()}
     assert names - firing == set(), f"no test shows these alerts firing: {sorted(names - firing)}"
     assert names - quiet == set(), f"no test shows these alerts quiet: {sorted(names - quiet)}"
@@ -78,7 +77,7 @@ def test_every_alert_has_a_unit_test_that_makes_it_fire() -> None:
 
 def test_worker_down_is_proven_for_a_worker_that_leaves_discovery() -> None:
     """With DNS discovery a dead worker's `up` series ends (stale) instead of reading 0."""
-    tests = yaml.safe_load(RULES_TEST.read_text())["tests"]
+    tests = yaml.safe_load(RULES_TESTS[0].read_text())["tests"]
     proving = [g for g in tests
                if any(s["values"].rstrip().endswith("stale") and s["series"].startswith("up{")
                       for s in g["input_series"])
