@@ -108,6 +108,8 @@ class Worker:
         self.metrics.alert_rate.set(artifact.alert_rate)
         self.metrics.model.info({"version": artifact.version, "device": scorer.device_name,
                                  "engine": scorer.engine, "model_class": artifact.model_class})
+        if artifact.input_form == "raw":  # online quality: its series exist from 0, so increase() sees the first
+            self.metrics.quality_series(artifact.version)
         log.info("serving model %s (threshold %.4g) on %s", artifact.version, artifact.threshold, scorer.where)
 
     def _connect(self) -> None:

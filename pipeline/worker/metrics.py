@@ -158,6 +158,13 @@ class WorkerMetrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind)
 
+    def quality_series(self, version: str) -> None:
+        """Create the online-quality series of a model version at 0 (before its first decision is resolved)."""
+        for label in ("fraud", "genuine"):
+            self.quality_score_ratio.labels(version, label)
+            for alerted in ("true", "false"):
+                self.quality_resolved.labels(version, label, alerted)
+
     def forget_partitions(self, partitions: Iterable[Any]) -> None:
         """Drop the lag series of partitions this worker no longer owns."""
         for tp in partitions:

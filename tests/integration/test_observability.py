@@ -9,6 +9,7 @@ server are of the release docker-compose.yml runs (`make tools` builds them).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -36,7 +37,9 @@ from tests.worker_helpers import produce_bad, produce_frame
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-DASHBOARDS = sorted((REPO / "deploy" / "grafana" / "dashboards").glob("*.json"))
+DASHBOARDS = REPO / "deploy" / "grafana" / "dashboards"
+MAIN_DASHBOARD = DASHBOARDS / "fraud-pipeline.json"  # featured or raw input: a featured worker fills every panel
+QUALITY_DASHBOARD = DASHBOARDS / "fraud-quality.json"  # raw input only: decisions resolved against labels
 # What Grafana would put in place of its built-in variables, for a 1 s scrape interval.
 GRAFANA_BUILTINS = {"$__rate_interval": "5s", "$__interval": "2s", "$__range": "1m"}
 
@@ -195,13 +198,12 @@ def live_worker(kafka_settings: KafkaSettings, kafka_env: dict[str, str], model_
         _stop(proc)
 
 
-@pytest.fixture
-def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[PrometheusAPI, str, Callable[[], str]]]:
-    """A real Prometheus server scraping the live worker every second with the project's rules."""
+@contextlib.contextmanager
+def scraping(target: str, worker_log: Path, tmp_path: Path) -> Iterator[tuple[PrometheusAPI, str, Callable[[], str]]]:
+    """A real Prometheus server scraping one worker every second with the project's rules."""
     binary = find_prometheus()  # the release compose runs, not Debian's 2.x
     if binary is None:
         pytest.fail(f"no Prometheus {compose_prometheus_version()} (docker-compose.yml's): `make tools` builds it")
-    target, worker_log = live_worker
     config = tmp_path / "prometheus.yml"
     config.write_text(render_config([target], scrape_interval="1s"))
     port = free_port()
@@ -221,6 +223,30 @@ def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[
         _stop(proc)
 
 
+@pytest.fixture
+def prometheus(live_worker: tuple[str, Path], tmp_path: Path) -> Iterator[tuple[PrometheusAPI, str, Callable[[], str]]]:
+    with scraping(*live_worker, tmp_path) as scraped:
+        yield scraped
+
+
+def dashboard_gaps(api: PrometheusAPI, path: Path, instance: str) -> tuple[int, list[str], list[str]]:
+    """Every panel query of a dashboard, for one worker's row and for "All": how many ran, those without data,
+    and those with only NaN."""
+    empty, nan_only = [], []
+    checked = 0
+    for title, expr in panel_targets(json.loads(path.read_text())):
+        # One worker's row (escaped as Grafana escapes regex variables for Prometheus), and "All".
+        for value in (re.escape(instance).replace("\\", "\\\\"), ".*"):
+            promql = substitute(expr, {**GRAFANA_BUILTINS, "$job": JOB, "$instance": value})
+            result = api.query(promql)
+            checked += 1
+            if not result:
+                empty.append(f"{path.name} / {title}: {promql}")
+            elif all(math.isnan(float(s["value"][1])) for s in result):
+                nan_only.append(f"{path.name} / {title}: {promql}")
+    return checked, empty, nan_only
+
+
 def test_every_dashboard_query_and_rule_evaluates_on_live_data(
         prometheus: tuple[PrometheusAPI, str, Callable[[], str]]) -> None:
     api, instance, logs = prometheus
@@ -234,20 +260,7 @@ def test_every_dashboard_query_and_rule_evaluates_on_live_data(
     assert JOB in api.label_values("job", "fraud_model_info")
     assert instance in api.label_values("instance", f'fraud_model_info{{job="{JOB}"}}')
 
-    empty, nan_only = [], []
-    checked = 0
-    for path in DASHBOARDS:
-        dashboard = json.loads(path.read_text())
-        for title, expr in panel_targets(dashboard):
-            # One worker's row (escaped as Grafana escapes regex variables for Prometheus), and "All".
-            for value in (re.escape(instance).replace("\\", "\\\\"), ".*"):
-                promql = substitute(expr, {**GRAFANA_BUILTINS, "$job": JOB, "$instance": value})
-                result = api.query(promql)
-                checked += 1
-                if not result:
-                    empty.append(f"{path.name} / {title}: {promql}")
-                elif all(math.isnan(float(s["value"][1])) for s in result):
-                    nan_only.append(f"{path.name} / {title}: {promql}")
+    checked, empty, nan_only = dashboard_gaps(api, MAIN_DASHBOARD, instance)
     assert checked >= 40
     assert not empty, "panel queries without data:\n" + "\n".join(empty)
     assert not nan_only, "panel queries with only NaN:\n" + "\n".join(nan_only)
@@ -264,3 +277,51 @@ def test_every_dashboard_query_and_rule_evaluates_on_live_data(
     # And none of the "nothing works" alerts is even pending on a healthy pipeline.
     active = {a["labels"]["alertname"] for r in rules.values() for a in r.get("alerts", [])}
     assert not active & {"FraudWorkerDown", "FraudWorkerStalled", "FraudWorkersAbsent", "FraudNoTransactions"}, active
+
+
+def test_quality_dashboard_reads_a_raw_worker_resolving_decisions(
+        kafka_settings: KafkaSettings, kafka_env: dict[str, str], raw_model_dir: Path, simulated: pd.DataFrame,
+        tmp_path: Path) -> None:
+    """The quality dashboard (raw input only) on a raw-input worker scraped while it resolves decisions against
+    the labels topic: every panel query returns data, none only NaN. A featured worker has no quality series,
+    which is why the main dashboard's test does not read this one."""
+    from pipeline.topics import ensure_topics
+    from producer.rawfeed import raw_messages
+    from producer.send import make_producer, send_records
+    from producer.tables import resolve_spec
+
+    settings = kafka_settings
+    ensure_topics(settings, [settings.input_topic, settings.labels_topic, settings.alerts_topic,
+                             settings.dead_letter_topic], 3)
+    port = free_port()
+    log = tmp_path / "worker.log"
+    env = {**kafka_env, "FRAUD_CONSUMER_GROUP": f"obs-raw-{settings.client_id}", "FRAUD_DEVICE": "cpu"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "--model-dir", str(raw_model_dir), "--metrics-port", str(port),
+             "--metrics-host", "127.0.0.1"],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait(lambda: proc.poll() is not None or _answers(f"http://127.0.0.1:{port}/metrics"), 90,
+              "the worker's /metrics", lambda: _tail(log))
+        with scraping(f"127.0.0.1:{port}", log, tmp_path) as (api, instance, logs):
+            _wait(lambda: api.value(f'count_over_time(fraud_quality_resolved_total{{job="{JOB}"}}[1m])') >= 8,
+                  30, "Prometheus to scrape the quality series at 0", logs)
+            producer = make_producer(settings)  # the simulated bank's 70 days, labels 7 days after each fraud
+            try:
+                feed = raw_messages(simulated, resolve_spec(simulated, "handbook"), settings.input_topic,
+                                    settings.labels_topic, 7.0)
+                report = send_records(feed, settings.input_topic, producer, progress=False)
+            finally:
+                producer.close()
+            assert not report.errors, report.errors
+            _wait(lambda: api.value(f'sum(increase(fraud_quality_resolved_total{{job="{JOB}",label="fraud",'
+                                    f'alerted="true"}}[1m]))') > 0
+                  and api.value(f'sum(increase(fraud_quality_resolved_total{{job="{JOB}",label="genuine"}}[1m]))')
+                  > 1000, 120, "decisions to be resolved", logs)
+            checked, empty, nan_only = dashboard_gaps(api, QUALITY_DASHBOARD, instance)
+    finally:
+        _stop(proc)
+    assert checked >= 10
+    assert not empty, "panel queries without data:\n" + "\n".join(empty)
+    assert not nan_only, "panel queries with only NaN:\n" + "\n".join(nan_only)

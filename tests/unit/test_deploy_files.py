@@ -424,12 +424,18 @@ def test_dashboard_panels_have_datasource_and_queries() -> None:
             for target in panel["targets"]:
                 assert target["datasource"] == by_variable, panel["title"]
                 series |= used_series(target["expr"])
-        assert any(p.get("repeat") == "instance" for p in dashboard["panels"]), "per-worker rows"
-        for needed in ("fraud_transactions_total", "fraud_alerts_total", "fraud_anomaly_score_bucket",
-                       "fraud_end_to_end_latency_seconds_bucket", "fraud_batch_size_bucket", "fraud_consumer_lag",
-                       "fraud_dead_letters_total", "fraud_score_drift_psi", "fraud_model_info",
-                       "fraud_model_threshold"):
-            assert needed in series, f"{path.name}: no panel shows {needed}"
+        if path.name == "fraud-quality.json":  # realised quality from the labels topic (raw input)
+            needed: tuple[str, ...] = ("fraud_quality_resolved_total", "fraud_quality_score_ratio_bucket",
+                                       "fraud_quality_resolved_until_timestamp_seconds")
+        else:
+            assert any(p.get("repeat") == "instance" for p in dashboard["panels"]), "per-worker rows"
+            needed = ("fraud_transactions_total", "fraud_alerts_total", "fraud_anomaly_score_bucket",
+                      "fraud_end_to_end_latency_seconds_bucket", "fraud_batch_size_bucket", "fraud_consumer_lag",
+                      "fraud_dead_letters_total", "fraud_score_drift_psi", "fraud_model_info",
+                      "fraud_model_threshold")
+        for name in needed:
+            assert name in series, f"{path.name}: no panel shows {name}"
+    assert {path.name for path in DASHBOARDS} == {"fraud-pipeline.json", "fraud-quality.json"}
 
 
 def test_dashboard_imports_into_any_grafana() -> None:
