@@ -28,3 +28,27 @@ def fit_model(history: pd.DataFrame, output: Path, epochs: int, score: str = "re
                          split=SplitSpec(val_fraction=0.2, test_fraction=0.0), device="cpu",
                          baselines=False, publish=False, score=score, input_form=input_form)
     return run_fit(history, HANDBOOK, options).version_dir
+
+
+def with_challenger(model_dir: Path, root: Path, threshold_factor: float = 0.5) -> Path:
+    """A model root serving ``model_dir``'s version, with a challenger: the same weights under another version
+    and ``threshold_factor`` times the threshold (so it decides otherwise on the same scores, at the cost of a
+    real challenger of the same network). For the worker benchmark's shadow run and the broker tests."""
+    import json
+    import shutil
+
+    from pipeline.artifact import CHALLENGER, HASH_KEY, MANIFEST, WEIGHTS, content_hash, publish_current
+
+    source = Path(model_dir)
+    source = (source / "current").resolve() if (source / "current").exists() else source
+    root.mkdir(parents=True)
+    current = Path(shutil.copytree(source, root / source.name))
+    publish_current(root, current)
+    shadow = Path(shutil.copytree(source, root / f"{source.name}-challenger"))
+    manifest = json.loads((shadow / MANIFEST).read_text())
+    manifest["model_version"] = shadow.name
+    manifest["threshold"] = manifest["threshold"] * threshold_factor
+    manifest[HASH_KEY] = content_hash((shadow / WEIGHTS).read_bytes(), manifest)
+    (shadow / MANIFEST).write_text(json.dumps(manifest))
+    publish_current(root, shadow, CHALLENGER)
+    return root

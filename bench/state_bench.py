@@ -51,7 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition  # noqa: E402
 
-from bench.bank import fit_model, windows  # noqa: E402
+from bench.bank import fit_model, windows, with_challenger  # noqa: E402
 from bench.brokerkit import broker, group_offsets  # noqa: E402
 from bench.statekit import (  # noqa: E402
     TERMINAL_HORIZON_MS,
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restore-partitions", type=int, default=1,
                    help="partitions of each changelog (restored one after another, as the worker does)")
     p.add_argument("--restore-repeats", type=int, default=3, help="restores of each changelog (the fastest shown)")
+    p.add_argument("--challenger", action="store_true",
+                   help="also run the raw worker with a challenger scored beside its model (issue 21: the shadow's "
+                        "cost), interleaved with the other runs")
     p.add_argument("--worker-repeats", type=int, default=2,
                    help="worker runs of each input form, interleaved (each shown)")
     p.add_argument("--mode", default="at-least-once", choices=("at-least-once", "exactly-once"))
@@ -508,14 +511,18 @@ def bench_workers(bootstrap: str, data_dir: Path | None, frame: pd.DataFrame, ar
     tag = uuid.uuid4().hex[:6]
     featured, raw = settings_for(bootstrap, f"f{tag}"), settings_for(bootstrap, f"r{tag}")
     fills = {"featured": fill_topic(featured, wire_records(stream)), "raw": fill_raw(raw, stream)}
-    runs: dict[str, list[dict[str, Any]]] = {"featured": [], "raw": []}
-    for i in range(args.worker_repeats):  # interleaved: a slower spell of the machine hits both forms
+    runs: dict[str, list[dict[str, Any]]] = {"featured": [], "raw": [], **({"shadow": []} if args.challenger else {})}
+    shadowed = with_challenger(Path(models["raw"]), work / "models" / "shadowed") if args.challenger else None
+    for i in range(args.worker_repeats):  # interleaved: a slower spell of the machine hits every form
         runs["featured"].append(step(f"worker-featured-{i + 1}", lambda i=i: bench_worker(
             featured, Path(models["features"]), len(stream), args, f"state-featured-{tag}-{i}", False, data_dir)))
-        group = f"state-raw-{tag}-{i}"
-        fills["raw_state"] = {**state, **warm_changelogs(raw, group, stores)}
-        runs["raw"].append(step(f"worker-raw-{i + 1}", lambda group=group: bench_worker(
-            raw, Path(models["raw"]), len(stream), args, group, True, data_dir)))
+        for kind, model in (("raw", Path(models["raw"])), ("shadow", shadowed)):
+            if model is None:
+                continue
+            group = f"state-{kind}-{tag}-{i}"
+            fills["raw_state"] = {**state, **warm_changelogs(raw, group, stores)}
+            runs[kind].append(step(f"worker-{kind}-{i + 1}", lambda group=group, model=model: bench_worker(
+                raw, model, len(stream), args, group, True, data_dir)))
     return {"stream_rows": len(stream), "fill": fills, "runs": runs}
 
 
@@ -586,8 +593,9 @@ def _worker_table(w: dict[str, Any]) -> list[str]:
     out = ["| worker input | records | start → last commit s | tx/s | assignment → last commit s | tx/s | "
            "peak RSS MiB | the worker's summary |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, what in (("featured", "featured records, featured-input model"),
-                       ("raw", "raw records + labels, raw-input model")):
-        for i, x in enumerate(w["runs"][name]):
+                       ("raw", "raw records + labels, raw-input model"),
+                       ("shadow", "raw records + labels, raw-input model and a challenger beside it")):
+        for i, x in enumerate(w["runs"].get(name, [])):
             out.append(f"| {what} (run {i + 1}) | {x['records']:,} | {x['seconds_from_start']:.1f} | "
                        f"{x['tx_s']:,.0f} | {x['seconds_from_assignment']:.1f} | {x['tx_s_from_assignment']:,.0f} | "
                        f"{x['peak_rss_mib']:,.0f} | {' '.join(x['summary'])} |")

@@ -52,6 +52,7 @@ CLASSIFIER_PREFIX = "classifier."  # the classifier's tensors in weights.safeten
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 CURRENT = "current"
+CHALLENGER = "challenger"  # a version the worker scores beside the current one, alerting from neither
 HASH_KEY = "content_hash"
 INPUT_FORMS = ("features", "raw")
 
@@ -282,17 +283,36 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def publish_current(root: str | Path, version_dir: str | Path) -> Path:
-    """Point ``root/current`` at ``version_dir`` atomically; returns the link path."""
+def publish_current(root: str | Path, version_dir: str | Path, link: str = CURRENT) -> Path:
+    """Point ``root/current`` (or ``root/<link>``) at ``version_dir`` atomically; returns the link path."""
     root, version_dir = Path(root), Path(version_dir)
     if not (version_dir / MANIFEST).is_file():
         raise ModelArtifactError(f"{version_dir} holds no {MANIFEST}; it is not a model version")
     same_root = version_dir.resolve().parent == root.resolve()
     target = version_dir.name if same_root else str(version_dir.resolve())
-    tmp = root / f".{CURRENT}-{secrets.token_hex(4)}"
+    tmp = root / f".{link}-{secrets.token_hex(4)}"
     os.symlink(target, tmp)
-    os.replace(tmp, root / CURRENT)
-    return root / CURRENT
+    os.replace(tmp, root / link)
+    return root / link
+
+
+def promote_challenger(root: str | Path) -> ModelArtifact:
+    """Serve the challenger: ``current`` moves to the version ``challenger`` points at (validated first), then
+    the ``challenger`` link goes. Workers' hot reload follows ``current``; their shadow scoring stops."""
+    root = Path(root)
+    link = root / CHALLENGER
+    if not link.is_symlink():
+        raise ModelArtifactError(f"{root} has no `{CHALLENGER}` link: no challenger to promote "
+                                 "(fraud-train fit --challenger publishes one)")
+    target = link.resolve()
+    artifact = load_artifact(target)  # a broken challenger is refused before anything moves
+    current = root / CURRENT
+    if current.exists() and load_artifact(current.resolve()).input_form != artifact.input_form:
+        raise ModelArtifactError(f"challenger {artifact.version} expects {artifact.input_form} input but the current "
+                                 "version does not: workers would refuse it; retrain it for the same input")
+    publish_current(root, target)
+    link.unlink()
+    return artifact
 
 
 def load_artifact(path: str | Path) -> ModelArtifact:

@@ -14,7 +14,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import CollectorRegistry
 
-from pipeline.artifact import load_artifact
+from pipeline.artifact import CHALLENGER, load_artifact
 from pipeline.config import KafkaSettings, WorkerSettings
 from pipeline.scoring import Scorer, score_frame
 from pipeline.topics import ensure_topics
@@ -211,7 +211,9 @@ def start_worker(settings: KafkaSettings, model_dir: Path, group: str, **overrid
         "max_batch": 512, "max_wait_ms": 50, **overrides})
     metrics = WorkerMetrics(CollectorRegistry())
     scorer = Scorer(load_artifact(model_dir), device="cpu", max_batch=wsettings.max_batch)
-    worker = Worker(settings, wsettings, scorer, metrics)
+    shadow = Path(model_dir) / CHALLENGER  # scored beside the current version, as the CLI does
+    challenger = Scorer(load_artifact(shadow), device="cpu", max_batch=wsettings.max_batch) if shadow.exists() else None
+    worker = Worker(settings, wsettings, scorer, metrics, challenger=challenger)
     box: dict = {}
 
     def target() -> None:

@@ -113,6 +113,9 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                              "labelled table, 0 on an unlabelled one)")
     parser.add_argument("--no-baselines", action="store_true", help="skip Isolation Forest and PCA in the report")
     parser.add_argument("--no-publish", action="store_true", help="do not switch the root's `current` link")
+    parser.add_argument("--challenger", action="store_true",
+                        help="publish as the root's `challenger`: workers score it beside the current version "
+                             "(online quality for both, alerts from the current one); `promote` serves it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fraud-train", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _common_arguments(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,evaluate,score}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,evaluate,score,promote}")
     fit = sub.add_parser("fit", help="train a new model version, calibrate it, export it, publish it")
     _data_arguments(fit)
     _fit_arguments(fit)
@@ -135,16 +138,23 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--output", required=True, type=Path, help="output .csv or .parquet")
     score.add_argument("--top-features", type=opt.non_negative_int, default=3, help="features listed per flagged row")
     _data_arguments(score)
-    for subparser in (fit, evaluate, score):
+    promote = sub.add_parser("promote", help="serve the model root's challenger: move `current` to it")
+    promote.add_argument("--model", type=Path, help="model root (default: FRAUD_MODEL_DIR or models)")
+    for subparser in (fit, evaluate, score, promote):
         _common_arguments(subparser, top=False)
     return parser
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Cross-flag checks that need no data; ConfigError says which flags disagree."""
+    if args.command == "promote":
+        return
     if args.layout is not None and args.layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {args.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
     if args.command == "fit":
+        if args.challenger and args.no_publish:
+            raise ConfigError("--challenger publishes the version as the challenger; --no-publish publishes nothing: "
+                              "pass one of them")
         opt.check_dates(args.start, args.val_start, args.test_start, args.end)
         if args.label_delay_days is not None and args.score not in opt.LABEL_SCORES:
             raise ConfigError(f"--label-delay-days applies to --score {' or '.join(opt.LABEL_SCORES)} only, "
@@ -173,7 +183,7 @@ def apply_settings(args: argparse.Namespace) -> argparse.Namespace:
     settings = TrainerSettings.build(args)
     if args.command == "fit" and args.output is None:
         args.output = Path(settings.model_dir)
-    if args.command in {"evaluate", "score"} and args.model is None:
+    if args.command in {"evaluate", "score", "promote"} and args.model is None:
         args.model = Path(settings.model_dir)
     args.device = settings.device
     return args
@@ -182,8 +192,10 @@ def apply_settings(args: argparse.Namespace) -> argparse.Namespace:
 def _dispatch(args: argparse.Namespace) -> int:
     from trainer import commands  # torch, scikit-learn and pandas: only once the flags are known to be good
 
-    handlers = {"fit": commands.fit, "evaluate": commands.evaluate, "score": commands.score}
-    return handlers[args.command](args, commands.layout_flags(args))
+    handlers = {"fit": commands.fit, "evaluate": commands.evaluate, "score": commands.score,
+                "promote": commands.promote}
+    flags = commands.layout_flags(args) if args.command != "promote" else None
+    return handlers[args.command](args, flags)  # type: ignore[operator]
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -54,6 +54,7 @@ def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:
                           patience=args.patience, seed=args.seed, progress=not args.quiet),
         split=SplitSpec(args.start, args.val_start, args.test_start, args.end, args.val_fraction, args.test_fraction),
         alert_rate=args.alert_rate, baselines=not args.no_baselines, publish=not args.no_publish,
+        challenger=args.challenger,
         score=args.score, bank_rows=args.bank_rows, input_form=args.input_form,
         label_delay_days=opt.DEFAULT_LABEL_DELAY_DAYS if args.label_delay_days is None else args.label_delay_days,
     )
@@ -62,6 +63,15 @@ def fit(args: argparse.Namespace, flags: LayoutFlags) -> int:
     print(f"threshold {result.artifact.threshold:.6g} (alert rate {result.artifact.alert_rate})")
     if result.report:
         print(f"evaluation report: {result.report}")
+    return 0
+
+
+def promote(args: argparse.Namespace, flags: LayoutFlags | None) -> int:
+    """Serve the model root's challenger: ``current`` moves to it (workers reload it), the challenger link goes."""
+    from pipeline.artifact import promote_challenger
+
+    artifact = promote_challenger(args.model)
+    print(f"model {artifact.version} is current in {args.model}; workers serve it from their next reload")
     return 0
 
 

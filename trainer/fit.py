@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.artifact import ModelArtifact, load_artifact, publish_current, save_artifact
+from pipeline.artifact import CHALLENGER, CURRENT, ModelArtifact, load_artifact, publish_current, save_artifact
 from pipeline.classifier import KINDS
 from pipeline.errors import ConfigError, InputDataError
 from pipeline.features import HANDBOOK_FEATURES, TableLayout
@@ -45,6 +45,7 @@ class FitOptions:
     device: str = "auto"
     baselines: bool = True
     publish: bool = True
+    challenger: bool = False  # publish as the root's challenger (scored beside the current one) instead
     score: str = "auto"  # auto, hybrid or reconstruction (trainer.hybrid); finetuned or stacked (with labels)
     bank_rows: int = hybrid.BANK_ROWS  # most rows kept for the hybrid's distance
     input_form: str = "features"  # what the worker's input carries: features, or raw (features made in stream)
@@ -129,7 +130,7 @@ def run_fit(frame: pd.DataFrame, layout: TableLayout, options: FitOptions) -> Fi
         result.report = evaluate_split(result.artifact, frame, layout, split, labels, options, result.history,
                                        train_x, labelled)
     if options.publish:
-        publish_current(options.output, result.version_dir)
+        publish_current(options.output, result.version_dir, CHALLENGER if options.challenger else CURRENT)
     return result
 
 

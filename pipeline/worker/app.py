@@ -11,6 +11,7 @@ some have no owner joins again (:mod:`~pipeline.worker.liveness`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from pipeline.worker.liveness import StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
+from pipeline.worker.reload import REMOVED
 from pipeline.worker.state import Bounds, FeatureStages, Restorer, StateTopics, prepare_topics
 from pipeline.worker.state.stages import before_hand_back
 from pipeline.worker.transactions import ExactlyOnce
@@ -66,6 +68,8 @@ class Worker:
         take_new_scorer: Callable[[], BatchScorer | None] = lambda: None,
         clock: Callable[[], float] = time.time,
         state_topics: StateTopics | None = None,
+        challenger: BatchScorer | None = None,
+        take_new_challenger: Callable[[], object | None] = lambda: None,
     ) -> None:
         """``state_topics``: raw input's topics, when the caller has made them ready (else ``run`` does)."""
         self.kafka, self.settings, self.metrics = kafka, settings, metrics
@@ -82,7 +86,11 @@ class Worker:
         self.consumer: kafkaclient.Consumer | None = None  # kafka-python's driver or confluent's
         self.checkpoint: Checkpoint | None = None  # owns every commit (made with the delivery, see ``delivery``)
         self.stages: FeatureStages | None = None  # raw input only
+        self.challenger: BatchScorer | None = None  # raw input: scored beside the current model, never alerting
+        self.take_new_challenger = take_new_challenger
         self._use(scorer)
+        if challenger is not None:
+            self._use_challenger(challenger)
 
     @property
     def delivery(self) -> Delivery | None:
@@ -104,6 +112,9 @@ class Worker:
             max_record_bytes=self.settings.max_record_bytes, top_features=self.settings.top_features,
             clock=self.clock)
         self.ledger.use(scorer)
+        if self.challenger is not None and not self._fits_as_challenger(self.challenger):
+            self._use_challenger(None)  # the new current model changed what a challenger must take
+        self.processor.challenger = self.challenger
         self.metrics.threshold.set(artifact.threshold)
         self.metrics.alert_rate.set(artifact.alert_rate)
         self.metrics.model.info({"version": artifact.version, "device": scorer.device_name,
@@ -332,6 +343,8 @@ class Worker:
         outcome = self.processor.process(featured, enrich=stages.enrich, failed_before=staged.failed + broken)
         stages.decide(outcome.decided, outcome.decided_ratios, outcome.decided_alerted,
                       self.processor.scorer.artifact.version)
+        if outcome.challenger is not None:  # the shadow model's decisions, on the same transactions
+            stages.decide(outcome.decided, outcome.challenger[1], outcome.challenger[2], outcome.challenger[0])
         outcome.outputs += staged.outputs + stages.changelog()
         outcome.resolved = stages.take_resolved()
         return (outcome, len(before_hand_back(raw, staged.handed_back)), staged.handed_back,
@@ -363,7 +376,45 @@ class Worker:
         self.consumer.close(autocommit=False)
         self._connect()
 
+    def _fits_as_challenger(self, challenger: BatchScorer) -> bool:
+        """A challenger must take the current model's input: raw, with the same features (one matrix for both)."""
+        current, artifact = self.scorer.artifact, challenger.artifact
+        if artifact.input_form == "raw" and current.input_form == "raw" and \
+                tuple(artifact.feature_names) == tuple(current.feature_names) and artifact.version != current.version:
+            return True
+        if artifact.version == current.version:  # promoted: it serves now
+            log.info("challenger %s is the current version now: no longer scored beside it", artifact.version)
+            return False
+        why = ("online quality needs raw input (labels reach the terminal stage only)" if current.input_form != "raw"
+               else "it expects other input than the current model")
+        log.error("challenger %s not scored: %s", artifact.version, why)
+        return False
+
+    def _use_challenger(self, challenger: BatchScorer | None) -> None:
+        """Score ``challenger`` beside the current model from the next batch (None: stop)."""
+        if challenger is not None and not self._fits_as_challenger(challenger):
+            if challenger.artifact.version != self.scorer.artifact.version:
+                self.metrics.reloads.labels("refused").inc()
+            challenger = None
+        if self.challenger is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.challenger.remove(self.challenger.artifact.version)
+        self.challenger = challenger
+        self.processor.challenger = challenger
+        if challenger is not None:
+            self.metrics.quality_series(challenger.artifact.version)
+            self.metrics.challenger.labels(challenger.artifact.version).set(1)
+            log.info("scoring challenger %s beside model %s (online quality for both; alerts from %s only)",
+                     challenger.artifact.version, self.scorer.artifact.version, self.scorer.artifact.version)
+
     def _swap_model_if_new(self) -> None:
+        challenger = self.take_new_challenger()
+        if challenger is REMOVED:
+            if self.challenger is not None:
+                log.info("challenger %s no longer scored (its link is gone)", self.challenger.artifact.version)
+            self._use_challenger(None)
+        elif challenger is not None:
+            self._use_challenger(challenger)  # type: ignore[arg-type]
         new = self.take_new_scorer()
         if new is None:
             return

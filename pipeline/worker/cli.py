@@ -131,6 +131,8 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
     wait_for_kafka(kafka, stop=stop)  # before PyTorch and the model load: a wrong address is said at once
     if stop.is_set():
         return 0
+    from pipeline.artifact import CHALLENGER
+    from pipeline.errors import ModelArtifactError
     from pipeline.worker.app import Worker
     from pipeline.worker.reload import ModelWatcher
     from pipeline.worker.state import check_input_form, prepare_topics
@@ -147,10 +149,20 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
     state_topics = prepare_topics(kafka, settings.consumer_group) if scorer.artifact.input_form == "raw" else None
     watcher = ModelWatcher(settings.model_dir, lambda p: load_scorer(p, settings), metrics,
                            settings.reload_interval_s)
+    # a challenger (the root's `challenger` link): scored beside the current model, followed like it
+    shadow = ModelWatcher(settings.model_dir, lambda p: load_scorer(p, settings), metrics,
+                          settings.reload_interval_s, link=CHALLENGER)
+    challenger = None
+    if (Path(settings.model_dir) / CHALLENGER).exists():
+        try:
+            challenger = load_scorer(Path(settings.model_dir) / CHALLENGER, settings)
+        except ModelArtifactError as err:
+            log.error("challenger at %s refused: %s; only the current model is scored", settings.model_dir, err)
     worker = Worker(kafka, settings, scorer, metrics, take_new_scorer=watcher.take,  # type: ignore[arg-type]
-                    state_topics=state_topics)
+                    state_topics=state_topics, challenger=challenger, take_new_challenger=shadow.take)
     worker.stop = stop
     watcher.start()
+    shadow.start()
     # What start-up built (PyTorch, the model, the clients) lives as long as the worker: move it out of the
     # collector's reach, so that a full collection walks the batch's objects only (here: 130 ms -> 5 ms
     # per gen-2 pause, alert latency p99 342 -> 236 ms at 10k tx/s; README, Benchmarks)
@@ -163,6 +175,7 @@ def _run_worker(kafka: KafkaSettings, settings: WorkerSettings, args: argparse.N
         return 1
     finally:
         watcher.close()
+        shadow.close()
     print(f"consumed {stats.consumed}: {stats.scored} scored, {stats.invalid} dead-lettered, "
           f"{stats.alerts} alerts, {stats.batches} batches"
           + (f", {worker.stages.late_events} late events, {worker.stages.late_labels} late labels"

@@ -10,7 +10,8 @@ Series (all prefixed ``fraud_``), as the dashboards and alerting rules in
   (event time to outputs acknowledged), ``anomaly_score``, ``score_ratio`` (score / threshold)
 - raw input, online quality from delayed labels: ``quality_resolved_total{version,label,alerted}``,
   histogram ``quality_score_ratio{version,label}``, gauge
-  ``quality_resolved_until_timestamp_seconds{partition}`` (see ``state.decisions``)
+  ``quality_resolved_until_timestamp_seconds{partition}`` (see ``state.decisions``); gauge
+  ``model_challenger{version}`` while a challenger is scored beside the serving model
 - ``out_of_range_total``: scored transactions whose score is not finite (alerted, marked)
 - gauges ``consumer_lag{topic,partition}`` (from the broker's committed offsets, set from the
   moment a partition is assigned), ``assigned_partitions``, ``model_threshold``,
@@ -146,6 +147,9 @@ class WorkerMetrics:
         self.quality_score_ratio = Histogram(
             "quality_score_ratio", "Raw input: score / threshold of the transactions whose label came due, by model "
             "version and label", ["version", "label"], buckets=QUALITY_BUCKETS, namespace=ns, registry=registry)
+        self.challenger = Gauge("model_challenger", "Raw input: 1 for the challenger version scored beside the "
+                                "serving model (fraud-train fit --challenger), never alerting", ["version"],
+                                namespace=ns, registry=registry)
         self.quality_resolved_until = Gauge(
             "quality_resolved_until_timestamp_seconds", "Raw input: event time up to which decisions are resolved, "
             "per repartition partition this worker owns", ["partition"], namespace=ns, registry=registry)

@@ -13,6 +13,7 @@ float32 arithmetic overflows) is never a silent "no alert": the record is alerte
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -32,6 +33,9 @@ from pipeline.worker.outputs import (
     dead_letter,
     processing_error,
 )
+
+log = logging.getLogger(__name__)
+CHALLENGER_LOG_EVERY_S = 60.0
 
 
 @dataclass
@@ -53,6 +57,7 @@ class BatchOutcome:
     decided_ratios: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     decided_alerted: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     resolved: list[Any] = field(default_factory=list)
+    challenger: tuple[str, np.ndarray, np.ndarray] | None = None  # its version, ratios and alerts on ``decided``
 
     @property
     def scored(self) -> int:
@@ -79,6 +84,8 @@ class BatchProcessor:
         self.max_record_bytes, self.top_features, self.clock = max_record_bytes, top_features, clock
         self.features = tuple(scorer.artifact.feature_names)
         self.feature_set = frozenset(self.features)
+        self.challenger: BatchScorer | None = None  # scored beside ``scorer`` on raw input; never alerts
+        self._challenger_failed_at = -CHALLENGER_LOG_EVERY_S
 
     def process(self, records: Sequence[Any], enrich: Enrich | None = None,
                 failed_before: Sequence[tuple[Any, RecordError]] = ()) -> BatchOutcome:
@@ -116,6 +123,8 @@ class BatchProcessor:
                 ratios = result.scores[kept].astype(np.float64) / threshold
                 out.decided_ratios = np.where(np.isfinite(ratios), ratios, np.inf)
                 out.decided_alerted = ~(result.scores[kept] <= threshold)
+                if self.challenger is not None and len(kept):
+                    out.challenger = self._shadow(decoded.matrix[kept])
             if self.topics.features:
                 out.outputs += [self._featured(decoded.good[i][1], float(result.scores[i]))
                                 for i in np.flatnonzero(ok)]
@@ -128,6 +137,29 @@ class BatchProcessor:
             if error.reason == "missing_feature" and error.field:
                 out.missing_features[error.field] += 1
         return out
+
+    def _shadow(self, matrix: np.ndarray) -> tuple[str, np.ndarray, np.ndarray] | None:
+        """The challenger's score ratios and alerts on the rows the current model scored. Rows it cannot score
+        are left out of its decisions (NaN); a failure of the whole batch is logged (once a minute) and
+        counted, never felt by the current model's outputs."""
+        challenger = self.challenger
+        assert challenger is not None
+        artifact = challenger.artifact
+        try:
+            result, broken = score_isolated(challenger, matrix)
+        except Exception as err:  # the challenger must never stop the batch
+            result, broken = None, {0: err}
+        if result is None:
+            now = time.monotonic()
+            if now - self._challenger_failed_at >= CHALLENGER_LOG_EVERY_S:
+                self._challenger_failed_at = now
+                log.error("challenger %s could not score a batch (%s); its decisions are skipped",
+                          artifact.version, next(iter(broken.values()), None))
+            return None
+        ratios = result.scores.astype(np.float64) / artifact.threshold
+        ratios = np.where(np.isfinite(ratios), ratios, np.inf)
+        ratios[list(broken)] = np.nan
+        return artifact.version, ratios, ~(result.scores <= artifact.threshold)
 
     def _alert(self, result: ScoreBatch, i: int, raw_row: np.ndarray, tx: Any, now_ms: int) -> Output:
         score = float(result.scores[i])

@@ -15,15 +15,22 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.artifact import CURRENT
 from pipeline.errors import ModelArtifactError
 from pipeline.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 
 
-def model_fingerprint(model_dir: Path) -> tuple[str, int, int] | None:
-    """What identifies the version a model directory points at: real path and manifest stamp."""
-    real = Path(os.path.realpath(model_dir / "current" if (model_dir / "current").exists() else model_dir))
+REMOVED = object()  # what ``take`` returns once a watched challenger link is gone
+
+
+def model_fingerprint(model_dir: Path, link: str = CURRENT) -> tuple[str, int, int] | None:
+    """What identifies the version a model directory points at: real path and manifest stamp. ``link``
+    ``challenger``: the root's challenger link only (None without one)."""
+    if link != CURRENT and not (model_dir / link).exists():
+        return None
+    real = Path(os.path.realpath(model_dir / link if (model_dir / link).exists() else model_dir))
     try:
         stat = (real / "manifest.json").stat()
     except OSError:
@@ -35,12 +42,15 @@ class ModelWatcher:
     """Polls a model directory on a daemon thread; ``take()`` returns a newly loaded model once."""
 
     def __init__(self, model_dir: Path | str, load: Callable[[Path], object], metrics: WorkerMetrics,
-                 interval_s: float = 5.0) -> None:
+                 interval_s: float = 5.0, link: str = CURRENT) -> None:
+        """``link``: the model root's link to follow (``current``, or ``challenger``: ``take`` then returns
+        ``REMOVED`` once when the link goes)."""
         self.model_dir = Path(model_dir)
         self.load = load
         self.metrics = metrics
         self.interval_s = interval_s
-        self._seen = model_fingerprint(self.model_dir)
+        self.link = link
+        self._seen = model_fingerprint(self.model_dir, link)
         self._ready: object | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -64,7 +74,13 @@ class ModelWatcher:
 
     def check(self) -> bool:
         """Look once; True when a new version was loaded and is ready to take."""
-        current = model_fingerprint(self.model_dir)
+        current = model_fingerprint(self.model_dir, self.link)
+        if current is None and self.link != CURRENT and self._seen is not None:
+            self._seen = None
+            with self._lock:
+                self._ready = REMOVED
+            log.info("the model root's %s link is gone", self.link)
+            return True
         if current is None or current == self._seen:
             return False
         self._seen = current
@@ -77,7 +93,8 @@ class ModelWatcher:
         with self._lock:
             self._ready = loaded
         self.metrics.reloads.labels("ok").inc()
-        log.info("new model at %s loaded; it serves from the next batch", current[0])
+        log.info("new model at %s loaded; it serves from the next batch%s", current[0],
+                 "" if self.link == CURRENT else f" (as the {self.link})")
         return True
 
     def _loop(self) -> None:

@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from kafka import KafkaAdminClient
 
+from bench.bank import with_challenger
 from pipeline.config import KafkaSettings
 from pipeline.features import HANDBOOK_FEATURES
 from pipeline.topics import ensure_topics, partition_counts
@@ -126,10 +127,13 @@ def assert_equal_to_offline(frame: pd.DataFrame, seen: dict[str, list[np.ndarray
                                                            reason="confluent-kafka is not installed"))])
 def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings, raw_model_dir: Path,
                                                    raw_history: pd.DataFrame, kafka_client: str,
-                                                   max_wait_ms: int) -> None:
+                                                   max_wait_ms: int, tmp_path: Path) -> None:
     """Labels first, then every transaction at once, read in batches of up to 4,096 closed after 5, 50 or
-    500 ms: the batch window changes what a batch holds, never a feature."""
+    500 ms: the batch window changes what a batch holds, never a feature. At 500 ms a challenger (the same
+    weights, half the threshold) is scored beside the model: online quality is exact for both versions."""
     settings = with_features_topic(kafka_settings)
+    if max_wait_ms == 500:
+        raw_model_dir = with_challenger(raw_model_dir, tmp_path / "models")
     ensure_topics(settings, [settings.input_topic, settings.labels_topic, settings.alerts_topic,
                              settings.dead_letter_topic, settings.features_topic or ""], 3)
     labels, transactions = split_messages(settings, raw_history)
@@ -155,22 +159,23 @@ def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings
 def assert_quality_counted_exactly(settings: KafkaSettings, worker: Any, frame: pd.DataFrame, model_dir: Path
                                    ) -> None:
     """Online quality (``state.decisions``): the worker's resolved counts equal the truth of the transactions its
-    decisions were resolved for (each partition's event time resolved up to), exactly; the AP from its score
-    histograms is within 0.01 of the exact AP of the same transactions' scores."""
+    decisions were resolved for (each partition's event time resolved up to), exactly, for the served version and
+    a challenger beside it if the root has one; the AP from its score histograms is within 0.01 of the exact AP of
+    the same transactions' scores."""
     from sklearn.metrics import average_precision_score
 
-    from pipeline.artifact import load_artifact
+    from pipeline.artifact import CHALLENGER, load_artifact
     from pipeline.worker.state.decisions import bucket_average_precision
     from pipeline.worker.state.hop import partition_for
 
     assert settings.features_topic
-    artifact = load_artifact(model_dir)
-    registry, version = worker.metrics.registry, artifact.version
+    registry = worker.metrics.registry
+    versions = [load_artifact(model_dir)] + ([load_artifact(model_dir / CHALLENGER)]
+                                             if (model_dir / CHALLENGER).exists() else [])
     until = {p: registry.get_sample_value("fraud_quality_resolved_until_timestamp_seconds", {"partition": str(p)})
              for p in range(3)}
     assert all(u is not None for u in until.values()), until
     fraud = dict(zip(frame["TRANSACTION_ID"].astype(str), frame["TX_FRAUD"].astype(bool), strict=True))
-    truth: dict[tuple[str, str], int] = {}
     scores, labels, seen = [], [], set()
     for record in read_topic(settings, settings.features_topic, timeout_s=60, isolation_level="read_committed",
                              to_end=True):
@@ -180,26 +185,30 @@ def assert_quality_counted_exactly(settings: KafkaSettings, worker: Any, frame: 
         if tx_id in seen or t_s > until[partition_for(str(value["TERMINAL_ID"]).encode(), 3)]:
             continue
         seen.add(tx_id)
-        score = value["score"] if value["score"] is not None else math.inf
-        key = ("fraud" if fraud[tx_id] else "genuine", "true" if not score <= artifact.threshold else "false")
-        truth[key] = truth.get(key, 0) + 1
-        scores.append(min(score, 1e30))
+        scores.append(value["score"] if value["score"] is not None else math.inf)
         labels.append(fraud[tx_id])
-    assert truth.get(("fraud", "true"), 0) > 0 and sum(truth.values()) > 5000, truth
-    got = {(label, alerted): registry.get_sample_value(
-        "fraud_quality_resolved_total", {"version": version, "label": label, "alerted": alerted}) or 0
-        for label in ("fraud", "genuine") for alerted in ("true", "false")}
-    assert got == {key: float(truth.get(key, 0)) for key in got}
 
-    def buckets(label: str) -> list[float]:
+    def buckets(version: str, label: str) -> list[float]:
         samples = [(float(s.labels["le"]), s.value) for metric in registry.collect()
                    if metric.name == "fraud_quality_score_ratio" for s in metric.samples
                    if s.name.endswith("_bucket") and s.labels["label"] == label and s.labels["version"] == version]
         return [v for _le, v in sorted(samples)]
 
-    exact = average_precision_score(labels, scores)
-    estimate = bucket_average_precision(buckets("fraud"), buckets("genuine"))
-    assert abs(estimate - exact) < 0.01, (estimate, exact)
+    for artifact in versions:  # the same weights: one score per transaction, each version's own threshold
+        truth: dict[tuple[str, str], int] = {}
+        for score, is_fraud in zip(scores, labels, strict=True):
+            key = ("fraud" if is_fraud else "genuine", "true" if not score <= artifact.threshold else "false")
+            truth[key] = truth.get(key, 0) + 1
+        assert truth.get(("fraud", "true"), 0) > 0 and sum(truth.values()) > 5000, truth
+        got = {(label, alerted): registry.get_sample_value(
+            "fraud_quality_resolved_total", {"version": artifact.version, "label": label, "alerted": alerted}) or 0
+            for label in ("fraud", "genuine") for alerted in ("true", "false")}
+        assert got == {key: float(truth.get(key, 0)) for key in got}, artifact.version
+        exact = average_precision_score(labels, [min(s, 1e30) for s in scores])
+        estimate = bucket_average_precision(buckets(artifact.version, "fraud"), buckets(artifact.version, "genuine"))
+        assert abs(estimate - exact) < 0.01, (artifact.version, estimate, exact)
+    if len(versions) > 1:  # half the threshold: more alerts from the challenger, none of them published
+        assert registry.get_sample_value("fraud_model_challenger", {"version": versions[1].version}) == 1
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.artifact import (
+    CHALLENGER,
     CLASSIFIER_PREFIX,
     CURRENT,
     MANIFEST,
@@ -19,6 +20,7 @@ from pipeline.artifact import (
     ScoreHistogram,
     content_hash,
     load_artifact,
+    promote_challenger,
     publish_current,
     save_artifact,
 )
@@ -151,6 +153,25 @@ def test_publish_current_switches_atomically(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name, CURRENT])  # no temp left
 
 
+def test_a_challenger_is_promoted_once_and_a_broken_one_is_refused(tmp_path: Path, capsys) -> None:
+    from trainer.cli import run as fraud_train
+
+    first, second, third = export(tmp_path, seed=1), export(tmp_path, seed=2), export(tmp_path, seed=3)
+    publish_current(tmp_path, first)
+    publish_current(tmp_path, second, CHALLENGER)
+    assert load_artifact(tmp_path).version == first.name  # the challenger does not serve
+    assert fraud_train(["promote", "--model", str(tmp_path)]) == 0
+    assert f"model {second.name} is current" in capsys.readouterr().out
+    assert load_artifact(tmp_path).version == second.name and not (tmp_path / CHALLENGER).exists()
+    assert fraud_train(["promote", "--model", str(tmp_path)]) == 2  # nothing left to promote
+    assert "no `challenger` link" in capsys.readouterr().err
+    publish_current(tmp_path, third, CHALLENGER)
+    rewrite_manifest(third, lambda m: m.update(threshold=9.0))  # tampered after export
+    with pytest.raises(ModelArtifactError, match="content hash mismatch"):
+        promote_challenger(tmp_path)
+    assert load_artifact(tmp_path).version == second.name and (tmp_path / CHALLENGER).is_symlink()
+
+
 def test_tampered_weights_are_refused(version: Path) -> None:
     data = bytearray((version / WEIGHTS).read_bytes())
     data[-1] ^= 0x01
@@ -246,3 +267,22 @@ def test_classifier_version_altered_is_refused(tmp_path: Path) -> None:
     rewrite_manifest(version, lambda m: m.update(format_version=1), rehash=True)  # an old reader's view
     with pytest.raises(ModelArtifactError, match=r"classifier\.\* tensors but no 'classifier' section"):
         load_artifact(version)
+
+
+def test_the_challenger_watcher_hands_over_a_new_challenger_then_its_removal(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from pipeline.worker.metrics import WorkerMetrics
+    from pipeline.worker.reload import REMOVED, ModelWatcher
+
+    first, second = export(tmp_path, seed=1), export(tmp_path, seed=2)
+    publish_current(tmp_path, first)
+    watcher = ModelWatcher(tmp_path, load_artifact, WorkerMetrics(CollectorRegistry()), interval_s=0,
+                           link=CHALLENGER)
+    assert not watcher.check() and watcher.take() is None  # no challenger: nothing, and no error
+    publish_current(tmp_path, second, CHALLENGER)
+    assert watcher.check() and watcher.take().version == second.name
+    assert not watcher.check()  # seen already
+    (tmp_path / CHALLENGER).unlink()  # promoted, or withdrawn
+    assert watcher.check() and watcher.take() is REMOVED
+    assert not watcher.check() and watcher.take() is None  # said once

@@ -9,6 +9,7 @@ nothing twice and lose nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import threading
@@ -207,3 +208,114 @@ def test_average_precision_from_buckets_is_exact_when_each_score_has_its_own_buc
     coarse = np.array(QUALITY_BUCKETS)
     assert abs(bucket_average_precision(cumulative(fraud, coarse), cumulative(~fraud, coarse)) - exact) < 0.01
     assert math.isnan(bucket_average_precision([0.0, 0.0], [3.0, 5.0]))
+
+
+# -- the challenger (shadow) model ------------------------------------------------------------
+class Shadow:
+    """A challenger: the served model's scores under another version and half the threshold (``fail``: raises)."""
+
+    def __init__(self, scorer: Any, fail: bool = False) -> None:
+        self.inner, self.fail, self.device = scorer, fail, scorer.device
+        self.artifact = dataclasses.replace(scorer.artifact, manifest={**scorer.artifact.manifest,
+                                                                       "model_version": "challenger-v2",
+                                                                       "threshold": scorer.artifact.threshold / 2})
+
+    def score(self, raw: np.ndarray) -> Any:
+        if self.fail:
+            raise RuntimeError("challenger broke")
+        return self.inner.score(raw)
+
+
+@pytest.fixture(scope="module")
+def scorer(model_dir: Any) -> Any:
+    from pipeline.artifact import load_artifact
+    from pipeline.scoring import Scorer
+
+    return Scorer(load_artifact(model_dir), device="cpu")
+
+
+def scored_batch(scorer: Any, n: int = 64) -> list[Any]:
+    import orjson
+
+    rng = np.random.default_rng(1)
+    pre = scorer.artifact.preprocessing
+    rows = [{name: float(pre.mean[j] + pre.std[j] * rng.normal(0, 3)) for j, name in
+             enumerate(scorer.artifact.feature_names)} for _ in range(n)]
+    return [Record(orjson.dumps({"transaction_id": f"t{i}", "event_time": T0 + i, **row}), i)
+            for i, row in enumerate(rows)]
+
+
+def test_a_challenger_decides_on_the_same_transactions_and_never_alerts(scorer: Any, caplog: Any) -> None:
+    import logging
+
+    from pipeline.worker.processing import BatchProcessor, Topics
+
+    def processor(challenger: Any) -> BatchProcessor:
+        made = BatchProcessor(scorer, Topics("alerts", "dlq"), "w", max_record_bytes=65536, top_features=3)
+        made.challenger = challenger
+        return made
+
+    records = scored_batch(scorer)
+    alone = processor(None).process(records, enrich=lambda record, tx: None)
+    shadowed = processor(Shadow(scorer)).process(records, enrich=lambda record, tx: None)
+    def alerted_ids(outcome: Any) -> list[bytes | None]:
+        return [o.key for o in outcome.outputs if o.topic == "alerts"]
+
+    assert alerted_ids(shadowed) == alerted_ids(alone) and alone.alerts > 0  # alerts from the served model only
+    assert alone.challenger is None and shadowed.challenger is not None
+    version, ratios, alerted = shadowed.challenger
+    assert version == "challenger-v2" and len(ratios) == len(shadowed.decided) == 64
+    np.testing.assert_allclose(ratios, 2 * shadowed.decided_ratios)  # half the threshold: twice the ratio
+    assert list(alerted) == list(ratios > 1) and alerted.sum() > shadowed.decided_alerted.sum() > 0
+    with caplog.at_level(logging.ERROR):
+        broken = processor(Shadow(scorer, fail=True)).process(records, enrich=lambda record, tx: None)
+    assert broken.challenger is None and alerted_ids(broken) == alerted_ids(alone) and not broken.dead_letters
+    assert any("challenger challenger-v2 could not score a batch" in r.getMessage() for r in caplog.records)
+
+
+def test_a_featured_or_same_version_challenger_is_not_scored(scorer: Any) -> None:
+    from pipeline.config import KafkaSettings, WorkerSettings
+    from pipeline.worker.app import Worker
+
+    metrics = WorkerMetrics(CollectorRegistry())
+    worker = Worker(KafkaSettings.build(environ={}), WorkerSettings.build(environ={}, overrides={"device": "cpu"}),
+                    scorer, metrics, challenger=Shadow(scorer))  # type: ignore[arg-type]
+    assert worker.challenger is None and worker.processor.challenger is None  # featured input: no labels to judge
+    assert metrics.registry.get_sample_value("fraud_model_reloads_total", {"result": "refused"}) == 1
+
+
+class RawView:
+    """The served model as a raw-input version (what a challenger must match), under ``version``."""
+
+    def __init__(self, scorer: Any, version: str, threshold_factor: float = 1.0) -> None:
+        self.inner, self.device = scorer, scorer.device
+        self.device_name, self.engine, self.where = scorer.device_name, scorer.engine, scorer.where
+        self.artifact = dataclasses.replace(scorer.artifact, manifest={
+            **scorer.artifact.manifest, "model_version": version,
+            "input": {**scorer.artifact.manifest.get("input", {}), "form": "raw"},
+            "threshold": scorer.artifact.threshold * threshold_factor})
+
+    def score(self, raw: np.ndarray) -> Any:
+        return self.inner.score(raw)
+
+
+def test_a_challenger_comes_with_its_link_and_goes_with_it(scorer: Any) -> None:
+    from pipeline.config import KafkaSettings, WorkerSettings
+    from pipeline.worker.app import Worker
+    from pipeline.worker.reload import REMOVED
+
+    handed = iter([RawView(scorer, "v2", 0.5), None, REMOVED])
+    metrics = WorkerMetrics(CollectorRegistry())
+    worker = Worker(KafkaSettings.build(environ={}), WorkerSettings.build(environ={}, overrides={"device": "cpu"}),
+                    RawView(scorer, "v1"), metrics, take_new_challenger=lambda: next(handed))  # type: ignore[arg-type]
+    assert worker.processor.challenger is None
+    worker._swap_model_if_new()
+    assert worker.processor.challenger is not None and worker.processor.challenger.artifact.version == "v2"
+    assert metrics.registry.get_sample_value("fraud_model_challenger", {"version": "v2"}) == 1
+    assert metrics.registry.get_sample_value("fraud_quality_resolved_total",  # from 0, for increase()
+                                             {"version": "v2", "label": "fraud", "alerted": "true"}) == 0
+    worker._swap_model_if_new()  # nothing new
+    assert worker.processor.challenger is not None
+    worker._swap_model_if_new()  # its link is gone
+    assert worker.processor.challenger is None and worker.challenger is None
+    assert metrics.registry.get_sample_value("fraud_model_challenger", {"version": "v2"}) is None

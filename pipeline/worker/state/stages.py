@@ -488,7 +488,7 @@ class FeatureStages:
         for (record, tx), ratio, alert in zip(scored, list(ratios), list(alerted), strict=True):
             store = stores.get(record.partition) if record.topic == repartition else None
             terminal = tx.fields.get(TERMINAL) if store is not None else None
-            if terminal is None:
+            if terminal is None or ratio != ratio:  # NaN: a challenger that could not score this row
                 continue
             key = prefix + str(terminal)
             held = store.entities.get(key) or Decisions()
