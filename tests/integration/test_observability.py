@@ -169,21 +169,28 @@ class Feeder(threading.Thread):
             self.error = err
 
 
+def metrics_worker(kafka_env: dict[str, str], model_dir: Path, group: str, tmp_path: Path, *flags: str
+                   ) -> tuple[subprocess.Popen, int, Path]:
+    """A `python -m pipeline` subprocess serving /metrics on a free port: the process, the port, its log."""
+    port = free_port()
+    log = tmp_path / "worker.log"
+    env = {**kafka_env, "FRAUD_CONSUMER_GROUP": group, "FRAUD_DEVICE": "cpu"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "--model-dir", str(model_dir), "--metrics-port", str(port),
+             "--metrics-host", "127.0.0.1", *flags],
+            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    return proc, port, log
+
+
 @pytest.fixture
 def live_worker(kafka_settings: KafkaSettings, kafka_env: dict[str, str], model_dir: Path,
                 stream_frame: pd.DataFrame, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """A `python -m pipeline` subprocess scoring a fed stream; yields its metrics address and log."""
     produce_frame(kafka_settings, stream_frame.iloc[:1000])  # creates the topics too
     produce_bad(kafka_settings)
-    port = free_port()
-    log = tmp_path / "worker.log"
-    env = {**kafka_env, "FRAUD_CONSUMER_GROUP": f"obs-{kafka_settings.client_id}", "FRAUD_DEVICE": "cpu"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "--model-dir", str(model_dir), "--metrics-port", str(port),
-             "--metrics-host", "127.0.0.1", "--max-batch", "512"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
+    proc, port, log = metrics_worker(kafka_env, model_dir, f"obs-{kafka_settings.client_id}", tmp_path,
+                                     "--max-batch", "512")
     feeder = Feeder(kafka_settings, stream_frame.iloc[1000:])
     feeder.start()
     try:
@@ -293,14 +300,7 @@ def test_quality_dashboard_reads_a_raw_worker_resolving_decisions(
     settings = kafka_settings
     ensure_topics(settings, [settings.input_topic, settings.labels_topic, settings.alerts_topic,
                              settings.dead_letter_topic], 3)
-    port = free_port()
-    log = tmp_path / "worker.log"
-    env = {**kafka_env, "FRAUD_CONSUMER_GROUP": f"obs-raw-{settings.client_id}", "FRAUD_DEVICE": "cpu"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", "--model-dir", str(raw_model_dir), "--metrics-port", str(port),
-             "--metrics-host", "127.0.0.1"],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    proc, port, log = metrics_worker(kafka_env, raw_model_dir, f"obs-raw-{settings.client_id}", tmp_path)
     try:
         _wait(lambda: proc.poll() is not None or _answers(f"http://127.0.0.1:{port}/metrics"), 90,
               "the worker's /metrics", lambda: _tail(log))
