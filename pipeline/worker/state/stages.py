@@ -510,18 +510,25 @@ class FeatureStages:
             if cutoff <= self.resolved_until.get(partition, cutoff - 1):
                 continue
             windows = self.terminals[partition].entities
+            by_version: dict[str, Resolved] = {}  # one per version: the ledger counts each in one go
             for key, held in list(store.entities.items()):
                 if not held.times or held.times[0] > cutoff:
                     continue
                 eids, ratios, alerted = held.resolve(cutoff)
                 version, terminal = split_key(key)
                 frauds = state.frauds if (state := windows.get(terminal)) is not None else {}
-                self.resolved.append(Resolved(version, ratios, alerted, [eid in frauds for eid in eids]))
+                part = by_version.get(version)
+                if part is None:
+                    part = by_version[version] = Resolved(version, array("d"), array("B"), [])
+                part.ratios.extend(ratios)
+                part.alerted.extend(alerted)
+                part.fraud.extend([eid in frauds for eid in eids] if frauds else [False] * len(eids))
                 if held.times:
                     store.change(key, held, RESOLVED, 0, cutoff, 0.0)
                 else:
                     del store.entities[key]
                     store.dirty.add(key)
+            self.resolved += by_version.values()
             self.resolved_until[partition] = cutoff
             self.metrics.quality_resolved_until.labels(str(partition)).set(cutoff / 1000)
             self.metrics.state_entities.labels("decisions").set(sum(len(s.entities) for s in self.decisions.values()))
