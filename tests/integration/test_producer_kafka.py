@@ -114,3 +114,21 @@ def test_ctrl_c_says_how_many_records_went_out(tmp_path: Path, kafka_settings: K
     acked, sent = map(int, re.search(r"interrupted: (\d+) records acknowledged of (\d+) sent", lines[0]).groups())
     assert 0 < acked <= sent < 5000
     assert len(kcat_read(kcat, kafka_settings.bootstrap_servers, kafka_settings.input_topic)) >= acked
+
+
+def test_a_raw_stream_creates_its_labels_topic_with_the_input_topics_partition_count(
+        tmp_path: Path, kafka_settings: KafkaSettings, kafka_env: dict[str, str]) -> None:
+    """The worker joins labels and transactions by partition. With the input topic made beforehand with 6
+    partitions (as the compose stack's kafka-init does) and no labels topic yet, a producer that started before
+    the worker created the labels topic with its default 3, and the worker refused both for good (compose
+    cluster test, fresh-clone CI 2026-12-07)."""
+    from pipeline.topics import ensure_topics, partition_counts
+
+    ensure_topics(kafka_settings, [kafka_settings.input_topic], 6)
+    frame = handbook_frame(200)
+    path = tmp_path / "tx.parquet"
+    frame.to_parquet(path)
+    done = run_cli("producer", "replay", str(path), "--raw", env=kafka_env)
+    assert "0 failed" in done.stdout, done.stdout + done.stderr
+    counts = partition_counts(kafka_settings, [kafka_settings.input_topic, kafka_settings.labels_topic])
+    assert counts == {kafka_settings.input_topic: 6, kafka_settings.labels_topic: 6}
