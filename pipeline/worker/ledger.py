@@ -98,7 +98,7 @@ class Ledger:
         m, quality = self.metrics, self.stats.quality
         for part in out.resolved:
             fraud = np.asarray(part.fraud, bool)
-            alerted = np.frombuffer(part.alerted, np.uint8).astype(bool) if len(part.alerted) else fraud
+            alerted = np.frombuffer(part.alerted, np.uint8).astype(bool)
             ratios = np.frombuffer(part.ratios, np.float64)
             for label, rows in (("fraud", fraud), ("genuine", ~fraud)):
                 observe_many(m.quality_score_ratio.labels(part.version, label), ratios[rows])

@@ -120,9 +120,7 @@ class BatchProcessor:
             if enrich is not None:
                 kept = np.flatnonzero(ok)
                 out.decided = [decoded.good[i] for i in kept]
-                ratios = result.scores[kept].astype(np.float64) / threshold
-                out.decided_ratios = np.where(np.isfinite(ratios), ratios, np.inf)
-                out.decided_alerted = ~(result.scores[kept] <= threshold)
+                out.decided_ratios, out.decided_alerted = decisions_of(result.scores[kept], threshold)
                 if self.challenger is not None and len(kept):
                     out.challenger = self._shadow(decoded.matrix[kept])
             if self.topics.features:
@@ -156,10 +154,9 @@ class BatchProcessor:
                 log.error("challenger %s could not score a batch (%s); its decisions are skipped",
                           artifact.version, next(iter(broken.values()), None))
             return None
-        ratios = result.scores.astype(np.float64) / artifact.threshold
-        ratios = np.where(np.isfinite(ratios), ratios, np.inf)
+        ratios, alerted = decisions_of(result.scores, artifact.threshold)
         ratios[list(broken)] = np.nan
-        return artifact.version, ratios, ~(result.scores <= artifact.threshold)
+        return artifact.version, ratios, alerted
 
     def _alert(self, result: ScoreBatch, i: int, raw_row: np.ndarray, tx: Any, now_ms: int) -> Output:
         score = float(result.scores[i])
@@ -194,6 +191,12 @@ class BatchProcessor:
                 ("dlq.error.reason", error.reason.encode()),
                 ("dlq.error.message", str(fallback)[:MAX_MESSAGE_CHARS].encode("utf-8", "replace")),
                 ("dlq.worker", self.worker_id.encode())])
+
+
+def decisions_of(scores: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Score / threshold (+inf where a score is not finite) and whether each alerts (NaN alerts, as ever)."""
+    ratios = scores.astype(np.float64) / threshold
+    return np.where(np.isfinite(ratios), ratios, np.inf), ~(scores <= threshold)
 
 
 def score_isolated(scorer: BatchScorer, matrix: np.ndarray) -> tuple[ScoreBatch | None, dict[int, BaseException]]:

@@ -211,14 +211,19 @@ def test_average_precision_from_buckets_is_exact_when_each_score_has_its_own_buc
 
 
 # -- the challenger (shadow) model ------------------------------------------------------------
-class Shadow:
-    """A challenger: the served model's scores under another version and half the threshold (``fail``: raises)."""
+class Variant:
+    """The served model's scores under another version and ``threshold_factor`` times its threshold, as a
+    ``raw``-input version if asked (what a challenger must match); ``fail``: every batch raises."""
 
-    def __init__(self, scorer: Any, fail: bool = False) -> None:
+    def __init__(self, scorer: Any, version: str = "challenger-v2", threshold_factor: float = 0.5,
+                 raw: bool = False, fail: bool = False) -> None:
         self.inner, self.fail, self.device = scorer, fail, scorer.device
-        self.artifact = dataclasses.replace(scorer.artifact, manifest={**scorer.artifact.manifest,
-                                                                       "model_version": "challenger-v2",
-                                                                       "threshold": scorer.artifact.threshold / 2})
+        self.device_name, self.engine, self.where = scorer.device_name, scorer.engine, scorer.where
+        manifest = {**scorer.artifact.manifest, "model_version": version,
+                    "threshold": scorer.artifact.threshold * threshold_factor}
+        if raw:
+            manifest["input"] = {**scorer.artifact.manifest.get("input", {}), "form": "raw"}
+        self.artifact = dataclasses.replace(scorer.artifact, manifest=manifest)
 
     def score(self, raw: np.ndarray) -> Any:
         if self.fail:
@@ -257,7 +262,7 @@ def test_a_challenger_decides_on_the_same_transactions_and_never_alerts(scorer: 
 
     records = scored_batch(scorer)
     alone = processor(None).process(records, enrich=lambda record, tx: None)
-    shadowed = processor(Shadow(scorer)).process(records, enrich=lambda record, tx: None)
+    shadowed = processor(Variant(scorer)).process(records, enrich=lambda record, tx: None)
     def alerted_ids(outcome: Any) -> list[bytes | None]:
         return [o.key for o in outcome.outputs if o.topic == "alerts"]
 
@@ -268,7 +273,7 @@ def test_a_challenger_decides_on_the_same_transactions_and_never_alerts(scorer: 
     np.testing.assert_allclose(ratios, 2 * shadowed.decided_ratios)  # half the threshold: twice the ratio
     assert list(alerted) == list(ratios > 1) and alerted.sum() > shadowed.decided_alerted.sum() > 0
     with caplog.at_level(logging.ERROR):
-        broken = processor(Shadow(scorer, fail=True)).process(records, enrich=lambda record, tx: None)
+        broken = processor(Variant(scorer, fail=True)).process(records, enrich=lambda record, tx: None)
     assert broken.challenger is None and alerted_ids(broken) == alerted_ids(alone) and not broken.dead_letters
     assert any("challenger challenger-v2 could not score a batch" in r.getMessage() for r in caplog.records)
 
@@ -279,24 +284,9 @@ def test_a_featured_or_same_version_challenger_is_not_scored(scorer: Any) -> Non
 
     metrics = WorkerMetrics(CollectorRegistry())
     worker = Worker(KafkaSettings.build(environ={}), WorkerSettings.build(environ={}, overrides={"device": "cpu"}),
-                    scorer, metrics, challenger=Shadow(scorer))  # type: ignore[arg-type]
+                    scorer, metrics, challenger=Variant(scorer))  # type: ignore[arg-type]
     assert worker.challenger is None and worker.processor.challenger is None  # featured input: no labels to judge
     assert metrics.registry.get_sample_value("fraud_model_reloads_total", {"result": "refused"}) == 1
-
-
-class RawView:
-    """The served model as a raw-input version (what a challenger must match), under ``version``."""
-
-    def __init__(self, scorer: Any, version: str, threshold_factor: float = 1.0) -> None:
-        self.inner, self.device = scorer, scorer.device
-        self.device_name, self.engine, self.where = scorer.device_name, scorer.engine, scorer.where
-        self.artifact = dataclasses.replace(scorer.artifact, manifest={
-            **scorer.artifact.manifest, "model_version": version,
-            "input": {**scorer.artifact.manifest.get("input", {}), "form": "raw"},
-            "threshold": scorer.artifact.threshold * threshold_factor})
-
-    def score(self, raw: np.ndarray) -> Any:
-        return self.inner.score(raw)
 
 
 def test_a_challenger_comes_with_its_link_and_goes_with_it(scorer: Any) -> None:
@@ -304,10 +294,10 @@ def test_a_challenger_comes_with_its_link_and_goes_with_it(scorer: Any) -> None:
     from pipeline.worker.app import Worker
     from pipeline.worker.reload import REMOVED
 
-    handed = iter([RawView(scorer, "v2", 0.5), None, REMOVED])
+    handed = iter([Variant(scorer, "v2", 0.5, raw=True), None, REMOVED])
     metrics = WorkerMetrics(CollectorRegistry())
     worker = Worker(KafkaSettings.build(environ={}), WorkerSettings.build(environ={}, overrides={"device": "cpu"}),
-                    RawView(scorer, "v1"), metrics, take_new_challenger=lambda: next(handed))  # type: ignore[arg-type]
+                    Variant(scorer, "v1", 1.0, raw=True), metrics, take_new_challenger=lambda: next(handed))  # type: ignore[arg-type]
     assert worker.processor.challenger is None
     worker._swap_model_if_new()
     assert worker.processor.challenger is not None and worker.processor.challenger.artifact.version == "v2"

@@ -55,15 +55,9 @@ class Decisions(Events):
     def decide(self, eid: int, t_ms: int, ratio: float, alerted: bool) -> bool:
         """Hold a decision (a transaction scored again, as a replay is, keeps its latest); whether it changed."""
         flag = int(alerted)
-        times = self.times
-        if (not times or t_ms > times[-1]) and self._index is None:  # the usual case: later than all held
-            times.append(t_ms)  # (the terminal stage refused the id held at another time: duplicate_conflict)
-            self.ids.append(eid)
-            self.ratios.append(ratio)
-            self.alerted.append(flag)
-            self._touch(t_ms)
-            return True
-        at = self.locate(eid, t_ms)
+        # later than all held (the usual case): new, since the terminal stage refused an id held at another time
+        # (duplicate_conflict); no search for it
+        at = self.locate(eid, t_ms) if self.times and t_ms <= self.times[-1] else -1
         if at >= 0:
             old = self.ratios[at]
             if self.alerted[at] == flag and (old == ratio or (math.isnan(old) and math.isnan(ratio))):
