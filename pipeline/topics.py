@@ -98,18 +98,37 @@ def partition_counts(settings: KafkaSettings, topics: Iterable[str]) -> dict[str
     return _with_admin(settings, f"cannot describe topics {wanted}", count)
 
 
+def visible_partition_counts(settings: KafkaSettings, topics: Iterable[str]) -> dict[str, int]:
+    """``partition_counts`` of topics that exist, once every one of them shows its partitions: a node of a
+    cluster learns of a topic a moment after its creation, and answers with none meanwhile (a worker refused
+    its labels topic for having 0 partitions, just created; cluster chaos run of 2026-12-07). BrokerError
+    naming the topics when some still show none after ``connect_timeout_s``."""
+    wanted = list(dict.fromkeys(topics))
+    deadline = time.monotonic() + settings.connect_timeout_s
+    while True:
+        counts = partition_counts(settings, wanted)
+        unseen = [t for t in wanted if counts[t] < 1]
+        if not unseen:
+            return counts
+        if time.monotonic() >= deadline:
+            raise BrokerError(f"topics {unseen} exist but the cluster shows no partition of them after "
+                              f"{settings.connect_timeout_s:.0f}s")
+        time.sleep(0.2)
+
+
 def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: int = 3,
                   configs: dict[str, dict[str, str]] | None = None) -> None:
     """Create each missing topic with ``partitions`` partitions (and ``configs[topic]``, e.g. compaction);
-    existing ones are left alone. Retried whole: what an earlier try created exists by then."""
+    existing ones are left alone. Retried whole: what an earlier try created exists by then. Returns once
+    the ones it created show their partitions (``visible_partition_counts``)."""
     wanted = list(dict.fromkeys(topics))
     configs = configs or {}
 
-    def create(admin: KafkaAdminClient) -> None:
+    def create(admin: KafkaAdminClient) -> list[str]:
         existing = set(admin.list_topics())
         missing = [t for t in wanted if t not in existing]
         if not missing:
-            return
+            return []
         new = [NewTopic(t, num_partitions=partitions, replication_factor=settings.replication_factor or -1,
                         topic_configs=configs.get(t, {})) for t in missing]
         try:
@@ -117,8 +136,10 @@ def ensure_topics(settings: KafkaSettings, topics: Iterable[str], partitions: in
             log.info("created topics %s with %d partitions", missing, partitions)
         except TopicAlreadyExistsError:
             pass  # created by someone else in the meantime
+        return missing
 
-    _with_admin(settings, f"cannot create topics {wanted}", create)
+    if _with_admin(settings, f"cannot create topics {wanted}", create):
+        visible_partition_counts(settings, wanted)  # what is created next reads them at once
 
 
 def warn_if_absent(settings: KafkaSettings, topic: str) -> bool:

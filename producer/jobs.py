@@ -95,7 +95,7 @@ def load_table(job: ReplayJob, restamp: bool = False) -> tuple[pd.DataFrame, Rep
 
 def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings, stream: StreamOptions) -> int:
     """Stream the rows of a table into the input topic; 0 when every record was acknowledged."""
-    from pipeline.topics import ensure_topics, partition_counts
+    from pipeline.topics import ensure_topics, visible_partition_counts
     from producer.send import make_producer, send_records
 
     if stream.limit is not None:
@@ -104,8 +104,8 @@ def stream_table(frame: pd.DataFrame, spec: ReplaySpec, settings: KafkaSettings,
     topics = [settings.input_topic, settings.labels_topic] if stream.raw else [settings.input_topic]
     ensure_topics(settings, [settings.input_topic], stream.partitions)
     if stream.raw:  # the worker meets labels and transactions by partition: the labels topic takes the input's count
-        counts = partition_counts(settings, [settings.input_topic])
-        ensure_topics(settings, [settings.labels_topic], counts[settings.input_topic] or stream.partitions)
+        counts = visible_partition_counts(settings, [settings.input_topic])
+        ensure_topics(settings, [settings.labels_topic], counts[settings.input_topic])
     producer = make_producer(settings)
     try:
         if stream.raw:

@@ -36,7 +36,7 @@ from pipeline.worker.delivery import (
     offsets_after,
 )
 from pipeline.worker.ledger import Ledger, WorkerStats
-from pipeline.worker.liveness import StallWatchdog, unowned_partitions
+from pipeline.worker.liveness import FetchWatchdog, StallWatchdog, unowned_partitions
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.processing import BatchOutcome, BatchProcessor, Topics
 from pipeline.worker.rebalance import PendingRecords, ReleaseOnRevoke
@@ -209,6 +209,7 @@ class Worker:
         outputs = (self.kafka.alerts_topic, self.kafka.dead_letter_topic, self.kafka.features_topic)
         self.checkpoint.delivery.warm([t for t in outputs if t])
         watchdog = StallWatchdog(self.settings.stall_timeout_s, self._unowned)
+        fetching = FetchWatchdog()
         last_record = time.monotonic()
         try:
             while not self.stop.is_set():
@@ -231,6 +232,10 @@ class Worker:
                 if watchdog.check(len(self.ledger.assigned)):
                     self.metrics.errors.labels("stalled").inc()
                     self._rejoin()
+                stalled = fetching.check(self.consumer)
+                if stalled:
+                    self.metrics.errors.labels("fetch_stalled").inc(len(stalled))
+                    self.consumer.resume(*stalled)
             self._process_pending()
             self._settle()
         except StopWithoutCommit as err:

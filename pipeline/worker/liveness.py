@@ -13,6 +13,11 @@ Two signals, both in metrics and logs:
   group lists for this very member while its consumer holds none count as unowned: kafka-python
   3.0.12 can drop the result of a join that finishes while a short poll times out, and the
   member then logs an empty assignment that the group does not know about.
+- An assigned partition that is not paused, has records to read, and whose position did not
+  move for ``FETCH_STALL_S`` is not being fetched: the client holds it paused without saying
+  so (librdkafka keeps a pause through a revoke and a reassignment; the terminal stage stopped
+  reading a repartition partition for good that way in a cluster chaos run, 2026-12-07). A
+  WARNING names it, ``fraud_errors_total{kind="fetch_stalled"}`` counts it, and it is resumed.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import logging
 import time
 from collections.abc import Callable
 from typing import Any
+
+from kafka import TopicPartition
+from kafka.errors import KafkaError
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +59,51 @@ class StallWatchdog:
         log.warning("no partition assigned for %.0fs while %d input partitions have no owner in the group; "
                     "joining again", self.timeout_s, missing)
         return True
+
+
+FETCH_STALL_S = 120.0  # an unpaused partition with records to read, its position still: not being fetched
+
+
+class FetchWatchdog:
+    """Finds assigned, unpaused partitions with records to read whose position has not moved for ``timeout_s``
+    (looked at every ``timeout_s / 4``; the end offsets are asked only of partitions that did not move)."""
+
+    def __init__(self, timeout_s: float = FETCH_STALL_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout_s, self.clock = timeout_s, clock
+        self._seen: dict[TopicPartition, tuple[int, float]] = {}  # position, and since when
+        self._looked = clock()
+
+    def check(self, consumer: Any) -> list[TopicPartition]:
+        """The partitions found not fetched (each said once per ``timeout_s``; the caller resumes them)."""
+        now = self.clock()
+        if self.timeout_s <= 0 or now - self._looked < self.timeout_s / 4:
+            return []
+        self._looked = now
+        watched = consumer.assignment() - consumer.paused()
+        self._seen = {tp: seen for tp, seen in self._seen.items() if tp in watched}
+        still = []
+        try:
+            for tp in sorted(watched):
+                position = consumer.position(tp)
+                seen = self._seen.get(tp)
+                if seen is None or seen[0] != position:
+                    self._seen[tp] = (position, now)
+                elif now - seen[1] >= self.timeout_s:
+                    still.append(tp)
+            ends = consumer.end_offsets(still) if still else {}
+        except KafkaError as err:  # a broker away: the loop's own retries say so
+            log.debug("could not look at the fetch positions: %s", err)
+            return []
+        stalled = []
+        for tp in still:
+            position, since = self._seen[tp]
+            if (ends.get(tp) or 0) > position:
+                log.warning("partition %s[%d] has %d records to read from offset %d but nothing was fetched from "
+                            "it for %.0fs while it is not paused; resuming it", tp.topic, tp.partition,
+                            ends[tp] - position, position, now - since)
+                stalled.append(tp)
+            self._seen[tp] = (position, now)
+        return stalled
 
 
 def unowned_partitions(admin: Any, group: str, topic: str, me: str | None = None) -> int:

@@ -52,7 +52,7 @@ DEAD_LETTER_REASONS = ("empty", "oversized", "not_json", "not_object", "missing_
                        "duplicate_conflict")
 ERROR_KINDS = ("publish_failed", "commit_retry", "commit_failed", "transaction_retry", "producer_fenced",
                "output_shrunk", "output_dropped", "stalled", "model_watch", "transaction_lost",
-               "producer_renewed")
+               "producer_renewed", "fetch_stalled")
 # score / threshold of resolved decisions: 16 a decade from 1e-3 to 1e3, fine enough for average precision from
 # the buckets (docs/quality-online.md measures how close); the alert threshold (1.0) is a bound
 QUALITY_BUCKETS = tuple(float(f"{10 ** (k / 16):.6g}") for k in range(-48, 49))

@@ -263,13 +263,11 @@ class RawFeed:
             proc.kill()
 
     def check(self, what: str, **figures: object) -> None:
-        self.feeder.join(timeout=400)
-        assert self.report is not None and self.report.acked == len(self.messages), \
-            self.report.errors if self.report else "the feed did not finish"
-        # the input committed to the end is not enough: the terminal stage, which writes the features, may still
-        # be a batch behind on the repartition topic (1,002 features short once, right after two nodes came back)
-        assert state_drained(self.settings, self.group, timeout_s=240), self.procs[-1][1].read_text()[-3000:]
-        outs = [finish(proc, log, self.settings, self.group) for proc, log in self.procs]
+        try:
+            outs = self._drain()
+        except BaseException:
+            self.kill_workers()  # not left running into the next test (one was, in CI, 2026-12-07)
+            raise
         seen = streamed_features(self.settings, self.transactions)
         copies = sum(len(c) for c in seen.values())
         late = [int(n) for out in outs for n in re.findall(r"(\d+) late events", out)]
@@ -282,6 +280,16 @@ class RawFeed:
         assert_equal_to_offline(self.frame, seen)
         if self.mode == "exactly-once":
             assert copies == len(seen), f"{copies - len(seen)} transactions scored twice under exactly-once"
+
+    def _drain(self) -> list[str]:
+        """Wait for the feed and for the group to process all of it, then stop the workers; their output."""
+        self.feeder.join(timeout=400)
+        assert self.report is not None and self.report.acked == len(self.messages), \
+            self.report.errors if self.report else "the feed did not finish"
+        # the input committed to the end is not enough: the terminal stage, which writes the features, may still
+        # be a batch behind on the repartition topic (1,002 features short once, right after two nodes came back)
+        assert state_drained(self.settings, self.group, timeout_s=240), self.procs[-1][1].read_text()[-3000:]
+        return [finish(proc, log, self.settings, self.group) for proc, log in self.procs]
 
 
 def leader_of(settings: KafkaSettings, topic: str, partition: int) -> int:

@@ -261,3 +261,41 @@ def test_a_second_member_takes_partitions_through_the_listener(kafka_client: str
     finally:
         first.close(autocommit=False)
         second.close(autocommit=False)
+
+
+def test_what_paused_reports_across_a_rebalance_is_what_the_client_holds_paused(
+        kafka_client: str, kafka_settings: KafkaSettings, topic: str) -> None:
+    """``paused()`` is the truth across a rebalance: a partition that moved to another member and came back is
+    not paused; one that stayed may keep its pause (kafka-python does, as Java's consumer), and is reported so.
+    librdkafka keeps a partition's pause across a revoke and a reassignment (librdkafka issue 1849) while the
+    driver's bookkeeping forgot it on the revoke: the worker never resumed it, and its terminal stage stopped
+    reading a repartition partition for good, without a word (cluster chaos run of 2026-12-07, confluent)."""
+    group = f"contract-{uuid.uuid4().hex[:10]}"
+    first, heard = open_consumer(kafka_client, kafka_settings, group), Listener()
+    second = open_consumer(kafka_client, kafka_settings, group)
+    both = {TopicPartition(topic, 0), TopicPartition(topic, 1)}
+    try:
+        first.subscribe([topic], listener=heard)
+        wait_assigned(first, heard)
+        first.pause(*both)
+        second.subscribe([topic], listener=Listener())
+        deadline = time.monotonic() + 60
+        while len(heard.held) != 1 and time.monotonic() < deadline:
+            first.poll(timeout_ms=100)
+            second.poll(timeout_ms=100)
+        assert len(heard.held) == 1, "the second member took no partition"
+        moved = both - heard.held
+        second.close(autocommit=False)
+        deadline = time.monotonic() + 60
+        while heard.held != both and time.monotonic() < deadline:
+            first.poll(timeout_ms=100)
+        assert heard.held == both, "the partitions did not come back to the first member"
+        still = first.paused()
+        assert still <= both - moved, f"{sorted(still)} reported paused; {sorted(moved)} moved away and back"
+        send(kafka_settings, topic, [b"a0"], partition=0)
+        send(kafka_settings, topic, [b"b0"], partition=1)
+        first.resume(*still)
+        assert sorted(r.value for r in read(first, 2, timeout_s=30)) == [b"a0", b"b0"]
+    finally:
+        first.close(autocommit=False)
+        second.close(autocommit=False)

@@ -31,6 +31,13 @@ class Admin:
     def create_topics(self, new: list[Any]) -> None:
         self.names += [t.name for t in new]
 
+    blind = 0  # describes, on any client, that show no partition yet (a node learning of a topic late)
+
+    def describe_topics(self, names: list[str]) -> list[dict[str, Any]]:
+        shown = 0 if Admin.blind > 0 else 3
+        Admin.blind -= 1
+        return [{"name": n, "partitions": [{"partition_index": i} for i in range(shown)]} for n in names]
+
     def close(self) -> None:
         self.closed = True
 
@@ -48,6 +55,7 @@ def fake_admin(monkeypatch: pytest.MonkeyPatch, failures: list[BaseException], n
         return made[-1]
 
     monkeypatch.setattr(topics, "_admin", make)
+    monkeypatch.setattr(Admin, "blind", 0)
     monkeypatch.setattr(topics.time, "sleep", lambda _s: None)
     return made
 
@@ -81,3 +89,22 @@ def test_retries_end_at_the_connect_timeout(monkeypatch: pytest.MonkeyPatch) -> 
     fake_admin(monkeypatch, [KafkaConnectionError("111 ECONNREFUSED")] * 3, [])
     with pytest.raises(BrokerError, match=r"cannot describe topics \[.tx.\]: .*ECONNREFUSED"):
         topics.partition_counts(settings, ["tx"])
+
+
+def test_topics_created_are_waited_for_until_the_cluster_shows_their_partitions(
+        monkeypatch: pytest.MonkeyPatch, settings: KafkaSettings) -> None:
+    names: list[str] = ["tx"]
+    made = fake_admin(monkeypatch, [], names)
+    Admin.blind = 4
+    topics.ensure_topics(settings, ["tx", "labels"], 3)
+    assert Admin.blind < 0, "returned before the topics showed their partitions"
+    assert topics.partition_counts(settings, ["labels"]) == {"labels": 3}
+    assert len(made) >= 6
+
+
+def test_topics_that_never_show_partitions_stop_the_start_naming_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = KafkaSettings.build(environ={}, overrides={"connect_timeout_s": 0.0})
+    fake_admin(monkeypatch, [], ["tx", "labels"])
+    Admin.blind = 10**6
+    with pytest.raises(BrokerError, match=r"topics \['labels'\] exist but the cluster shows no partition"):
+        topics.visible_partition_counts(settings, ["labels"])

@@ -8,6 +8,7 @@ Regression tests for the three records that used to stop a partition for good.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import threading
 from pathlib import Path
@@ -29,7 +30,7 @@ from pipeline.schema import FLOAT32_MAX, RecordError
 from pipeline.scoring import Scorer
 from pipeline.worker.app import Worker
 from pipeline.worker.delivery import AtLeastOnce, DeliveryError
-from pipeline.worker.liveness import StallWatchdog
+from pipeline.worker.liveness import FetchWatchdog, StallWatchdog
 from pipeline.worker.metrics import WorkerMetrics
 from pipeline.worker.outputs import TRUNCATED_VALUE_BYTES, Output, dead_letter
 from pipeline.worker.processing import BatchProcessor, Topics
@@ -315,6 +316,53 @@ def test_stall_watchdog_rejoins_only_when_partitions_have_no_owner() -> None:
     now[0] = 100
     assert not dog.check(assigned=0)  # the clock restarted when partitions came
 
+
+
+class Positions:
+    """Assignment, pauses, positions and end offsets: what ``FetchWatchdog`` asks of a consumer."""
+
+    def __init__(self, positions: dict[int, int], ends: dict[int, int]) -> None:
+        self.positions, self.ends, self.held_paused = positions, ends, set()
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition("tx", p) for p in self.positions}
+
+    def paused(self) -> set[TopicPartition]:
+        return {TopicPartition("tx", p) for p in self.held_paused}
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp.partition]
+
+    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: self.ends[tp.partition] for tp in tps}
+
+
+def test_fetch_watchdog_names_an_unpaused_partition_with_records_whose_position_stays(caplog) -> None:
+    """Partition 0 moves, 1 is paused by the worker, 2 is read to its end, 3 has records and does not move:
+    only 3 is named (once per timeout), and only once it stayed for the whole timeout."""
+    now = [0.0]
+    consumer = Positions({0: 10, 1: 5, 2: 7, 3: 40}, {0: 100, 1: 50, 2: 7, 3: 90})
+    consumer.held_paused = {1}
+    dog = FetchWatchdog(120, clock=lambda: now[0])
+    for t in (30, 60, 90, 119):
+        now[0] = t
+        consumer.positions[0] += 1
+        assert dog.check(consumer) == []
+    now[0] = 150
+    consumer.positions[0] += 1
+    with caplog.at_level(logging.WARNING):
+        assert dog.check(consumer) == [TopicPartition("tx", 3)]
+    assert "tx[3] has 50 records to read from offset 40" in caplog.text
+    now[0] = 180
+    assert dog.check(consumer) == []  # said once; again only after another timeout
+    now[0] = 185
+    assert dog.check(consumer) == []  # looks only every timeout / 4
+    consumer.positions[3] = 41
+    for t in (300, 330):
+        now[0] = t
+        consumer.positions[0] += 1
+        assert dog.check(consumer) == []  # it moved: a new wait
+    assert FetchWatchdog(0, clock=lambda: now[0]).check(consumer) == []
 
 
 class GroupAdmin:

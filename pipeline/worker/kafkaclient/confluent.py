@@ -17,7 +17,10 @@ What librdkafka does differently, and what this module does about it:
 - **Rebalances** run inside ``poll`` on the calling thread: ``before_revoke`` (the worker commits
   what is in flight) and the kafka-python listener are called there. A partition assigned
   starts at its committed offset, which is never past a record released on revoke, so the
-  listener's rewinds are not needed and not applied.
+  listener's rewinds are not needed and not applied. librdkafka keeps a partition's pause through a
+  revoke and a reassignment (librdkafka issue 1849): a partition revoked or lost is resumed as it
+  goes, so one that comes back is fetched and ``paused()`` tells the truth (a silent stall otherwise:
+  cluster chaos run of 2026-12-07).
 - **Headers**: confluent-kafka 2.16's ``Message.headers()`` returns with a decode error still
   pending when a header name is not UTF-8; a specialised call site then raises ``SystemError``
   later, in unrelated code. Headers are read through ``operator.methodcaller`` (a C-level call
@@ -248,7 +251,7 @@ class ConfluentConsumer:
             self.before_revoke()  # still ours: commit what is in flight
         self._call_listener("on_partitions_revoked", revoked)
         self._assignment -= revoked
-        self._paused -= revoked
+        self._unpause(revoked)
 
     def _on_lost(self, consumer: ck.Consumer, partitions: list[ck.TopicPartition]) -> None:
         if consumer is not self._consumer:
@@ -258,7 +261,18 @@ class ConfluentConsumer:
     def _lose(self, lost: set[TopicPartition]) -> None:
         self._call_listener("on_partitions_lost", lost)
         self._assignment -= lost
-        self._paused -= lost
+        self._unpause(lost)
+
+    def _unpause(self, gone: set[TopicPartition]) -> None:
+        """Resume the partitions ``gone`` that are paused, while they are still assigned: librdkafka keeps a
+        partition's pause through a revoke and a later reassignment (module docstring)."""
+        held = self._paused & gone
+        if held:
+            try:
+                self._consumer.resume([_ctp(tp) for tp in held])
+            except ck.KafkaException as err:  # not assigned any more: nothing of it is kept then
+                log.debug("resuming %s as they go: %s", sorted(held), err)
+        self._paused -= gone
 
     _assigning = False
 

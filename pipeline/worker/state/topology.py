@@ -70,7 +70,13 @@ def prepare_topics(kafka: KafkaSettings, group: str) -> StateTopics:
     A changelog that is missing while the group has committed offsets was deleted: creating it
     empty would serve every customer and terminal from empty windows, silently. That is refused.
     """
-    from pipeline.topics import check_replication, committed_topics, ensure_topics, partition_counts
+    from pipeline.topics import (
+        check_replication,
+        committed_topics,
+        ensure_topics,
+        partition_counts,
+        visible_partition_counts,
+    )
 
     topics = StateTopics.for_group(kafka, group)
     counts = partition_counts(kafka, [topics.input, *topics.changelogs])
@@ -87,7 +93,8 @@ def prepare_topics(kafka: KafkaSettings, group: str) -> StateTopics:
     compacted = {"cleanup.policy": "compact"}
     ensure_topics(kafka, [topics.labels, topics.repartition, *topics.changelogs], partitions,
                   configs=dict.fromkeys(topics.changelogs, compacted))
-    check_partitioning(partition_counts(kafka, [topics.input, *topics.consumed, *topics.changelogs]), topics)
+    check_partitioning(visible_partition_counts(kafka, [topics.input, *topics.consumed, *topics.changelogs]),
+                       topics)
     check_replication(kafka, [topics.labels, topics.repartition, *topics.changelogs])
     return StateTopics.for_group(kafka, group, partitions)
 
