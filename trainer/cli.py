@@ -15,7 +15,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline.cliargs import OneLineParser, print_error
-from pipeline.config import TrainerSettings
+from pipeline.config import KafkaSettings, TrainerSettings
 from pipeline.errors import ConfigError, FraudPipelineError
 from pipeline.features import LAYOUTS
 from trainer import options as opt
@@ -118,12 +118,30 @@ def _fit_arguments(parser: argparse.ArgumentParser) -> None:
                              "(online quality for both, alerts from the current one); `promote` serves it")
 
 
+def _retrain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="model root whose current version is retrained; the new one "
+                                                   "becomes its challenger [env FRAUD_MODEL_DIR; default models]")
+    parser.add_argument("--since", type=opt.date, required=True, help="first day of the table, YYYY-MM-DD (UTC)")
+    parser.add_argument("--until", type=opt.date, required=True,
+                        help="the day after the table's last, YYYY-MM-DD; the labels of every transaction before it "
+                             "must be due (its time plus the label delay at most the newest published one)")
+    parser.add_argument("--test-days", type=opt.positive_int, default=7,
+                        help="the newest days of the range, on which the new and the current version are compared "
+                             "(default %(default)s; validation is the last fifth of the days before them)")
+    parser.add_argument("--label-delay-days", type=opt.non_negative_int,
+                        help="labels arrive this many days after their transaction (default: the current version's "
+                             "feature delay for raw input, else 7)")
+    parser.add_argument("--epochs", type=opt.positive_int, help="most epochs (default as fit's)")
+    parser.add_argument("--seed", type=opt.non_negative_int, default=0, help="seed (default %(default)s)")
+    KafkaSettings.add_arguments(parser)  # the features and labels topics are read
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fraud-train`` argument parser with its fit, evaluate and score subcommands."""
     parser = OneLineParser(prog="fraud-train", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     _common_arguments(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,evaluate,score,promote}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{fit,evaluate,score,promote,retrain}")
     fit = sub.add_parser("fit", help="train a new model version, calibrate it, export it, publish it")
     _data_arguments(fit)
     _fit_arguments(fit)
@@ -140,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(score)
     promote = sub.add_parser("promote", help="serve the model root's challenger: move `current` to it")
     promote.add_argument("--model", type=Path, help="model root (default: FRAUD_MODEL_DIR or models)")
-    for subparser in (fit, evaluate, score, promote):
+    retrain = sub.add_parser("retrain", help="fit a new version on what the workers published and the labels, "
+                                             "compare it with the current one, publish it as the challenger")
+    _retrain_arguments(retrain)
+    for subparser in (fit, evaluate, score, promote, retrain):
         _common_arguments(subparser, top=False)
     return parser
 
@@ -148,6 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
 def check_arguments(args: argparse.Namespace) -> None:
     """Cross-flag checks that need no data; ConfigError says which flags disagree."""
     if args.command == "promote":
+        return
+    if args.command == "retrain":
+        from trainer.stream import split_days
+
+        split_days(args.since, args.until, args.test_days)
+        args.kafka = KafkaSettings.build(args)
+        if not args.kafka.features_topic:
+            raise ConfigError("retrain reads the features topic the workers publish to: set --features-topic or "
+                              "FRAUD_FEATURES_TOPIC (the workers publish every scored transaction there only "
+                              "when it is set)")
         return
     if args.layout is not None and args.layout not in LAYOUTS:
         raise ConfigError(f"unknown layout {args.layout!r}; known: {', '.join(LAYOUTS)}, or pass --features")
@@ -183,7 +214,7 @@ def apply_settings(args: argparse.Namespace) -> argparse.Namespace:
     settings = TrainerSettings.build(args)
     if args.command == "fit" and args.output is None:
         args.output = Path(settings.model_dir)
-    if args.command in {"evaluate", "score", "promote"} and args.model is None:
+    if args.command in {"evaluate", "score", "promote", "retrain"} and args.model is None:
         args.model = Path(settings.model_dir)
     args.device = settings.device
     return args
@@ -193,8 +224,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     from trainer import commands  # torch, scikit-learn and pandas: only once the flags are known to be good
 
     handlers = {"fit": commands.fit, "evaluate": commands.evaluate, "score": commands.score,
-                "promote": commands.promote}
-    flags = commands.layout_flags(args) if args.command != "promote" else None
+                "promote": commands.promote, "retrain": commands.retrain}
+    flags = commands.layout_flags(args) if args.command not in {"promote", "retrain"} else None
     return handlers[args.command](args, flags)  # type: ignore[operator]
 
 

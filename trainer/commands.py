@@ -75,6 +75,50 @@ def promote(args: argparse.Namespace, flags: LayoutFlags | None) -> int:
     return 0
 
 
+def retrain(args: argparse.Namespace, flags: LayoutFlags | None) -> int:
+    """Fit a new version on the features and labels topics, compare it with the current one on the newest
+    labelled days, publish it as the challenger (``trainer.stream``)."""
+    from trainer import stream
+
+    current = load_artifact(args.model)  # a bad model is refused before any Kafka I/O
+    delay = args.label_delay_days
+    if delay is None:
+        delay = current.feature_delay_days if current.input_form == "raw" else opt.DEFAULT_LABEL_DELAY_DAYS
+    since, until = (stream.when(d).isoformat() for d in (args.since, args.until))
+    val_start, test_start = stream.split_days(since, until, args.test_days)
+    kafka = args.kafka
+    features = stream.read_values(kafka, kafka.features_topic)
+    frauds = stream.fraud_ids(stream.read_values(kafka, kafka.labels_topic))
+    table = stream.training_table(features, frauds, current.feature_names, stream.day_ms(since),
+                                  stream.day_ms(until), delay)
+    print(stream.describe(table, args.model))
+    options = FitOptions(
+        output=args.model, **stream.fit_options_like(current), device=args.device,
+        train=TrainConfig(epochs=args.epochs, seed=args.seed, progress=not args.quiet),
+        split=SplitSpec(since, val_start, test_start, until), baselines=False, publish=True, challenger=True,
+        label_delay_days=delay)
+    result = run_fit(table.frame, stream.with_log_features(table.layout, current), options)
+    test = table.frame[event_times(table.frame, table.layout) >= pd.Timestamp(test_start)]
+    labels = test[stream.LABEL].to_numpy()
+    customers, days = customers_and_days(test, table.layout)
+    print(f"on the newest {args.test_days} days ({test_start[:10]} to {until[:10]}: {len(test)} transactions, "
+          f"{int(labels.sum())} frauds):")
+    for role, artifact in (("new", result.artifact), ("current", current)):
+        scored = score_detector(artifact, test, args.device)
+        m = metrics.detection_metrics(scored.scores, labels, scored.threshold, customers, days)
+        print(f"  {role:8s} {artifact.version}: average precision {_shown(m['average_precision'])}, ROC-AUC "
+              f"{_shown(m['roc_auc'])}, alerts {m['confusion_matrix']['tp'] + m['confusion_matrix']['fp']} "
+              f"(precision {_shown(m['precision_at_alert_rate'])}, recall {_shown(m['recall_at_alert_rate'])})")
+    print(f"model {result.artifact.version} written to {result.version_dir} and published as the challenger of "
+          f"{args.model}: workers score it beside {current.version} (online quality for both); "
+          "`fraud-train promote` serves it")
+    return 0
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def evaluate(args: argparse.Namespace, flags: LayoutFlags) -> int:
     """Score a labelled table with a model and write the report (model only, no baselines)."""
     artifact = load_artifact(args.model)

@@ -1,0 +1,219 @@
+"""``fraud-train retrain``: a training table from what the workers published, a new version as the challenger.
+
+The workers publish every scored transaction with its features to the features topic
+(``FRAUD_FEATURES_TOPIC``: raw input's computed features, or a featured record's own), and the
+bank's fraud labels arrive on the labels topic days later. For a date range this module reads
+both topics whole (up to their end offsets when it starts; no consumer group, nothing committed),
+joins them by transaction id, and labels a transaction genuine when no fraud label came for it:
+only transactions whose labels are due (event time plus the label delay at or before the newest
+event time on the features topic) are taken, so a fraud whose chargeback is still to come is
+never learnt as normal. A transaction published more than once (at-least-once) is taken once.
+
+The new version is fitted the way the serving one was (its model, sizes, scoring, input form,
+alert rate, log features), validated and calibrated on the days before the newest labelled
+``test_days``, then both versions are scored on those days and the new one is published as the
+model root's ``challenger``: the workers score it beside the current one, online quality
+compares them on the same traffic, and ``fraud-train promote`` serves it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pandas as pd
+
+from pipeline.artifact import ModelArtifact
+from pipeline.config import KafkaSettings
+from pipeline.errors import BrokerError, ConfigError, InputDataError
+from pipeline.features import TableLayout
+from pipeline.schema import parse_event_time
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+ID, TIME, LABEL, KEY = "TRANSACTION_ID", "TX_DATETIME", "TX_FRAUD", "CUSTOMER_ID"
+READ_IDLE_S = 30.0  # a topic that yields nothing this long before its end offsets: the broker is away
+
+
+@dataclass(frozen=True)
+class StreamTable:
+    """The joined table and what went into it."""
+
+    frame: pd.DataFrame  # ID, TIME (UTC datetimes), KEY when published, the features, LABEL (0/1); by time
+    layout: TableLayout
+    features_records: int  # read from the features topic, in range or not
+    repeated: int  # records of a transaction already taken (at-least-once), in range
+    unreadable: int  # features records that are not JSON objects with an id, a time and every feature
+    labels: int  # fraud labels read
+    newest_ms: int  # the newest event time on the features topic: labels are due up to it minus the delay
+
+
+def read_values(kafka: KafkaSettings, topic: str) -> list[bytes]:
+    """Every committed record value of ``topic`` up to its end offsets now (no group, nothing committed)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**kafka.client_options(), client_id=f"{kafka.client_id}-retrain", group_id=None,
+                             enable_auto_commit=False, isolation_level="read_committed",
+                             auto_offset_reset="earliest")
+    try:
+        found = consumer.partitions_for_topic(topic)
+        if not found:
+            raise InputDataError(f"topic '{topic}' does not exist on {kafka.bootstrap_servers}")
+        parts = [TopicPartition(topic, p) for p in sorted(found)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        values: list[bytes] = []
+        moved = time.monotonic()
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            batch = consumer.poll(timeout_ms=500)
+            for records in batch.values():
+                values += [r.value for r in records if r.value is not None]
+            if batch:
+                moved = time.monotonic()
+            elif time.monotonic() - moved > READ_IDLE_S:
+                left = sum(ends[tp] - consumer.position(tp) for tp in parts)
+                raise BrokerError(f"reading '{topic}': nothing came for {READ_IDLE_S:.0f}s with {left} records "
+                                  "still before its end offsets; is the broker up?")
+        return values
+    finally:
+        consumer.close(autocommit=False)
+
+
+def fraud_ids(values: list[bytes]) -> set[str]:
+    """Transaction ids the labels topic says were frauds, read as the worker reads them: ``TX_FRAUD`` 1 labels a
+    fraud, a later 0 for the same id takes it back (one id's labels share a key, so their order is kept), and a
+    record without a 0/1 label is none (the worker dead-letters it)."""
+    ids: set[str] = set()
+    for value in values:
+        try:
+            label = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(label, dict) or not isinstance(label.get("transaction_id"), str | int):
+            continue
+        fraud = label.get(LABEL)
+        if fraud not in (0, 1) or isinstance(fraud, float):
+            continue
+        (ids.add if fraud else ids.discard)(str(label["transaction_id"]))
+    return ids
+
+
+def training_table(features: list[bytes], frauds: set[str], names: tuple[str, ...], since_ms: int, until_ms: int,
+                   delay_days: float) -> StreamTable:
+    """The transactions of [since, until) published with every one of ``names``, labelled from ``frauds``.
+    InputDataError when labels are not due yet for the whole range, or when no transaction is in it."""
+    rows: dict[str, tuple[int, Any, list[float]]] = {}
+    unreadable = repeated = 0
+    newest = None
+    for value in features:
+        parsed = _row(value, names)
+        if parsed is None:
+            unreadable += 1
+            continue
+        tx_id, at, row, record = parsed
+        newest = at if newest is None else max(newest, at)
+        if since_ms <= at < until_ms:
+            if tx_id in rows:
+                repeated += 1
+            rows[tx_id] = (at, record.get(KEY), row)
+    if newest is None:
+        raise InputDataError("the features topic holds no scored transaction with the model's features")
+    due_until = newest - round(delay_days * DAY_MS)
+    if until_ms > due_until:
+        latest = datetime.fromtimestamp(due_until // DAY_MS * DAY_MS / 1000, UTC).date()
+        raise InputDataError(
+            f"--until {_day(until_ms)} is past the labels that are due: the newest transaction published is of "
+            f"{_day(newest)}, so with a label delay of {delay_days:g} days labels are complete up to {latest} "
+            f"(pass --until {latest} or earlier)")
+    if not rows:
+        raise InputDataError(f"no transaction published between {_day(since_ms)} and {_day(until_ms)} "
+                             f"(the features topic has {len(features)} records)")
+    ids = list(rows)
+    times = np.array([rows[i][0] for i in ids], np.int64)
+    frame = pd.DataFrame(np.array([rows[i][2] for i in ids], np.float64), columns=list(names))
+    frame.insert(0, ID, ids)
+    frame.insert(1, TIME, pd.to_datetime(times, unit="ms", utc=True))
+    keys = [rows[i][1] for i in ids]
+    with_key = all(k is not None for k in keys)
+    if with_key:
+        frame.insert(2, KEY, keys)
+    frame[LABEL] = np.fromiter((i in frauds for i in ids), bool, len(ids)).astype(np.int8)
+    frame = frame.sort_values(TIME, kind="stable").reset_index(drop=True)
+    layout = TableLayout("stream", ID, TIME, LABEL, KEY if with_key else None, tuple(names))
+    return StreamTable(frame, layout, len(features), repeated, unreadable, len(frauds), newest)
+
+
+def _row(value: bytes, names: tuple[str, ...]) -> tuple[str, int, list[float], dict[str, Any]] | None:
+    """Id, event time, features and the record of a features record; None unless it has an id, a time and every
+    feature as a finite number."""
+    try:
+        record = orjson.loads(value)
+        if not isinstance(record, dict) or not isinstance(record.get("transaction_id"), str | int) \
+                or isinstance(record["transaction_id"], bool):
+            return None
+        at = parse_event_time(record.get("event_time"))
+    except (orjson.JSONDecodeError, ValueError):
+        return None
+    row = [record.get(n) for n in names]
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+        return None
+    return str(record["transaction_id"]), at, [float(v) for v in row], record
+
+
+def _day(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
+
+
+def when(text: str) -> datetime:
+    """A date (or date and time) of the command line, in UTC when it names no offset."""
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def day_ms(text: str) -> int:
+    return int(when(text).timestamp() * 1000)
+
+
+def split_days(since: str, until: str, test_days: int) -> tuple[str, str]:
+    """Validation and test starts: the test is the newest ``test_days``; validation the last fifth of the days
+    before it (at least one). ConfigError when the range leaves no day to train on."""
+    start, end = when(since), when(until)
+    if start >= end:
+        raise ConfigError(f"--since {since} must be before --until {until}")
+    days = (end - start) / timedelta(days=1)
+    if days < test_days + 2:
+        raise ConfigError(f"--since {since} to --until {until} is {days:g} days: it needs the {test_days} test "
+                          "days (--test-days) and at least 2 before them (training and validation)")
+    test = end - timedelta(days=test_days)
+    val = test - timedelta(days=max(1, int(days - test_days) // 5))
+    return val.isoformat(), test.isoformat()
+
+
+def fit_options_like(current: ModelArtifact) -> dict[str, Any]:
+    """FitOptions fields that make a new version the way ``current`` was made."""
+    params = {k: v for k, v in (current.manifest.get("hyperparameters") or {}).items() if k != "n_features"}
+    score = current.classifier.kind if current.classifier is not None else current.scoring.method
+    return {"model": current.model_class, "model_params": params, "score": score, "input_form": current.input_form,
+            "alert_rate": current.alert_rate}
+
+
+def with_log_features(layout: TableLayout, current: ModelArtifact) -> TableLayout:
+    """``layout`` with the log transforms of the serving version."""
+    return dataclasses.replace(layout, log_features=current.preprocessing.log_features)
+
+
+def describe(table: StreamTable, root: Path) -> str:
+    frame = table.frame
+    return (f"training table from the stream: {len(frame)} transactions ({int(frame[LABEL].sum())} frauds) of "
+            f"{table.features_records} features records ({table.repeated} repeated, {table.unreadable} unreadable), "
+            f"{table.labels} fraud labels; new version for {root}")
