@@ -86,6 +86,16 @@ class PausingConsumer:
         self.held.difference_update(tps)
 
 
+def send_messages(settings: KafkaSettings, messages: list) -> None:
+    """Send (topic, key, value) messages, e.g. the producer's raw feed; every one must be acknowledged."""
+    producer = make_producer(settings)
+    try:
+        report = send_records(messages, settings.input_topic, producer, progress=False)
+    finally:
+        producer.close()
+    assert report.acked == len(messages), report.errors
+
+
 def produce_frame(settings: KafkaSettings, frame: pd.DataFrame, partitions: int = 3) -> int:
     """Stream a handbook-layout table (labels dropped) into the input topic; return the count."""
     ensure_topics(settings, [settings.input_topic, settings.alerts_topic, settings.dead_letter_topic], partitions)

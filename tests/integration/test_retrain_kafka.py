@@ -18,9 +18,8 @@ from pipeline.artifact import CHALLENGER, CURRENT, load_artifact, publish_curren
 from pipeline.config import KafkaSettings
 from pipeline.topics import ensure_topics
 from producer.rawfeed import raw_messages
-from producer.send import make_producer, send_records
 from producer.tables import resolve_spec
-from tests.worker_helpers import start_worker, wait_for
+from tests.worker_helpers import send_messages, start_worker, wait_for
 from trainer.cli import run
 
 pytestmark = pytest.mark.integration
@@ -43,12 +42,7 @@ def test_retrain_reads_the_stream_into_an_exact_table_and_publishes_a_challenger
     worker, thread, _box = start_worker(settings, root, f"g-{uuid.uuid4().hex[:8]}", max_batch=4096)
     thread.start()
     try:
-        producer = make_producer(settings)
-        try:
-            report = send_records(messages, settings.input_topic, producer, progress=False)
-        finally:
-            producer.close()
-        assert report.acked == len(messages), report.errors
+        send_messages(settings, messages)
         assert wait_for(lambda: worker.stats.scored + worker.stats.invalid >= transactions, 180)
     finally:
         worker.stop.set()
@@ -63,8 +57,6 @@ def test_retrain_reads_the_stream_into_an_exact_table_and_publishes_a_challenger
              "--quiet"]
     assert run(["retrain", "--since", f"{since:%Y-%m-%d}", "--until", f"{until:%Y-%m-%d}", *flags]) == 0
     out = capsys.readouterr().out
-    with capsys.disabled():
-        print(out)
 
     in_range = simulated[(simulated["TX_DATETIME"] >= since) & (simulated["TX_DATETIME"] < until)]
     frauds = int(in_range["TX_FRAUD"].sum())

@@ -26,10 +26,9 @@ from pipeline.config import KafkaSettings
 from pipeline.features import HANDBOOK_FEATURES
 from pipeline.topics import ensure_topics, partition_counts
 from producer.rawfeed import raw_messages
-from producer.send import make_producer, send_records
 from producer.simulator import SimulatorConfig, simulate
 from producer.tables import resolve_spec
-from tests.worker_helpers import read_topic, start_worker, state_drained, wait_for
+from tests.worker_helpers import read_topic, send_messages, start_worker, state_drained, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -53,15 +52,6 @@ def split_messages(settings: KafkaSettings, frame: pd.DataFrame) -> tuple[list, 
                                  settings.labels_topic, 7.0))
     labels = [m for m in messages if m[0] == settings.labels_topic]
     return labels, [m for m in messages if m[0] == settings.input_topic]
-
-
-def send(settings: KafkaSettings, messages: list) -> None:
-    producer = make_producer(settings)
-    try:
-        report = send_records(messages, settings.input_topic, producer, progress=False)
-    finally:
-        producer.close()
-    assert report.acked == len(messages), report.errors
 
 
 def streamed_features(settings: KafkaSettings, expect: int,
@@ -137,14 +127,14 @@ def test_streamed_features_equal_the_offline_table(kafka_settings: KafkaSettings
     ensure_topics(settings, [settings.input_topic, settings.labels_topic, settings.alerts_topic,
                              settings.dead_letter_topic, settings.features_topic or ""], 3)
     labels, transactions = split_messages(settings, raw_history)
-    send(settings, labels)  # labels first: the terminal stage knows each one before the window reaches it
+    send_messages(settings, labels)  # labels first: the terminal stage knows each one before the window reaches it
     worker, thread, _box = start_worker(settings, raw_model_dir, f"g-{uuid.uuid4().hex[:8]}", max_batch=4096,
                                        max_wait_ms=max_wait_ms, kafka_client=kafka_client)
     thread.start()
     try:
         assert wait_for(lambda: sum(o for tp, o in worker.stats.committed.items()
                                     if tp.topic == settings.labels_topic) == len(labels), 60)
-        send(settings, transactions)
+        send_messages(settings, transactions)
         assert wait_for(lambda: worker.stats.scored + worker.stats.invalid >= len(transactions), 120)
     finally:
         worker.stop.set()
@@ -228,7 +218,7 @@ def test_a_whole_backlog_at_the_default_batch_size_gets_exact_features(
     ensure_topics(settings, [settings.input_topic, settings.labels_topic, settings.alerts_topic,
                              settings.dead_letter_topic, settings.features_topic or ""], 3)
     labels, transactions = split_messages(settings, backlog_history)
-    send(settings, labels + transactions)
+    send_messages(settings, labels + transactions)
     group = f"g-{uuid.uuid4().hex[:8]}"
     started = [start_worker(settings, raw_model_dir, group, max_batch=4096) for _ in range(workers)]
     for _worker, thread, _box in started:
