@@ -382,6 +382,10 @@ class WorkerSettings(SettingsBase):
     max_event_ahead_days: float = setting(
         7.0, "raw input: an event time this far ahead of its input partition's stream time is dead-lettered as "
         "bad_time (one record dated 2100 would otherwise empty its customer's and terminal's windows); 0: no limit")
+    label_grace_days: float = setting(
+        1.0, "raw input, online quality: a scored transaction whose label has not come this long after the label "
+        "delay (in its partition's event time) counts as genuine; more waits for slower labels and counts later; "
+        "at most 30 (a fraud label must still be in its terminal's windows)")
     min_amount: float = setting(0.0, "raw input: a smaller TX_AMOUNT is dead-lettered as out_of_range")
     max_amount: float = setting(1e9, "raw input: a larger TX_AMOUNT is dead-lettered as out_of_range (one absurd "
                                      "amount would otherwise poison its customer's mean amounts for 30 days)")
@@ -413,6 +417,9 @@ class WorkerSettings(SettingsBase):
             raise ConfigError(f"stall_timeout_s={self.stall_timeout_s} must be >= 0 (0 disables)")
         if self.max_event_ahead_days < 0:
             raise ConfigError(f"max_event_ahead_days={self.max_event_ahead_days} must be >= 0 (0: no limit)")
+        if not 0 < self.label_grace_days <= 30:
+            raise ConfigError(f"label_grace_days={self.label_grace_days} must be above 0 and at most 30 (a fraud "
+                              "label older than the label delay plus 30 days may have left its terminal's windows)")
         if not self.min_amount <= self.max_amount:
             raise ConfigError(f"min_amount={self.min_amount} must be <= max_amount={self.max_amount}")
         if self.kafka_client == "confluent":

@@ -179,7 +179,7 @@ class Worker:
         settle = self.settings.max_in_flight + 1 if self.settings.processing_guarantee != "exactly-once" else 1
         return FeatureStages(topics, artifact.feature_delay_days, restorer, self.metrics,
                              self.settings.max_record_bytes, self.stop, bounds, end_offsets=restorer.end_offsets,
-                             settle_batches=settle)
+                             settle_batches=settle, grace_ms=round(self.settings.label_grace_days * DAY_MS))
 
     def _settle_before_revoke(self) -> None:
         """librdkafka revokes inside ``poll``, on this thread: commit what is in flight while it is ours."""

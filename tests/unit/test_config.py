@@ -50,6 +50,8 @@ def test_secret_is_masked() -> None:
     (WorkerSettings, {"FRAUD_TORCH_THREADS": "-1"}, "torch_threads=-1 must be >= 0"),
     (WorkerSettings, {"FRAUD_DEVICE": "gpu"}, "use auto, cpu, cuda or cuda:N"),
     (WorkerSettings, {"FRAUD_MAX_BATCH": "0"}, "max_batch=0"),
+    (WorkerSettings, {"FRAUD_LABEL_GRACE_DAYS": "0"}, r"label_grace_days=0.0 must be above 0 and at most 30"),
+    (WorkerSettings, {"FRAUD_LABEL_GRACE_DAYS": "45"}, r"may have left its terminal's windows"),
 ])
 def test_bad_settings_are_refused_with_a_fix(settings: type, env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -2,7 +2,8 @@
 
 The terminal stage keeps, per model version and terminal, every scored transaction's score (as
 a ratio to the threshold of the model that scored it) and whether it alerted. Once the stage's
-stream time has passed a transaction's event time by the label delay plus ``GRACE_MS``, the
+stream time has passed a transaction's event time by the label delay plus a grace (``GRACE_MS``
+by default, the worker's ``label_grace_days``), the
 decision is *resolved*: a fraud if a fraud label for it has reached the terminal's windows,
 genuine otherwise (the handbook's and the trainer's convention: no label by the delay means
 genuine). Resolved decisions are counted (``fraud_quality_*``, by the worker's ledger once the
@@ -25,7 +26,10 @@ from bisect import bisect_right
 from pipeline.streamfeatures import CHUNK_EVENTS, DAY_MS, SEGMENTED, Events, check_order, read_header
 
 DECIDED, ALERTED, RESOLVED = 2, 3, 4  # change kinds (the windows' own are 0 and 1)
-GRACE_MS = DAY_MS  # beyond the label delay, how long a label may take to reach the terminal stage
+# beyond the label delay, how long a label may take to reach the terminal stage: the default of the worker's
+# label_grace_days, which is at most 30 days (a fraud label must still be in its terminal's windows, kept for twice
+# the delay plus 30 days behind a newest time that may run up to max_event_ahead_days, 7, ahead)
+GRACE_MS = DAY_MS
 RESOLVE_EVERY_MS = 3_600_000  # a partition's decisions are resolved each time its stream time moves this far
 SEPARATOR = "\x1f"  # between the model version and the terminal in a key
 _FORMAT = 1

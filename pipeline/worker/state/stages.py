@@ -95,12 +95,13 @@ class FeatureStages:
                  max_record_bytes: int, stop: threading.Event, bounds: Bounds | None = None,
                  wall: Callable[[], float] = time.time, clock: Callable[[], float] = time.monotonic,
                  end_offsets: Callable[[list[TopicPartition]], dict[TopicPartition, int]] | None = None,
-                 settle_batches: int = 1) -> None:
+                 settle_batches: int = 1, grace_ms: int = GRACE_MS) -> None:
         """``end_offsets``: how to ask the broker for end offsets off the group consumer's connections (the
         restorer's); None: the group consumer's own ``end_offsets``. ``settle_batches``: how many batches after
-        its own a batch's outputs are surely acknowledged (at-least-once: ``max_in_flight``; see ``Store``)."""
+        its own a batch's outputs are surely acknowledged (at-least-once: ``max_in_flight``; see ``Store``).
+        ``grace_ms``: how long past the label delay a decision waits for its label (``decisions``)."""
         self.topics, self.restorer, self.metrics = topics, restorer, metrics
-        self.settle_batches = settle_batches
+        self.settle_batches, self.grace_ms = settle_batches, grace_ms
         self.delay_ms, self.max_record_bytes, self.stop = delay_days * DAY_MS, max_record_bytes, stop
         self.bounds = bounds or Bounds()
         self.wall, self.clock = wall, clock
@@ -497,7 +498,7 @@ class FeatureStages:
                 change(store, key, held, ALERTED if alert else DECIDED, eid, t, ratio)
 
     def _resolve(self) -> None:
-        """Resolve the decisions whose labels are due (their event time the label delay plus ``GRACE_MS`` behind
+        """Resolve the decisions whose labels are due (their event time the label delay plus ``grace_ms`` behind
         the partition's stream time, and never one that may be read again): fraud when a fraud label reached the
         terminal's windows, genuine otherwise. Each partition once per ``RESOLVE_EVERY_MS`` of its stream time."""
         for partition, store in self.decisions.items():
@@ -506,7 +507,7 @@ class FeatureStages:
                 continue
             store.swept_at = now
             oldest = self._oldest.get(TopicPartition(self.topics.repartition, partition))
-            cutoff = min(now, oldest if oldest is not None else now) - self.delay_ms - GRACE_MS
+            cutoff = min(now, oldest if oldest is not None else now) - self.delay_ms - self.grace_ms
             if cutoff <= self.resolved_until.get(partition, cutoff - 1):
                 continue
             windows = self.terminals[partition].entities
