@@ -18,6 +18,7 @@ Two signals, both in metrics and logs:
   so (librdkafka keeps a pause through a revoke and a reassignment; the terminal stage stopped
   reading a repartition partition for good that way in a cluster chaos run, 2026-12-07). A
   WARNING names it, ``fraud_errors_total{kind="fetch_stalled"}`` counts it, and it is resumed.
+  A broker away (its end offsets cannot be read) or a main loop held up starts every wait again.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class FetchWatchdog:
         now = self.clock()
         if self.timeout_s <= 0 or now - self._looked < self.timeout_s / 4:
             return []
+        if now - self._looked > self.timeout_s / 2:  # the loop itself stood still (the heartbeat says so): not
+            self._seen.clear()  # the client's doing; every wait starts again
         self._looked = now
         watched = consumer.assignment() - consumer.paused()
         self._seen = {tp: seen for tp, seen in self._seen.items() if tp in watched}
@@ -91,8 +94,9 @@ class FetchWatchdog:
                 elif now - seen[1] >= self.timeout_s:
                     still.append(tp)
             ends = consumer.end_offsets(still) if still else {}
-        except KafkaError as err:  # a broker away: the loop's own retries say so
-            log.debug("could not look at the fetch positions: %s", err)
+        except KafkaError as err:  # a broker away: nothing is fetched then, and the loop's own retries say so;
+            log.debug("could not look at the fetch positions: %s", err)  # the waits start again once it is back
+            self._seen.clear()
             return []
         stalled = []
         for tp in still:

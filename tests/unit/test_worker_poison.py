@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import TopicPartition
-from kafka.errors import MessageSizeTooLargeError, TopicAuthorizationFailedError
+from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError, TopicAuthorizationFailedError
 from kafka.record.default_records import DefaultRecordBatchBuilder
 from prometheus_client import CollectorRegistry
 
@@ -363,6 +363,39 @@ def test_fetch_watchdog_names_an_unpaused_partition_with_records_whose_position_
         consumer.positions[0] += 1
         assert dog.check(consumer) == []  # it moved: a new wait
     assert FetchWatchdog(0, clock=lambda: now[0]).check(consumer) == []
+
+
+def test_fetch_watchdog_starts_again_after_a_broker_away_or_a_loop_that_stood_still() -> None:
+    """Nothing is fetched while the broker is away (its end offsets cannot be read) or while the main loop is held
+    up (delivery retries): neither is the client holding a partition paused, and neither is named once it is over."""
+    now = [0.0]
+    consumer = Positions({0: 40}, {0: 90})
+    dog = FetchWatchdog(120, clock=lambda: now[0])
+    asked = consumer.end_offsets
+
+    def away(_tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        raise KafkaTimeoutError("no broker")
+
+    for t in (30, 60, 90):
+        now[0] = t
+        assert dog.check(consumer) == []
+    consumer.end_offsets = away  # type: ignore[method-assign]
+    for t in (120, 150):
+        now[0] = t
+        assert dog.check(consumer) == []
+    consumer.end_offsets = asked  # type: ignore[method-assign]
+    for t in (180, 210, 240, 270):  # back: the partition is fetched within seconds; a new wait starts meanwhile
+        now[0] = t
+        assert dog.check(consumer) == []
+    now[0] = 305
+    assert dog.check(consumer) == [TopicPartition("tx", 0)]  # 125 s after the broker came back, still not fetched
+    now[0] = 700  # the loop stood still for minutes
+    assert dog.check(consumer) == []
+    for t in (730, 760, 790):
+        now[0] = t
+        assert dog.check(consumer) == []
+    now[0] = 820
+    assert dog.check(consumer) == [TopicPartition("tx", 0)]
 
 
 class GroupAdmin:
