@@ -87,10 +87,9 @@ def retrain(args: argparse.Namespace, flags: LayoutFlags | None) -> int:
     since, until = (stream.when(d).isoformat() for d in (args.since, args.until))
     val_start, test_start = stream.split_days(since, until, args.test_days)
     kafka = args.kafka
-    features = stream.read_values(kafka, kafka.features_topic)
-    frauds = stream.fraud_ids(stream.read_values(kafka, kafka.labels_topic))
-    table = stream.training_table(features, frauds, current.feature_names, stream.day_ms(since),
-                                  stream.day_ms(until), delay)
+    table = stream.training_table(stream.read_values(kafka, kafka.features_topic),
+                                  stream.read_values(kafka, kafka.labels_topic), current.feature_names,
+                                  stream.day_ms(since), stream.day_ms(until), delay)
     print(stream.describe(table, args.model))
     options = FitOptions(
         output=args.model, **stream.fit_options_like(current), device=args.device,

@@ -22,6 +22,7 @@ import dataclasses
 import logging
 import math
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -53,12 +54,13 @@ class StreamTable:
     features_records: int  # read from the features topic, in range or not
     repeated: int  # records of a transaction already taken (at-least-once), in range
     unreadable: int  # features records that are not JSON objects with an id, a time and every feature
-    labels: int  # fraud labels read
+    labels: int  # transactions the labels topic says were frauds
     newest_ms: int  # the newest event time on the features topic: labels are due up to it minus the delay
 
 
-def read_values(kafka: KafkaSettings, topic: str) -> list[bytes]:
-    """Every committed record value of ``topic`` up to its end offsets now (no group, nothing committed)."""
+def read_values(kafka: KafkaSettings, topic: str) -> Iterator[bytes]:
+    """Every committed record value of ``topic`` up to its end offsets when asked (no group, nothing committed),
+    as they are read: what the caller keeps of them is all that is held."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(**kafka.client_options(), client_id=f"{kafka.client_id}-retrain", group_id=None,
@@ -72,24 +74,22 @@ def read_values(kafka: KafkaSettings, topic: str) -> list[bytes]:
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         ends = consumer.end_offsets(parts)
-        values: list[bytes] = []
         moved = time.monotonic()
         while any(consumer.position(tp) < ends[tp] for tp in parts):
             batch = consumer.poll(timeout_ms=500)
             for records in batch.values():
-                values += [r.value for r in records if r.value is not None]
+                yield from (r.value for r in records if r.value is not None)
             if batch:
                 moved = time.monotonic()
             elif time.monotonic() - moved > READ_IDLE_S:
                 left = sum(ends[tp] - consumer.position(tp) for tp in parts)
                 raise BrokerError(f"reading '{topic}': nothing came for {READ_IDLE_S:.0f}s with {left} records "
                                   "still before its end offsets; is the broker up?")
-        return values
     finally:
         consumer.close(autocommit=False)
 
 
-def fraud_ids(values: list[bytes]) -> set[str]:
+def fraud_ids(values: Iterable[bytes]) -> set[str]:
     """Transaction ids the labels topic says were frauds, read as the worker reads them: ``TX_FRAUD`` 1 labels a
     fraud, a later 0 for the same id takes it back (one id's labels share a key, so their order is kept), and a
     record without a 0/1 label is none (the worker dead-letters it)."""
@@ -108,14 +108,19 @@ def fraud_ids(values: list[bytes]) -> set[str]:
     return ids
 
 
-def training_table(features: list[bytes], frauds: set[str], names: tuple[str, ...], since_ms: int, until_ms: int,
-                   delay_days: float) -> StreamTable:
-    """The transactions of [since, until) published with every one of ``names``, labelled from ``frauds``.
-    InputDataError when labels are not due yet for the whole range, or when no transaction is in it."""
+def training_table(features: Iterable[bytes], labels: Iterable[bytes], names: tuple[str, ...], since_ms: int,
+                   until_ms: int, delay_days: float) -> StreamTable:
+    """The transactions of [since, until) published with every one of ``names``, labelled from the label records.
+    InputDataError when labels are not due yet for the whole range, or when no transaction is in it.
+
+    ``labels`` is read only once ``features`` is: read from a topic as they are, the labels then end later than
+    the transactions, so that every label due for them is in (a label sent while the features topic was read
+    would otherwise be missed, and its fraud learnt as normal)."""
     rows: dict[str, tuple[int, Any, list[float]]] = {}
-    unreadable = repeated = 0
+    read = unreadable = repeated = 0
     newest = None
     for value in features:
+        read += 1
         parsed = _row(value, names)
         if parsed is None:
             unreadable += 1
@@ -137,7 +142,8 @@ def training_table(features: list[bytes], frauds: set[str], names: tuple[str, ..
             f"(pass --until {latest} or earlier)")
     if not rows:
         raise InputDataError(f"no transaction published between {_day(since_ms)} and {_day(until_ms)} "
-                             f"(the features topic has {len(features)} records)")
+                             f"(the features topic has {read} records)")
+    frauds = fraud_ids(labels)
     ids = list(rows)
     times = np.array([rows[i][0] for i in ids], np.int64)
     frame = pd.DataFrame(np.array([rows[i][2] for i in ids], np.float64), columns=list(names))
@@ -150,7 +156,7 @@ def training_table(features: list[bytes], frauds: set[str], names: tuple[str, ..
     frame[LABEL] = np.fromiter((i in frauds for i in ids), bool, len(ids)).astype(np.int8)
     frame = frame.sort_values(TIME, kind="stable").reset_index(drop=True)
     layout = TableLayout("stream", ID, TIME, LABEL, KEY if with_key else None, tuple(names))
-    return StreamTable(frame, layout, len(features), repeated, unreadable, len(frauds), newest)
+    return StreamTable(frame, layout, read, repeated, unreadable, len(frauds), newest)
 
 
 def _row(value: bytes, names: tuple[str, ...]) -> tuple[str, int, list[float], dict[str, Any]] | None:

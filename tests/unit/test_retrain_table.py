@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -34,13 +35,13 @@ def test_the_table_takes_each_transaction_of_the_range_once_labelled_by_the_labe
               features("t7", 0.7, a="1.5"), features("t6", 0.7, a=True),
               orjson.dumps({"transaction_id": "t8", "event_time": format_event_time(T0), "a": 1}),  # no b
               features("newest", 10.0)]
-    frauds = fraud_ids([orjson.dumps({"transaction_id": "t2", "TX_FRAUD": 1}),
-                        orjson.dumps({"transaction_id": "t3", "TX_FRAUD": 1}),
-                        orjson.dumps({"transaction_id": "t3", "TX_FRAUD": 0}),  # taken back
-                        orjson.dumps({"transaction_id": "t1"}), orjson.dumps({"transaction_id": "t1", "TX_FRAUD": 1.0}),
-                        orjson.dumps({"transaction_id": "early", "TX_FRAUD": 1}), b"\xff"])
-    assert frauds == {"t2", "early"}
-    table = training_table(values, frauds, NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
+    labels = [orjson.dumps({"transaction_id": "t2", "TX_FRAUD": 1}),
+              orjson.dumps({"transaction_id": "t3", "TX_FRAUD": 1}),
+              orjson.dumps({"transaction_id": "t3", "TX_FRAUD": 0}),  # taken back
+              orjson.dumps({"transaction_id": "t1"}), orjson.dumps({"transaction_id": "t1", "TX_FRAUD": 1.0}),
+              orjson.dumps({"transaction_id": "early", "TX_FRAUD": 1}), b"\xff"]
+    assert fraud_ids(labels) == {"t2", "early"}
+    table = training_table(values, labels, NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
     frame = table.frame
     assert frame["TRANSACTION_ID"].tolist() == ["t1", "t2", "t3"]
     assert frame["TX_FRAUD"].tolist() == [0, 1, 0]
@@ -54,19 +55,19 @@ def test_the_table_takes_each_transaction_of_the_range_once_labelled_by_the_labe
 def test_a_range_whose_labels_are_not_all_due_is_refused_naming_the_last_day_that_is() -> None:
     values = [features("t1", 0.5), features("newest", 9.5)]  # labels due up to day 2.5: complete for days < 2
     with pytest.raises(InputDataError, match=r"labels are complete up to 2020-09-15 \(pass --until 2020-09-15"):
-        training_table(values, set(), NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
-    assert len(training_table(values, set(), NAMES, T0, T0 + 2 * DAY_MS, delay_days=7).frame) == 1
+        training_table(values, [], NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
+    assert len(training_table(values, [], NAMES, T0, T0 + 2 * DAY_MS, delay_days=7).frame) == 1
 
 
 def test_an_empty_range_and_a_topic_without_the_features_are_refused() -> None:
     with pytest.raises(InputDataError, match="no transaction published between"):
-        training_table([features("newest", 20.0)], set(), NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
+        training_table([features("newest", 20.0)], [], NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
     with pytest.raises(InputDataError, match="no scored transaction with the model's features"):
-        training_table([features("t1", 0.5)], set(), ("a", "missing"), T0, T0 + 3 * DAY_MS, delay_days=7)
+        training_table([features("t1", 0.5)], [], ("a", "missing"), T0, T0 + 3 * DAY_MS, delay_days=7)
 
 
 def test_without_a_customer_on_every_record_the_table_has_no_key_column() -> None:
-    table = training_table([features("t1", 0.5), features("t2", 0.6, customer=None), features("n", 20.0)], set(),
+    table = training_table([features("t1", 0.5), features("t2", 0.6, customer=None), features("n", 20.0)], [],
                            NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
     assert table.layout.key_column is None and "CUSTOMER_ID" not in table.frame.columns
 
@@ -80,7 +81,7 @@ def test_any_values_on_the_topics_give_a_table_or_one_input_error(values: list[b
     """Whatever a producer put on the features and labels topics: a table or InputDataError, never a crash."""
     values = [*values, features("t1", 0.5), features("newest", 20.0)]
     try:
-        table = training_table(values, fraud_ids(values), NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
+        table = training_table(values, values, NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
     except InputDataError:
         return
     assert table.frame["TRANSACTION_ID"].is_unique and len(table.frame) >= 1
@@ -107,3 +108,19 @@ def test_bad_retrain_flags_stop_with_one_line_and_exit_2_before_any_io(
     assert run(["retrain", *flags, "--bootstrap-servers", "127.0.0.1:9", "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and said in err, err
+
+
+def test_the_labels_are_read_only_once_the_features_are() -> None:
+    """Labels read from a topic after the transactions end later than them: every label due for them is in."""
+    read: list[str] = []
+
+    def topic(name: str, values: list[bytes]) -> Iterator[bytes]:
+        for value in values:
+            read.append(name)
+            yield value
+
+    labels = topic("labels", [orjson.dumps({"transaction_id": "t1", "TX_FRAUD": 1})])
+    table = training_table(topic("features", [features("t1", 0.5), features("newest", 20.0)]), labels, NAMES, T0,
+                           T0 + 3 * DAY_MS, delay_days=7)
+    assert read == ["features", "features", "labels"]
+    assert table.frame["TX_FRAUD"].tolist() == [1]
