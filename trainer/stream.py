@@ -130,7 +130,8 @@ def training_table(features: Iterable[bytes], labels: Iterable[bytes], names: tu
         if since_ms <= at < until_ms:
             if tx_id in rows:
                 repeated += 1
-            rows[tx_id] = (at, record.get(KEY), row)
+            key = record.get(KEY)
+            rows[tx_id] = (at, key if isinstance(key, str | int) and not isinstance(key, bool) else None, row)
     if newest is None:
         raise InputDataError("the features topic holds no scored transaction with the model's features")
     due_until = newest - round(delay_days * DAY_MS)

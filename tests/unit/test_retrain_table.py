@@ -70,6 +70,11 @@ def test_without_a_customer_on_every_record_the_table_has_no_key_column() -> Non
     table = training_table([features("t1", 0.5), features("t2", 0.6, customer=None), features("n", 20.0)], [],
                            NAMES, T0, T0 + 3 * DAY_MS, delay_days=7)
     assert table.layout.key_column is None and "CUSTOMER_ID" not in table.frame.columns
+    odd = orjson.dumps({"transaction_id": "t3", "event_time": format_event_time(T0 + 1000), "a": 1.0, "b": 2.0,
+                        "CUSTOMER_ID": ["not", "a", "key"]})
+    table = training_table([features("t1", 0.5), odd, features("n", 20.0)], [], NAMES, T0, T0 + 3 * DAY_MS,
+                           delay_days=7)
+    assert table.layout.key_column is None and len(table.frame) == 2
 
 
 @settings(max_examples=150, deadline=None)
