@@ -88,6 +88,12 @@ def before_hand_back(records: Iterable[Any], handed_back: dict[TopicPartition, i
     return [r for r in records if comes_before_hand_back(r, handed_back)]
 
 
+def _floats(values: Sequence[Any]) -> list[Any]:
+    """Python numbers of an array (a NumPy scalar costs each comparison and each store into an ``array``)."""
+    tolist = getattr(values, "tolist", None)
+    return tolist() if tolist is not None else list(values)
+
+
 class FeatureStages:
     """The two stateful stages and their stores, for the partitions this worker owns."""
 
@@ -486,7 +492,7 @@ class FeatureStages:
             return
         prefix = decision_key(version, "")
         repartition, stores, change = self.topics.repartition, self.decisions, Store.change
-        for (record, tx), ratio, alert in zip(scored, list(ratios), list(alerted), strict=True):
+        for (record, tx), ratio, alert in zip(scored, _floats(ratios), _floats(alerted), strict=True):
             store = stores.get(record.partition) if record.topic == repartition else None
             terminal = tx.fields.get(TERMINAL) if store is not None else None
             if terminal is None or ratio != ratio:  # NaN: a challenger that could not score this row
