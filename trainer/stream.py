@@ -3,8 +3,9 @@
 The workers publish every scored transaction with its features to the features topic
 (``FRAUD_FEATURES_TOPIC``: raw input's computed features, or a featured record's own), and the
 bank's fraud labels arrive on the labels topic days later. For a date range this module reads
-both topics whole (up to their end offsets when it starts; no consumer group, nothing committed),
-joins them by transaction id, and labels a transaction genuine when no fraud label came for it:
+the features topic whole, then the labels topic (each up to its end offsets when its reading
+starts; no consumer group, nothing committed), holding only the rows it keeps, joins them by
+transaction id, and labels a transaction genuine when no fraud label came for it:
 only transactions whose labels are due (event time plus the label delay at or before the newest
 event time on the features topic) are taken, so a fraud whose chargeback is still to come is
 never learnt as normal. A transaction published more than once (at-least-once) is taken once.
@@ -37,10 +38,10 @@ from pipeline.config import KafkaSettings
 from pipeline.errors import BrokerError, ConfigError, InputDataError
 from pipeline.features import TableLayout
 from pipeline.schema import parse_event_time
+from pipeline.streamfeatures import DAY_MS
 
 log = logging.getLogger(__name__)
 
-DAY_MS = 86_400_000
 ID, TIME, LABEL, KEY = "TRANSACTION_ID", "TX_DATETIME", "TX_FRAUD", "CUSTOMER_ID"
 READ_IDLE_S = 30.0  # a topic that yields nothing this long before its end offsets: the broker is away
 
@@ -136,7 +137,7 @@ def training_table(features: Iterable[bytes], labels: Iterable[bytes], names: tu
         raise InputDataError("the features topic holds no scored transaction with the model's features")
     due_until = newest - round(delay_days * DAY_MS)
     if until_ms > due_until:
-        latest = datetime.fromtimestamp(due_until // DAY_MS * DAY_MS / 1000, UTC).date()
+        latest = _day(due_until // DAY_MS * DAY_MS)
         raise InputDataError(
             f"--until {_day(until_ms)} is past the labels that are due: the newest transaction published is of "
             f"{_day(newest)}, so with a label delay of {delay_days:g} days labels are complete up to {latest} "
