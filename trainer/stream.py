@@ -39,6 +39,7 @@ from pipeline.errors import BrokerError, ConfigError, InputDataError
 from pipeline.features import TableLayout
 from pipeline.schema import parse_event_time
 from pipeline.streamfeatures import DAY_MS
+from pipeline.worker.state.fields import fraud_label
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,9 @@ def fraud_ids(values: Iterable[bytes]) -> set[str]:
             continue
         if not isinstance(label, dict) or not isinstance(label.get("transaction_id"), str | int):
             continue
-        fraud = label.get(LABEL)
-        if fraud not in (0, 1) or isinstance(fraud, float):
-            continue
-        (ids.add if fraud else ids.discard)(str(label["transaction_id"]))
+        fraud = fraud_label(label.get(LABEL))
+        if fraud is not None:
+            (ids.add if fraud else ids.discard)(str(label["transaction_id"]))
     return ids
 
 

@@ -20,6 +20,14 @@ MAX_KEY_CHARS = 256
 FUTURE_MS = DAY_MS  # an event time this far past the wall clock cannot be a real transaction's
 
 
+def fraud_label(value: Any) -> bool | None:
+    """A label record's ``TX_FRAUD`` as the terminal stage takes it: 0 or 1 (``false``/``true`` too); None for
+    anything else (such a label is dead-lettered)."""
+    if value not in (0, 1) or isinstance(value, float):
+        return None
+    return bool(value)
+
+
 def entity_key(fields: dict[str, Any], name: str) -> str | RecordError:
     """A customer or terminal id as a key: an integer or a non-empty string of at most 256 characters."""
     value = fields.get(name)

@@ -48,7 +48,7 @@ from pipeline.worker.state.decisions import (
     split_key,
 )
 from pipeline.worker.state.eventtime import ADMIT_MS, Mark, Watermarks, is_mark
-from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key
+from pipeline.worker.state.fields import CUSTOMER, LABEL, TERMINAL, Bounds, entity_key, fraud_label
 from pipeline.worker.state.hop import is_packed, pack, packed_count, unpack
 from pipeline.worker.state.labelgate import LabelGate
 from pipeline.worker.state.store import Restorer, Store
@@ -391,9 +391,9 @@ class FeatureStages:
         terminal = entity_key(tx.fields, TERMINAL)
         if isinstance(terminal, RecordError):
             return terminal
-        fraud = tx.fields.get(LABEL)
-        if fraud not in (0, 1) or isinstance(fraud, float):
-            return RecordError("bad_type", LABEL, f"a label must be 0 or 1, got {fraud!r}")
+        fraud = fraud_label(tx.fields.get(LABEL))
+        if fraud is None:
+            return RecordError("bad_type", LABEL, f"a label must be 0 or 1, got {tx.fields.get(LABEL)!r}")
         stale = self.bounds.event_time(tx.event_time_ms, None, int(self.wall() * 1000))
         if stale is not None:
             return stale
@@ -402,10 +402,10 @@ class FeatureStages:
         eid, t = event_id(tx.transaction_id), tx.event_time_ms
         newest = windows.newest
         if (newest is not None and self.delay_ms <= newest - t < self._terminal_horizon_ms - self.delay_ms
-                and bool(fraud) != (eid in windows.frauds) and windows.locate(eid, t) >= 0):
+                and fraud != (eid in windows.frauds) and windows.locate(eid, t) >= 0):
             self._late_label(tx, terminal, newest)  # a window already scored should have known it
-        windows.label(eid, t, bool(fraud))
-        store.change(terminal, windows, LABEL_CHANGE, eid, t, float(bool(fraud)))
+        windows.label(eid, t, fraud)
+        store.change(terminal, windows, LABEL_CHANGE, eid, t, float(fraud))
         return None
 
     def _late_label(self, tx: Transaction, terminal: str, newest: int) -> None:
