@@ -23,7 +23,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 HEAVY = ("torch", "sklearn", "scipy", "matplotlib", "pandas", "pyarrow", "numpy", "kafka")
 BAD_FLAG = "--no-such-flag"
-SUBCOMMANDS = {"fraud-train": ("fit", "evaluate", "score"), "fraud-produce": ("simulate", "replay")}
+SUBCOMMANDS = {"fraud-train": ("fit", "evaluate", "score", "promote", "retrain"),
+               "fraud-produce": ("simulate", "replay")}
 MODULES = ("deploy.kafka", "deploy.demo", "deploy.prometheus.render")
 SCRIPTS = ("bench/worker_bench.py", "bench/gpu_scoring.py", "quality/adbench.py", "quality/quality.py",
            "quality/compare_simulator.py", "bench/cli_startup.py")

@@ -171,9 +171,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.command == "promote":
         return
     if args.command == "retrain":
-        from trainer.stream import split_days
-
-        split_days(args.since, args.until, args.test_days)
+        opt.split_days(args.since, args.until, args.test_days)
         args.kafka = KafkaSettings.build(args)
         if not args.kafka.features_topic:
             raise ConfigError("retrain reads the features topic the workers publish to: set --features-topic or "

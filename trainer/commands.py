@@ -84,8 +84,8 @@ def retrain(args: argparse.Namespace, flags: LayoutFlags | None) -> int:
     delay = args.label_delay_days
     if delay is None:
         delay = current.feature_delay_days if current.input_form == "raw" else opt.DEFAULT_LABEL_DELAY_DAYS
-    since, until = (stream.when(d).isoformat() for d in (args.since, args.until))
-    val_start, test_start = stream.split_days(since, until, args.test_days)
+    since, until = (opt.when(d).isoformat() for d in (args.since, args.until))
+    val_start, test_start = opt.split_days(since, until, args.test_days)
     kafka = args.kafka
     table = stream.training_table(stream.read_values(kafka, kafka.features_topic),
                                   stream.read_values(kafka, kafka.labels_topic), current.feature_names,

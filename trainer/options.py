@@ -117,3 +117,24 @@ def check_fractions(val_fraction: float, test_fraction: float | None) -> None:
         raise ConfigError("--val-fraction must be > 0: early stopping and the threshold need validation rows")
     if val_fraction + (test_fraction or 0.0) >= 1:
         raise ConfigError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must sum below 1")
+
+
+def when(text: str) -> dt.datetime:
+    """A date (or date and time) of the command line, in UTC when it names no offset."""
+    moment = dt.datetime.fromisoformat(text)
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+def split_days(since: str, until: str, test_days: int) -> tuple[str, str]:
+    """Validation and test starts: the test is the newest ``test_days``; validation the last fifth of the days
+    before it (at least one). ConfigError when the range leaves no day to train on."""
+    start, end = when(since), when(until)
+    if start >= end:
+        raise ConfigError(f"--since {since} must be before --until {until}")
+    days = (end - start) / dt.timedelta(days=1)
+    if days < test_days + 2:
+        raise ConfigError(f"--since {since} to --until {until} is {days:g} days: it needs the {test_days} test "
+                          "days (--test-days) and at least 2 before them (training and validation)")
+    test = end - dt.timedelta(days=test_days)
+    val = test - dt.timedelta(days=max(1, int(days - test_days) // 5))
+    return val.isoformat(), test.isoformat()

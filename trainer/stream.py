@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +35,12 @@ import pandas as pd
 
 from pipeline.artifact import ModelArtifact
 from pipeline.config import KafkaSettings
-from pipeline.errors import BrokerError, ConfigError, InputDataError
+from pipeline.errors import BrokerError, InputDataError
 from pipeline.features import TableLayout
 from pipeline.schema import parse_event_time
 from pipeline.streamfeatures import DAY_MS
 from pipeline.worker.state.fields import fraud_label
+from trainer.options import when
 
 log = logging.getLogger(__name__)
 
@@ -182,29 +183,9 @@ def _day(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d")
 
 
-def when(text: str) -> datetime:
-    """A date (or date and time) of the command line, in UTC when it names no offset."""
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
 def day_ms(text: str) -> int:
+    """Epoch milliseconds of a command-line date (UTC unless it names an offset)."""
     return int(when(text).timestamp() * 1000)
-
-
-def split_days(since: str, until: str, test_days: int) -> tuple[str, str]:
-    """Validation and test starts: the test is the newest ``test_days``; validation the last fifth of the days
-    before it (at least one). ConfigError when the range leaves no day to train on."""
-    start, end = when(since), when(until)
-    if start >= end:
-        raise ConfigError(f"--since {since} must be before --until {until}")
-    days = (end - start) / timedelta(days=1)
-    if days < test_days + 2:
-        raise ConfigError(f"--since {since} to --until {until} is {days:g} days: it needs the {test_days} test "
-                          "days (--test-days) and at least 2 before them (training and validation)")
-    test = end - timedelta(days=test_days)
-    val = test - timedelta(days=max(1, int(days - test_days) // 5))
-    return val.isoformat(), test.isoformat()
 
 
 def fit_options_like(current: ModelArtifact) -> dict[str, Any]:

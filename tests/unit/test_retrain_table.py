@@ -14,7 +14,8 @@ from pipeline.errors import ConfigError, InputDataError
 from pipeline.schema import format_event_time
 from pipeline.streamfeatures import DAY_MS
 from trainer.cli import run
-from trainer.stream import fraud_ids, split_days, training_table
+from trainer.options import split_days
+from trainer.stream import fraud_ids, training_table
 
 NAMES = ("a", "b")
 T0 = 1_600_000_000_000 // DAY_MS * DAY_MS  # a midnight
